@@ -1,0 +1,138 @@
+"""Engine: add_request / abort / step. One step = schedule → execute → postprocess."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from loraplex.config import EngineConfig
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
+from loraplex.engine.scheduler import ScheduledChunk, Scheduler
+from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
+from loraplex.model.loader import build_model, open_checkpoint
+from loraplex.model.runner import ModelRunner
+from loraplex.paths import resolve_model
+from loraplex.sampling import SamplerOutput
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        device, dtype = config.model.torch_device(), config.model.torch_dtype()
+        ckpt = open_checkpoint(resolve_model(config.model.model))
+        self.tokenizer = ckpt.tokenizer
+        self.eos_token_ids = frozenset(ckpt.eos_token_ids)
+        self.hf_config = ckpt.hf_config
+        self.model_name = ckpt.name
+        self.max_model_len = config.model.max_model_len or ckpt.hf_config.max_position_embeddings
+        model = build_model(ckpt, dtype, device, self.max_model_len)
+        cfg = model.config
+        block_size = config.cache.block_size
+        num_blocks = config.cache.num_blocks or max(1, config.cache.kv_cache_bytes // KVCache.bytes_per_block(
+            cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype))
+        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        self.pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.pool, block_size)
+        self.runner = ModelRunner(model, self.kv_cache, device)
+        self._seqs: dict[str, Sequence] = {}
+        log.info("loaded %s (%s) on %s as %s; %d KV blocks of %d tokens", self.model_name, cfg.architecture,
+                 device, dtype, num_blocks, block_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.runner.model.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        total = len(prompt_token_ids) + params.max_new_tokens
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the model takes at most "
+                             f"{self.max_model_len - 1} to leave room for one new token")
+        if blocks_needed(min(total, self.max_model_len), self.kv_cache.block_size) > self.pool.num_blocks:
+            raise ValueError(f"prompt + max_new_tokens = {total} tokens do not fit the KV cache "
+                             f"({self.pool.num_blocks * self.kv_cache.block_size} tokens)")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
+        seq = Sequence(request_id, list(prompt_token_ids), params, seed, generator, detok, prompt)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and seq.status is not SequenceStatus.FINISHED:
+            seq.finish_reason = FinishReason.ABORTED
+            self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._seqs)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for every request that produced a token or finished."""
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        sampled, result = self.runner.execute(sched)
+        for chunk in sched.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        return self._postprocess(sampled, result)
+
+    def _postprocess(self, sampled: list[ScheduledChunk], result: SamplerOutput | None) -> list[RequestOutput]:
+        outputs = []
+        if result is None:
+            return outputs
+        for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
+            seq = chunk.seq
+            seq.output_token_ids.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Feed the new token to the detokenizer unless it ends the sequence, and say why it finished."""
+        params, detok = seq.params, seq.detokenizer
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            reason: FinishReason | None = FinishReason.EOS_TOKEN
+        else:
+            if detok is not None:
+                detok.add_tokens([token])
+            if detok is not None and detok.stop_matched is not None:
+                return FinishReason.STOP_SEQUENCE
+            full = len(seq.output_token_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len
+            reason = FinishReason.LENGTH if full else None
+        if reason is not None and detok is not None:
+            detok.flush()  # text held back as a possible stop-string start is final now
+        return reason
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=seq.detokenizer.text if seq.detokenizer is not None else "",
+            finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            seed=seq.seed,
+            prompt=seq.prompt,
+        )

@@ -1,0 +1,99 @@
+"""The offline API: `LLM(model).generate(prompts, params)` and `LLM.chat(messages)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from loraplex.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from loraplex.engine.engine import Engine
+from loraplex.engine.request import RequestOutput, SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """A base model loaded for offline batched generation.
+
+    `model` is `"demo"`, a Hugging Face checkpoint folder or a `.gguf` file. Keyword arguments are
+    the fields of `ModelConfig`, `CacheConfig` and `SchedulerConfig`.
+    """
+
+    def __init__(self, model: str = "demo", **options: Any) -> None:
+        groups: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
+        for key, value in options.items():
+            owner = next((cls for cls in groups if key in cls.__dataclass_fields__), None)
+            if owner is None:
+                raise TypeError(f"LLM() got an unknown option {key!r}")
+            groups[owner][key] = value
+        self.engine = Engine(EngineConfig(ModelConfig(**groups[ModelConfig]), CacheConfig(**groups[CacheConfig]),
+                                          SchedulerConfig(**groups[SchedulerConfig])))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text, tokenized as the model's tokenizer does by default, or token ids).
+
+        All prompts are batched together; outputs come back in prompt order.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = self._per_prompt(params or SamplingParams(), len(prompts))
+        request_ids = []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            request_id = f"offline-{next(self._ids)}"
+            if isinstance(prompt, str):
+                self.engine.add_request(request_id, self._encode(prompt), p, prompt=prompt)
+            else:
+                self.engine.add_request(request_id, list(prompt), p)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
+             *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, using the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                   for c in conversations]
+        # The template already holds the special tokens; tokenizing must not add them a second time.
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        return self.generate(ids, params, use_tqdm=use_tqdm)
+
+    def _encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
+        return list(self.tokenizer(prompt).input_ids)
+
+    @staticmethod
+    def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return list(params)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        bar = tqdm(total=len(request_ids), desc="generating", disable=not use_tqdm)
+        try:
+            while len(final) < len(wanted) and self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        final[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            for request_id in wanted - final.keys():
+                self.engine.abort(request_id)
+        return [final[r] for r in request_ids]

@@ -1,0 +1,35 @@
+"""The forward context: per-step batch metadata that layers read, so it never travels through forward signatures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from loraplex.kv.block_pool import KVCache
+from loraplex.model.attention import AttentionMetadata
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata
+    kv_cache: KVCache
+
+
+_current: ForwardContext | None = None
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[None]:
+    global _current
+    previous, _current = _current, ctx
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError("model forward called outside forward_context(); the runner sets it")
+    return _current

@@ -1,0 +1,154 @@
+"""One config-driven decoder for the Llama family of architectures (see registry.py for the table)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraplex.model.attention import paged_attention
+from loraplex.model.context import get_forward_context
+from loraplex.model.layers import GatedMLP, Linear, PackedLinear, RMSNorm, RotaryEmbedding
+from loraplex.model.registry import arch_spec
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    activation: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    norm_offset: float
+    scale_embeddings: bool
+    tie_embeddings: bool
+    layer_windows: tuple[int | None, ...]
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> DecoderConfig:
+        name, spec = arch_spec(getattr(hf, "architectures", None))
+        heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        window = getattr(hf, "sliding_window", None)
+        layer_types = getattr(hf, "layer_types", None)
+        if layer_types:
+            windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
+        elif spec.sliding_window:
+            windows = (window,) * hf.num_hidden_layers
+        else:
+            windows = (None,) * hf.num_hidden_layers
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            architecture=name,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=hf.intermediate_size,
+            rms_norm_eps=hf.rms_norm_eps,
+            activation=getattr(hf, "hidden_activation", None) or hf.hidden_act,
+            qkv_bias=spec.qkv_bias if spec.qkv_bias is not None else attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=spec.qk_norm,
+            norm_offset=spec.norm_offset,
+            scale_embeddings=spec.scale_embeddings,
+            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            layer_windows=windows,
+            max_position_embeddings=hf.max_position_embeddings,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = [q_size, kv_size, kv_size]
+        self.qkv_proj = PackedLinear(cfg.hidden_size, self.split, cfg.qkv_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.window = cfg.layer_windows[layer]
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)      # [tokens, heads, head_dim]
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)   # [tokens, kv_heads, head_dim]
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        ctx = get_forward_context()
+        k_cache, v_cache = ctx.kv_cache.layer(self.layer)
+        out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.scale, self.window)
+        return self.o_proj(out.reshape(tokens, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.mlp_bias)
+
+    def forward(self, h: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """Named like HF's `model.` submodule so checkpoint names map one to one."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: DecoderConfig, hf_config: Any, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False)
+        self.rope = RotaryEmbedding(hf_config, cfg.head_dim, max_positions)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                long_rope: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [tokens] → hidden states [tokens, hidden] (final norm applied)."""
+        h = self.model.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            # Gemma rounds the scale to the activation dtype before multiplying.
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        cos, sin = self.rope.lookup(positions, long_rope)
+        for layer in self.model.layers:
+            h = layer(h, self.rope, cos, sin)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [rows, hidden] → logits [rows, vocab] in float32."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()

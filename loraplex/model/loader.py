@@ -1,0 +1,144 @@
+"""Checkpoint loading: HF folders (safetensors, or legacy .bin through weights_only) and GGUF files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from loraplex.model.decoder import CausalLM, DecoderConfig
+from loraplex.model.layers import PackedLinear, RMSNorm
+
+# Checkpoint projection name → (our packed module, shard index).
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    hf_config: Any
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    tokenizer: PreTrainedTokenizerBase | None
+    eos_token_ids: tuple[int, ...]
+    name: str
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Open an HF checkpoint folder or a .gguf file (dequantized to float at load)."""
+    if path.is_file() and path.suffix == ".gguf":
+        from loraplex.model.gguf import read_gguf
+
+        gguf = read_gguf(path)
+        eos = _as_tuple(getattr(gguf.config, "eos_token_id", None)) or _as_tuple(gguf.tokenizer.eos_token_id)
+        return Checkpoint(gguf.config, iter(gguf.tensors.items()), gguf.tokenizer, eos, path.name)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a model checkpoint: it has no config.json")
+    hf_config = AutoConfig.from_pretrained(path)
+    tokenizer = _load_tokenizer(path)
+    eos: tuple[int, ...] = ()
+    if (path / "generation_config.json").is_file():
+        eos = _as_tuple(GenerationConfig.from_pretrained(path).eos_token_id)
+    eos = eos or _as_tuple(getattr(hf_config, "eos_token_id", None))
+    if not eos and tokenizer is not None:
+        eos = _as_tuple(tokenizer.eos_token_id)
+    return Checkpoint(hf_config, _iter_tensors(path), tokenizer, eos, path.name)
+
+
+def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list | tuple) else (int(value),)
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((path / n).is_file() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield name, f.get_tensor(name)
+        return
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise CheckpointError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
+    for file in bins:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int) -> CausalLM:
+    """Construct the decoder for `ckpt` and fill every parameter from its tensors (strictly: a missing
+    or unexpected tensor is an error naming it)."""
+    cfg = DecoderConfig.from_hf(ckpt.hf_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = CausalLM(cfg, ckpt.hf_config, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    loaded: dict[str, set[int]] = {name: set() for name in params}
+    for name, tensor in ckpt.tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings):
+            continue
+        target, shard = _map_name(name)
+        if target not in params:
+            raise CheckpointError(f"unexpected tensor {name!r} in checkpoint {ckpt.name}")
+        module = modules[target.rpartition(".")[0]]
+        param = params[target]
+        tensor = tensor.to(device=device, dtype=param.dtype)
+        if isinstance(module, PackedLinear):
+            try:
+                module.load_shard(param, tensor, shard)
+            except ValueError as e:
+                raise CheckpointError(f"{name}: {e}") from None
+            loaded[target] |= set(range(len(module.shard_sizes))) if shard is None else {shard}
+        else:
+            if param.shape != tensor.shape:
+                raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+            param.data.copy_(tensor)
+            loaded[target].add(0)
+    missing = sorted(t for t, shards in loaded.items() if len(shards) < _num_shards(modules[t.rpartition(".")[0]]))
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt.name} lacks tensors for: {', '.join(missing[:8])}"
+                              + (f" … ({len(missing)} in all)" if len(missing) > 8 else ""))
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.finalize()
+    return model.eval()
+
+
+def _num_shards(module: Any) -> int:
+    return len(module.shard_sizes) if isinstance(module, PackedLinear) else 1
+
+
+def _map_name(name: str) -> tuple[str, int | None]:
+    module_name, _, attr = name.rpartition(".")
+    parent, _, leaf = module_name.rpartition(".")
+    if leaf in PACKED_MODULES:
+        packed, shard = PACKED_MODULES[leaf]
+        return f"{parent}.{packed}.{attr}", shard
+    return name, None

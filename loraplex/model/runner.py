@@ -1,0 +1,96 @@
+"""ModelRunner: SchedulerOutput → one flat forward pass → logits at sampling positions → sampled tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
+from loraplex.kv.block_pool import KVCache
+from loraplex.model.attention import AttentionMetadata, PrefillChunk
+from loraplex.model.context import ForwardContext, forward_context
+from loraplex.model.decoder import CausalLM
+from loraplex.sampling import Sampler, SamplerOutput
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor      # [tokens] long
+    positions: torch.Tensor      # [tokens] long
+    long_rope: torch.Tensor | None  # [tokens] bool, longrope models only
+    attn: AttentionMetadata
+    sample_rows: torch.Tensor    # [sampled] long: flat index of each sampling chunk's last token
+    sampled: list[ScheduledChunk]
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = device
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
+        """Run one step; returns the chunks that sampled a token and the sampler's output for them."""
+        inputs = self.prepare(sched)
+        with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache)):
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.long_rope)  # [tokens, hidden]
+        if not inputs.sampled:
+            return [], None
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [sampled, vocab]
+        seqs = [c.seq for c in inputs.sampled]
+        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                           [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
+        return inputs.sampled, out
+
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[ScheduledChunk] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        long_rope: list[bool] = []
+        long_from = getattr(self.model.rope, "long_from", None)
+        for chunk in sched.chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_new_tokens
+            q_start = len(ids)
+            ids += seq.tokens(start, start + n)
+            table = seq.block_table
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            if long_from is not None:
+                long_rope += [seq.num_tokens > long_from] * n
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append(PrefillChunk(q_start, n, start + n, torch.tensor(table, device=self.device)))
+            if chunk.samples:
+                sample_rows.append(len(ids) - 1)
+                sampled.append(chunk)
+        width = max((len(t) for t in decode_tables), default=0)
+        device = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode=len(decode_tables),
+            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                                             dtype=torch.long, device=device).view(len(decode_tables), width),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
+            prefills=prefills,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            long_rope=torch.tensor(long_rope, device=device) if long_from is not None else None,
+            attn=attn,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+            sampled=sampled,
+        )
