@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,7 @@ class LLM:
     def __init__(self, model: str = "demo", **options: Any) -> None:
         groups: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
         for key, value in options.items():
-            owner = next((cls for cls in groups if key in cls.__dataclass_fields__), None)
+            owner = next((cls for cls in groups if key in {f.name for f in dataclasses.fields(cls)}), None)
             if owner is None:
                 raise TypeError(f"LLM() got an unknown option {key!r}")
             groups[owner][key] = value

@@ -92,7 +92,7 @@ class Engine:
         return self._postprocess(sampled, result)
 
     def _postprocess(self, sampled: list[ScheduledChunk], result: SamplerOutput | None) -> list[RequestOutput]:
-        outputs = []
+        outputs: list[RequestOutput] = []
         if result is None:
             return outputs
         for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):

@@ -34,7 +34,9 @@ class PackedLinear(nn.Module):
     """A linear layer whose output concatenates several checkpoint projections (q|k|v or gate|up).
 
     `shard_sizes` gives each projection's output width; checkpoints that store the projections
-    separately load shard by shard, fused checkpoints (Phi-3) load whole.
+    separately load shard by shard, fused checkpoints (Phi-3) load whole. Weights load as
+    `[out, in]` like the checkpoint, then `finalize()` stores them transposed, `[in, out]`: CPU GEMMs
+    at decode batch sizes run up to 2x faster on that layout.
     """
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
@@ -45,6 +47,7 @@ class PackedLinear(nn.Module):
         out = sum(shard_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
+        self.weight_t: torch.Tensor | None = None  # [in, out]
 
     def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
         if shard is None:
@@ -57,8 +60,16 @@ class PackedLinear(nn.Module):
                              f"a parameter slice of shape {tuple(target.shape)}")
         target.copy_(tensor)
 
+    def finalize(self) -> None:
+        self.weight_t = self.weight.data.t().contiguous()
+        # The [out, in] copy is no longer needed; keep an empty placeholder so the parameter name stays.
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        assert self.weight_t is not None, "PackedLinear used before finalize()"
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
 
 
 class Linear(PackedLinear):
@@ -86,6 +97,9 @@ class RotaryEmbedding(nn.Module):
     they define (linear, llama3, yarn, longrope, dynamic) means the same here. cos/sin are
     precomputed for every position up to `max_positions`.
     """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
@@ -135,7 +149,7 @@ class RotaryEmbedding(nn.Module):
             index = positions + seq_lens_over.long() * self.max_positions
         return self.cos[index], self.sin[index]
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [tokens, heads, head_dim]; cos/sin: [tokens, rotary_dim]."""
         cos = cos.unsqueeze(1).to(x.dtype)
         sin = sin.unsqueeze(1).to(x.dtype)

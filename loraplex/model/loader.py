@@ -44,8 +44,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
         from loraplex.model.gguf import read_gguf
 
         gguf = read_gguf(path)
-        eos = _as_tuple(getattr(gguf.config, "eos_token_id", None)) or _as_tuple(gguf.tokenizer.eos_token_id)
-        return Checkpoint(gguf.config, iter(gguf.tensors.items()), gguf.tokenizer, eos, path.name)
+        gguf_eos = _as_tuple(getattr(gguf.config, "eos_token_id", None)) or _as_tuple(gguf.tokenizer.eos_token_id)
+        return Checkpoint(gguf.config, iter(gguf.tensors.items()), gguf.tokenizer, gguf_eos, path.name)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a model checkpoint: it has no config.json")
     hf_config = AutoConfig.from_pretrained(path)
@@ -126,7 +126,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
         raise CheckpointError(f"checkpoint {ckpt.name} lacks tensors for: {', '.join(missing[:8])}"
                               + (f" … ({len(missing)} in all)" if len(missing) > 8 else ""))
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        if isinstance(module, RMSNorm | PackedLinear):
             module.finalize()
     return model.eval()
 
