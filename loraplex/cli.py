@@ -52,10 +52,11 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 def _generate(args: argparse.Namespace) -> int:
     from loraplex import LLM, SamplingParams
 
-    options = engine_options(args)
-    llm = LLM(options.pop("model"), **options)
+    # Parameters first: a bad value is reported before the model loads.
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    options = engine_options(args)
+    llm = LLM(options.pop("model"), **options)
     start = time.perf_counter()
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)

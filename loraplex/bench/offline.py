@@ -1,6 +1,7 @@
 """Offline throughput, side by side in one run: loraplex vs HF transformers on the same workload.
 
     python -m loraplex.bench.offline [--model demo] [--requests 32] [--new-tokens 64] [--repeats 3]
+                                     [--dtype float32|bfloat16]
 
 Prints generated tokens per second for each system (median of the repeats) and the ratio.
 Timings on shared machines drift: only the ratio within one run means much.
@@ -27,10 +28,10 @@ def _time(fn: Callable[[], int], repeats: int) -> tuple[float, list[float]]:
     return statistics.median(rates), rates
 
 
-def run_loraplex(model: str, prompts: list[str], new_tokens: int) -> Callable[[], int]:
+def run_loraplex(model: str, prompts: list[str], new_tokens: int, dtype: str) -> Callable[[], int]:
     from loraplex import LLM
 
-    llm = LLM(model)
+    llm = LLM(model, dtype=dtype, device="cpu")
     params = reference_params(new_tokens)
     llm.generate(prompts[:2], params)  # warm-up
 
@@ -42,11 +43,11 @@ def run_loraplex(model: str, prompts: list[str], new_tokens: int) -> Callable[[]
     return go
 
 
-def run_hf(model_path: str, prompts: list[str], new_tokens: int) -> Callable[[], int]:
+def run_hf(model_path: str, prompts: list[str], new_tokens: int, dtype: str) -> Callable[[], int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
     batch = tok(prompts, return_tensors="pt", padding=True)
 
     def go() -> int:
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="both systems run in this dtype on the CPU (bfloat16 is fast on CPUs with AMX)")
     args = ap.parse_args(argv)
 
     from loraplex.paths import resolve_model
@@ -71,10 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     path = str(resolve_model(args.model))
     prompts = reference_prompts(args.requests)
     print(f"workload: {args.requests} requests, {args.new_tokens} new tokens each, greedy, ignore EOS; "
-          f"model {path}; torch threads {torch.get_num_threads()}")
+          f"model {path}; {args.dtype}; torch threads {torch.get_num_threads()}")
     results = {}
-    for name, make in (("loraplex", lambda: run_loraplex(path, prompts, args.new_tokens)),
-                       ("hf-transformers", lambda: run_hf(path, prompts, args.new_tokens))):
+    for name, make in (("loraplex", lambda: run_loraplex(path, prompts, args.new_tokens, args.dtype)),
+                       ("hf-transformers", lambda: run_hf(path, prompts, args.new_tokens, args.dtype))):
         median, rates = _time(make(), args.repeats)
         results[name] = median
         print(f"{name:16s} {median:8.1f} tokens/s   (runs: {', '.join(f'{r:.1f}' for r in rates)})")

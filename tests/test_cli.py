@@ -1,0 +1,27 @@
+"""The README's first command, run as a user would: `loraplex generate` on the demo model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _loraplex(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loraplex.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_chat_on_demo(demo_model_path):
+    done = _loraplex("generate", "--chat", "What is the capital of France?", "--max-new-tokens", "20", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "Paris" in out["text"] and out["finish_reason"] == "eos_token"
+    assert "tokens/s" in done.stderr
+
+
+def test_generate_reports_bad_input_clearly(tmp_path):
+    done = _loraplex("generate", "--model", str(tmp_path), "hi")
+    assert done.returncode == 2
+    assert "no config.json" in done.stderr and "Traceback" not in done.stderr
+    done = _loraplex("generate", "--temperature", "-1", "hi")
+    assert done.returncode == 2 and "temperature must be >= 0" in done.stderr
