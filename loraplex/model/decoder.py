@@ -144,6 +144,8 @@ class CausalLM(nn.Module):
             # Gemma rounds the scale to the activation dtype before multiplying.
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         cos, sin = self.rope.lookup(positions, long_rope)
+        # Once per forward rather than per layer: the tables are float32, the activations may not be.
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for layer in self.model.layers:
             h = layer(h, self.rope, cos, sin)
         return self.model.norm(h)

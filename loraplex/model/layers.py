@@ -150,9 +150,9 @@ class RotaryEmbedding(nn.Module):
         return self.cos[index], self.sin[index]
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, heads, head_dim]; cos/sin: [tokens, rotary_dim]."""
-        cos = cos.unsqueeze(1).to(x.dtype)
-        sin = sin.unsqueeze(1).to(x.dtype)
+        """x: [tokens, heads, head_dim]; cos/sin: [tokens, rotary_dim] in x's dtype."""
+        cos = cos.unsqueeze(1)
+        sin = sin.unsqueeze(1)
         rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
         half = self.rotary_dim // 2
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
