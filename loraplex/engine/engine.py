@@ -77,10 +77,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._seqs)
-
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token or finished."""
         sched = self.scheduler.schedule()
