@@ -1,0 +1,165 @@
+"""LoRA delta ops: every fast strategy against the pure-torch reference, and LoRABatch segmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
+from loraplex.lora.ops import AddLoRA, add_lora, add_lora_reference, get_lora_op
+from loraplex.lora.ops.cpu import add_lora_grouped, add_lora_segments, add_lora_sorted
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # dtype -> (atol, rtol)
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+FAST_OPS = {
+    "add_lora": add_lora,
+    "segments": add_lora_segments,
+    "sorted": add_lora_sorted,
+    "grouped": add_lora_grouped,
+}
+IN_FEATURES = 48
+OUT_FEATURES = 40
+RANKS = (1, 2, 7, 16, 64, 128)
+R_MAX = 128
+
+
+def make_buffers(
+    ranks: tuple[int, ...], dtype: torch.dtype, r_max: int = R_MAX, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random slot buffers whose A rows / B columns past each slot's rank hold NaN garbage."""
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = len(ranks)
+    a = torch.randn(num_slots, r_max, IN_FEATURES, generator=gen) / IN_FEATURES**0.5  # [slots, r_max, in]
+    b = torch.randn(num_slots, OUT_FEATURES, r_max, generator=gen) / 4  # [slots, out, r_max]
+    for slot, rank in enumerate(ranks):
+        a[slot, rank:] = float("nan")
+        b[slot, :, rank:] = float("nan")
+    scales = torch.rand(num_slots, generator=gen) + 0.5  # [slots]
+    return a.to(dtype), b.to(dtype), torch.tensor(ranks), scales
+
+
+def make_inputs(num_tokens: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, IN_FEATURES, generator=gen).to(dtype)  # [tokens, in]
+    out = torch.randn(num_tokens, OUT_FEATURES, generator=gen).to(dtype)  # [tokens, out]
+    return x, out
+
+
+SLOT_CASES = {
+    "one_segment": [2] * 9,
+    "all_distinct": [0, 1, 2, 3, 4, 5],
+    "unsorted_interleaved": [3, 0, 3, 1, 0, 5, 1, 3, 0, 5, 5, 2],
+    "empty_slots_in_buffer": [4, 4, 1, 1, 4],
+    "no_adapter_tokens_mixed_in": [-1, 2, 2, -1, -1, 0, -1, 2, -1, 5],
+    "all_no_adapter": [-1] * 5,
+    "all_ranks_mixed": [5, -1, 0, 4, 1, 3, -1, 2, 5, 0, 4, 4, 1, -1, 3, 2],
+    "long_grouped": [0] * 20 + [-1] * 7 + [5] * 30 + [3] * 11,
+}
+
+
+def run_case(
+    op: AddLoRA, slots: list[int], dtype: torch.dtype, scales_override: dict[int, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out before, reference result, fast result, what the fast op returned)."""
+    a, b, ranks, scales = make_buffers(RANKS, dtype)
+    for slot, scale in (scales_override or {}).items():
+        scales[slot] = scale
+    x, out = make_inputs(len(slots), dtype)
+    batch = LoRABatch.from_token_slots(slots, "cpu")
+    expected = add_lora_reference(out.clone(), x, a, b, ranks, scales, batch)
+    result = out.clone()
+    returned = op(result, x, a, b, ranks, scales, batch)
+    return out, expected, result, returned
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("case", list(SLOT_CASES))
+@pytest.mark.parametrize("op_name", list(FAST_OPS))
+def test_fast_op_matches_reference(op_name: str, case: str, dtype: torch.dtype) -> None:
+    slots = SLOT_CASES[case]
+    out, expected, result, returned = run_case(FAST_OPS[op_name], slots, dtype)
+    assert returned is result
+    assert torch.isfinite(expected).all(), "reference read a slot's padding past its rank"
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(result, expected, atol=atol, rtol=rtol)
+    empty = torch.tensor(slots) == EMPTY_SLOT
+    # Tokens without an adapter are bitwise untouched; tokens with one really got a delta.
+    assert torch.equal(result[empty], out[empty])
+    if (~empty).any():
+        assert not torch.allclose(result[~empty], out[~empty], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("op_name", list(FAST_OPS))
+def test_zero_scale_slot_adds_nothing(op_name: str) -> None:
+    slots = [1, 1, 3, 3, 1, -1, 3]
+    out, expected, result, _ = run_case(FAST_OPS[op_name], slots, torch.float32, scales_override={3: 0.0})
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(result, expected, atol=atol, rtol=rtol)
+    zero_scale = torch.tensor(slots) == 3
+    torch.testing.assert_close(result[zero_scale], out[zero_scale], atol=0, rtol=0)
+    assert not torch.allclose(result[~zero_scale][:2], out[~zero_scale][:2])
+
+
+def test_reference_matches_dense_formula() -> None:
+    """The reference on one token equals scale * B[:, :r] @ A[:r] @ x written out densely."""
+    a, b, ranks, scales = make_buffers(RANKS, torch.float32)
+    x, out = make_inputs(1, torch.float32)
+    slot = 3
+    rank = RANKS[slot]
+    batch = LoRABatch.from_token_slots([slot], "cpu")
+    expected = out[0] + scales[slot] * (b[slot, :, :rank] @ (a[slot, :rank] @ x[0]))
+    result = add_lora_reference(out.clone(), x, a, b, ranks, scales, batch)
+    torch.testing.assert_close(result[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_no_adapter_batch_returns_out_untouched() -> None:
+    a, b, ranks, scales = make_buffers(RANKS, torch.float32)
+    x, out = make_inputs(4, torch.float32)
+    batch = LoRABatch.from_token_slots([EMPTY_SLOT] * 4, "cpu")
+    before = out.clone()
+    for op in FAST_OPS.values():
+        assert op(out, x, a, b, ranks, scales, batch) is out
+        assert torch.equal(out, before)
+
+
+def test_get_lora_op_registry() -> None:
+    assert get_lora_op("torch") is add_lora
+    assert get_lora_op("reference") is add_lora_reference
+    with pytest.raises(ValueError, match="'triton-nope'"):
+        get_lora_op("triton-nope")
+
+
+@pytest.mark.parametrize(
+    ("slots", "starts", "lens", "seg_slots", "active"),
+    [
+        ([0, 0, -1, 1, 1, 0], [0, 3, 5], [2, 2, 1], [0, 1, 0], [0, 1]),
+        ([-1, -1, 3, 3, 3, -1, 7], [2, 6], [3, 1], [3, 7], [3, 7]),
+        ([5, 2, 5, 2], [0, 1, 2, 3], [1, 1, 1, 1], [5, 2, 5, 2], [2, 5]),
+        ([4] * 6, [0], [6], [4], [4]),
+        ([-1, -1], [], [], [], []),
+        ([], [], [], [], []),
+    ],
+)
+def test_lora_batch_segments(
+    slots: list[int], starts: list[int], lens: list[int], seg_slots: list[int], active: list[int]
+) -> None:
+    batch = LoRABatch.from_token_slots(slots, "cpu")
+    assert batch.token_slots.tolist() == slots
+    assert batch.token_slots.dtype == torch.long
+    assert (batch.seg_starts_list, batch.seg_lens_list, batch.seg_slots_list) == (starts, lens, seg_slots)
+    assert (batch.seg_starts.tolist(), batch.seg_lens.tolist(), batch.seg_slots.tolist()) == (
+        starts,
+        lens,
+        seg_slots,
+    )
+    assert batch.active_slots_list == active
+    assert batch.active_slots.tolist() == active
+    assert batch.has_lora == bool(active)
+    assert batch.num_tokens == len(slots)
+
+
+def test_lora_batch_rejects_bad_slot() -> None:
+    with pytest.raises(ValueError, match="-2"):
+        LoRABatch.from_token_slots([0, -2], "cpu")
