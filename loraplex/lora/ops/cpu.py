@@ -40,13 +40,8 @@ def add_lora_segments(
     for start, length, slot in zip(
         batch.seg_starts_list, batch.seg_lens_list, batch.seg_slots_list, strict=True
     ):
-        rank = ranks_list[slot]
-        scale = scales_list[slot]
-        # A zero delta leaves out unchanged, so its two matmuls are skipped.
-        if rank == 0 or scale == 0.0:
-            continue
-        hidden = x[start : start + length] @ a[slot, :rank].T  # [length, rank]
-        out[start : start + length].addmm_(hidden, b[slot, :, :rank].T, alpha=scale)
+        rows = slice(start, start + length)
+        _add_one_slot(out[rows], x[rows], a, b, slot, ranks_list[slot], scales_list[slot])
     return out
 
 
@@ -64,10 +59,7 @@ def add_lora_grouped(
         return out
     active = batch.active_slots  # [num_active]
     active_list = batch.active_slots_list
-    counts = dict.fromkeys(active_list, 0)
-    for length, slot in zip(batch.seg_lens_list, batch.seg_slots_list, strict=True):
-        counts[slot] += length
-    counts_list = [counts[s] for s in active_list]
+    counts_list = _tokens_per_active_slot(batch)
     num_lora_tokens = sum(counts_list)
     max_count = max(counts_list)
     active_ranks = ranks[active]  # [num_active]
@@ -75,8 +67,7 @@ def add_lora_grouped(
     if max_rank == 0:
         return out
 
-    # EMPTY_SLOT (-1) sorts first, so the adapter tokens are the tail of a stable argsort.
-    order = torch.argsort(batch.token_slots, stable=True)[batch.num_tokens - num_lora_tokens :]
+    order = _adapter_tokens_by_slot(batch, num_lora_tokens)
     sorted_slots = batch.token_slots[order]  # [num_lora_tokens]
     group = torch.searchsorted(active, sorted_slots)  # [num_lora_tokens] index into active
     counts_t = torch.tensor(counts_list, dtype=torch.long, device=x.device)  # [num_active]
@@ -109,27 +100,43 @@ def add_lora_sorted(
     """Sort adapter tokens by slot, one rank-sliced matmul pair per active slot, scatter-add back."""
     if not batch.has_lora:
         return out
-    counts = dict.fromkeys(batch.active_slots_list, 0)
-    for length, slot in zip(batch.seg_lens_list, batch.seg_slots_list, strict=True):
-        counts[slot] += length
-    num_lora_tokens = sum(counts.values())
-    # EMPTY_SLOT (-1) sorts first, so the adapter tokens are the tail of a stable argsort.
-    order = torch.argsort(batch.token_slots, stable=True)[batch.num_tokens - num_lora_tokens :]
+    counts = _tokens_per_active_slot(batch)
+    num_lora_tokens = sum(counts)
+    order = _adapter_tokens_by_slot(batch, num_lora_tokens)
     x_sorted = x[order]  # [num_lora_tokens, in]
     delta = out.new_zeros(num_lora_tokens, out.shape[1])  # [num_lora_tokens, out]
     ranks_list = ranks.tolist()
     scales_list = scales.tolist()
     start = 0
-    for slot in batch.active_slots_list:
-        length = counts[slot]
-        rank = ranks_list[slot]
-        scale = scales_list[slot]
-        if rank != 0 and scale != 0.0:
-            hidden = x_sorted[start : start + length] @ a[slot, :rank].T  # [length, rank]
-            delta[start : start + length].addmm_(hidden, b[slot, :, :rank].T, alpha=scale)
+    for slot, length in zip(batch.active_slots_list, counts, strict=True):
+        rows = slice(start, start + length)
+        _add_one_slot(delta[rows], x_sorted[rows], a, b, slot, ranks_list[slot], scales_list[slot])
         start += length
     out.index_add_(0, order, delta)
     return out
+
+
+def _add_one_slot(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int, rank: int,
+                  scale: float) -> None:
+    """out [rows, out_features] += scale * (x @ a[slot, :rank].T) @ b[slot, :, :rank].T, in place."""
+    # A zero delta leaves out unchanged, so its two matmuls are skipped.
+    if rank == 0 or scale == 0.0:
+        return
+    hidden = x @ a[slot, :rank].T  # [rows, rank]
+    out.addmm_(hidden, b[slot, :, :rank].T, alpha=scale)
+
+
+def _tokens_per_active_slot(batch: LoRABatch) -> list[int]:
+    counts = dict.fromkeys(batch.active_slots_list, 0)
+    for length, slot in zip(batch.seg_lens_list, batch.seg_slots_list, strict=True):
+        counts[slot] += length
+    return [counts[s] for s in batch.active_slots_list]
+
+
+def _adapter_tokens_by_slot(batch: LoRABatch, num_lora_tokens: int) -> torch.Tensor:
+    """Indices of the adapter tokens, grouped by slot in ascending order, stable within a slot."""
+    # EMPTY_SLOT (-1) sorts first, so the adapter tokens are the tail of a stable argsort.
+    return torch.argsort(batch.token_slots, stable=True)[batch.num_tokens - num_lora_tokens :]
 
 
 def _is_grouped(batch: LoRABatch) -> bool:
