@@ -12,9 +12,9 @@ import sys
 import time
 from typing import Any
 
-from loraplex.config import CacheConfig, ModelConfig, SchedulerConfig
+from loraplex.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 
-CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig)
+CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig)
 
 
 def _field_docs(cls: type) -> dict[str, str]:

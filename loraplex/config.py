@@ -72,7 +72,24 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    max_loras: int = 4
+    """Device slots: distinct adapters that can run in one step. 0 serves the base model only."""
+    max_lora_rank: int = 16
+    """Largest adapter rank accepted; slot buffers are sized for it."""
+    lora_backend: str = "torch"
+    """LoRA op backend (`torch`: the fast pure-torch path; `reference`: the per-token loop)."""
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 0:
+            raise ValueError(f"max_loras must be >= 0, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise ValueError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from loraplex.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from loraplex.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput, SamplingParams
 
@@ -21,18 +21,19 @@ class LLM:
     """A base model loaded for offline batched generation.
 
     `model` is `"demo"`, a Hugging Face checkpoint folder or a `.gguf` file. Keyword arguments are
-    the fields of `ModelConfig`, `CacheConfig` and `SchedulerConfig`.
+    the fields of `ModelConfig`, `CacheConfig`, `SchedulerConfig` and `LoRAConfig`.
     """
 
     def __init__(self, model: str = "demo", **options: Any) -> None:
-        groups: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
+        groups: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {},
+                                              LoRAConfig: {}}
         for key, value in options.items():
             owner = next((cls for cls in groups if key in {f.name for f in dataclasses.fields(cls)}), None)
             if owner is None:
                 raise TypeError(f"LLM() got an unknown option {key!r}")
             groups[owner][key] = value
         self.engine = Engine(EngineConfig(ModelConfig(**groups[ModelConfig]), CacheConfig(**groups[CacheConfig]),
-                                          SchedulerConfig(**groups[SchedulerConfig])))
+                                          SchedulerConfig(**groups[SchedulerConfig]), LoRAConfig(**groups[LoRAConfig])))
         self._ids = itertools.count()
 
     @property
@@ -40,23 +41,39 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool = False) -> list[RequestOutput]:
+                 adapter_id: str | None | Sequence[str | None] = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (text, tokenized as the model's tokenizer does by default, or token ids).
 
-        All prompts are batched together; outputs come back in prompt order.
+        `adapter_id`: a PEFT LoRA adapter folder for every prompt, or a list with one per prompt
+        (None = the base model). All prompts are batched together, whatever their adapters; outputs
+        come back in prompt order.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = self._per_prompt(params or SamplingParams(), len(prompts))
+        adapters = self._per_prompt_adapter(adapter_id, len(prompts))
         request_ids = []
-        for prompt, p in zip(prompts, params_list, strict=True):
-            request_id = f"offline-{next(self._ids)}"
-            if isinstance(prompt, str):
-                self.engine.add_request(request_id, self._encode(prompt), p, prompt=prompt)
-            else:
-                self.engine.add_request(request_id, list(prompt), p)
-            request_ids.append(request_id)
+        try:
+            for prompt, p, adapter in zip(prompts, params_list, adapters, strict=True):
+                request_id = f"offline-{next(self._ids)}"
+                if isinstance(prompt, str):
+                    self.engine.add_request(request_id, self._encode(prompt), p, prompt=prompt, adapter_id=adapter)
+                else:
+                    self.engine.add_request(request_id, list(prompt), p, adapter_id=adapter)
+                request_ids.append(request_id)
+        except BaseException:
+            for request_id in request_ids:  # one bad prompt or adapter: queue nothing of this call
+                self.engine.abort(request_id)
+            raise
         return self._run(request_ids, use_tqdm)
+
+    @staticmethod
+    def _per_prompt_adapter(adapter_id: str | None | Sequence[str | None], n: int) -> list[str | None]:
+        if adapter_id is None or isinstance(adapter_id, str):
+            return [adapter_id] * n
+        if len(adapter_id) != n:
+            raise ValueError(f"got {len(adapter_id)} adapter ids for {n} prompts")
+        return list(adapter_id)
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
              *, use_tqdm: bool = False) -> list[RequestOutput]:

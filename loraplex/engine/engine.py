@@ -13,6 +13,7 @@ from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
+from loraplex.lora.manager import LoRAManager
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.runner import ModelRunner
 from loraplex.paths import resolve_model
@@ -38,14 +39,17 @@ class Engine:
             cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype))
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.pool, block_size)
-        self.runner = ModelRunner(model, self.kv_cache, device)
+        self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
+        self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora)
+        self.runner = ModelRunner(model, self.kv_cache, device, lora_enabled=self.lora is not None)
         self._seqs: dict[str, Sequence] = {}
         log.info("loaded %s (%s) on %s as %s; %d KV blocks of %d tokens", self.model_name, cfg.architecture,
                  device, dtype, num_blocks, block_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, adapter_id: str | None = None) -> None:
+        """Queue a request. `adapter_id` (a PEFT adapter folder; None or "" = the base model) is read and
+        validated here, so a bad adapter raises AdapterError for this request only."""
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -65,6 +69,10 @@ class Engine:
         generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
         seq = Sequence(request_id, list(prompt_token_ids), params, seed, generator, detok, prompt)
+        if adapter_id:
+            if self.lora is None:
+                raise ValueError(f"adapter {adapter_id!r} requested, but this engine runs with max_loras=0")
+            seq.adapter = self.lora.register(adapter_id)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -72,7 +80,7 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is not None and seq.status is not SequenceStatus.FINISHED:
             seq.finish_reason = FinishReason.ABORTED
-            self.scheduler.finish(seq)
+            self._finish(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -99,10 +107,15 @@ class Engine:
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 seq.finish_reason = reason
-                self.scheduler.finish(seq)
+                self._finish(seq)
                 self._seqs.pop(seq.request_id, None)
             outputs.append(self._output(seq))
         return outputs
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if seq.adapter is not None and self.lora is not None:
+            self.lora.unregister(seq.adapter)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         """Feed the new token to the detokenizer unless it ends the sequence, and say why it finished."""

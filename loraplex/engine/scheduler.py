@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.sequence import Sequence, SequenceStatus
@@ -48,11 +49,31 @@ class SchedulerOutput:
         return not self.chunks
 
 
+class AdapterSlots(Protocol):
+    """Device slots for LoRA adapters, held by a sequence from admission to finish or preemption."""
+
+    def acquire(self, seq: Sequence) -> bool:
+        """Give `seq` a slot with its adapter (True for base-model requests); False if none is free."""
+        ...
+
+    def release(self, seq: Sequence) -> None: ...
+
+
+class BaseModelOnly:
+    def acquire(self, seq: Sequence) -> bool:
+        return seq.adapter is None
+
+    def release(self, seq: Sequence) -> None:
+        pass
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int) -> None:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int,
+                 adapters: AdapterSlots | None = None) -> None:
         self.config = config
         self.pool = pool
         self.block_size = block_size
+        self.adapters = adapters or BaseModelOnly()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -74,6 +95,7 @@ class Scheduler:
                 continue
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
+        waiting_for_slot: list[Sequence] = []
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
@@ -82,13 +104,19 @@ class Scheduler:
             if need > self.pool.num_free:
                 break
             self.waiting.popleft()
+            if not self.adapters.acquire(seq):
+                # Every slot holds another running adapter: let requests behind it that can run go first.
+                waiting_for_slot.append(seq)
+                continue
             seq.block_table += self.pool.allocate(need)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
-        # Single-token decodes first: the runner attends to them in one batched call.
-        out.chunks.sort(key=lambda c: c.num_new_tokens != 1)
+        self.waiting.extendleft(reversed(waiting_for_slot))
+        # Single-token decodes first (the runner attends to them in one batched call), grouped by
+        # adapter slot so each adapter's tokens form one segment for the LoRA ops.
+        out.chunks.sort(key=lambda c: (c.num_new_tokens != 1, c.seq.lora_slot))
         return out
 
     def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
@@ -106,6 +134,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._release(seq)
+        self.adapters.release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -115,6 +144,7 @@ class Scheduler:
         """Remove a finished or aborted sequence and return its blocks to the pool."""
         if seq in self.running:
             self.running.remove(seq)
+            self.adapters.release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)

@@ -12,6 +12,7 @@ from loraplex.engine.request import FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from loraplex.engine.detokenizer import IncrementalDetokenizer
+    from loraplex.lora.manager import AdapterKey
 
 
 class SequenceStatus(enum.Enum):
@@ -36,6 +37,10 @@ class Sequence:
     """Tokens whose keys and values are in the KV cache."""
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    adapter: AdapterKey | None = None
+    """The request's LoRA adapter; None serves the base model."""
+    lora_slot: int = -1
+    """The device slot holding the adapter while the sequence runs; -1 when it holds none."""
 
     @property
     def num_tokens(self) -> int:

@@ -5,15 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loraplex.kv.block_pool import KVCache
 from loraplex.model.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from loraplex.lora.batch import LoRABatch
 
 
 @dataclass
 class ForwardContext:
     attn: AttentionMetadata
     kv_cache: KVCache
+    lora: LoRABatch | None = None
 
 
 _current: ForwardContext | None = None

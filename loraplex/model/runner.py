@@ -8,6 +8,7 @@ import torch
 
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loraplex.kv.block_pool import KVCache
+from loraplex.lora.batch import LoRABatch
 from loraplex.model.attention import AttentionMetadata, PrefillChunk
 from loraplex.model.context import ForwardContext, forward_context
 from loraplex.model.decoder import CausalLM
@@ -20,13 +21,15 @@ class StepInputs:
     positions: torch.Tensor      # [tokens] long
     long_rope: torch.Tensor | None  # [tokens] bool, longrope models only
     attn: AttentionMetadata
+    lora: LoRABatch | None
     sample_rows: torch.Tensor    # [sampled] long: flat index of each sampling chunk's last token
     sampled: list[ScheduledChunk]
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device, lora_enabled: bool = False) -> None:
         self.model = model
+        self.lora_enabled = lora_enabled
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -36,7 +39,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
         """Run one step; returns the chunks that sampled a token and the sampler's output for them."""
         inputs = self.prepare(sched)
-        with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache)):
+        with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.lora)):
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.long_rope)  # [tokens, hidden]
         if not inputs.sampled:
             return [], None
@@ -57,6 +60,7 @@ class ModelRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         long_rope: list[bool] = []
+        token_slots: list[int] = []
         long_from = getattr(self.model.rope, "long_from", None)
         for chunk in sched.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_new_tokens
@@ -68,6 +72,7 @@ class ModelRunner:
                 slots.append(table[p // bs] * bs + p % bs)
             if long_from is not None:
                 long_rope += [seq.num_tokens > long_from] * n
+            token_slots += [seq.lora_slot] * n
             if n == 1:
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
@@ -91,6 +96,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             long_rope=torch.tensor(long_rope, device=device) if long_from is not None else None,
             attn=attn,
+            lora=LoRABatch.from_token_slots(token_slots, device) if self.lora_enabled else None,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampled=sampled,
         )
