@@ -2,10 +2,15 @@
 
     output = base(x) + Σ_shards scale[s] · (x · A[s]ᵀ) · B[s]ᵀ      for each token's slot s
 
-A wrapped `PackedLinear` (q|k|v, gate|up, o, down) keeps, per shard, `A[slots, r_max, in]`,
-`B[slots, out_shard, r_max]`, a rank and a scale per slot. The buffers are allocated once and never
-move (so CUDA graphs can capture them later); loading an adapter copies into a slot. The batch's
-token → slot mapping is read from the forward context, never passed through forward signatures.
+A wrapped `PackedLinear` (q|k|v, gate|up, o, down) holds ONE pair of slot buffers for all its
+shards: `A[slots, shards·r_max, in]` stacks the shards' A rows (each at its own rank, so a slot's
+packed rank is the sum of its shards' ranks) and `B[slots, out, shards·r_max]` is block-diagonal,
+each shard's B (with its scale folded in) in its own output rows and rank columns. One shrink and
+one expand per segment then serve every shard: half the matmul calls of a pair per shard, which is
+what decode-sized segments are bound by, for a few percent more expand FLOPs.
+The buffers are allocated once and never move (so CUDA graphs can capture them later); loading an
+adapter copies into a slot. The batch's token → slot mapping is read from the forward context,
+never passed through forward signatures.
 
 DoRA (PEFT's `use_dora`): the adapted output row j is `m_j · (W x + scale · B A x)_j / ‖W + scale · B A‖_j`
 plus the bias. The per-row factor `m / ‖W + scale · BA‖` depends only on the adapter and the base
@@ -36,11 +41,12 @@ class LoRAPackedLinear(nn.Module):
         self.shard_targets = shard_targets
         self.op = op
         weight = base.weight_t
-        in_features = base.in_features
-        self.a = [weight.new_zeros(num_slots, max_rank, in_features) for _ in shard_targets]     # [slots, r, in]
-        self.b = [weight.new_zeros(num_slots, size, max_rank) for size in base.shard_sizes]      # [slots, out, r]
-        self.ranks = [torch.zeros(num_slots, dtype=torch.long, device=weight.device) for _ in shard_targets]
-        self.scales = [torch.zeros(num_slots, dtype=torch.float32, device=weight.device) for _ in shard_targets]
+        packed_rank = len(shard_targets) * max_rank
+        out_features = sum(base.shard_sizes)
+        self.a = weight.new_zeros(num_slots, packed_rank, base.in_features)  # [slots, shards·r, in]
+        self.b = weight.new_zeros(num_slots, out_features, packed_rank)      # [slots, out, shards·r]
+        self.ranks = torch.zeros(num_slots, dtype=torch.long, device=weight.device)      # [slots] packed rank
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)  # [slots] 1 or 0
         # DoRA row factors over the whole packed output, 1 where a shard has no DoRA module.
         self.dora = weight.new_ones(num_slots, sum(base.shard_sizes))  # [slots, out]
         self.dora_slots: set[int] = set()
@@ -50,23 +56,22 @@ class LoRAPackedLinear(nn.Module):
         get rank 0, which the ops skip."""
         self.dora[slot] = 1.0
         self.dora_slots.discard(slot)
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        offset = 0
         for i, target in enumerate(self.shard_targets):
             module = modules.get(target)
-            self.a[i][slot].zero_()
-            self.b[i][slot].zero_()
             if module is None:
-                self.ranks[i][slot] = 0
-                self.scales[i][slot] = 0.0
                 continue
-            r = module.rank
-            self.a[i][slot, :r] = module.a.to(self.a[i].dtype)
-            self.b[i][slot, :, :r] = module.b.to(self.b[i].dtype)
-            self.ranks[i][slot] = r
-            self.scales[i][slot] = module.scale
+            r, rows = module.rank, self._shard_rows(i)
+            self.a[slot, offset:offset + r] = module.a.to(self.a.dtype)
+            self.b[slot, rows, offset:offset + r] = (module.scale * module.b).to(self.b.dtype)
+            offset += r
             if module.magnitude is not None:
-                rows = self._shard_rows(i)
                 self.dora[slot, rows] = self._dora_factor(i, module).to(self.dora.dtype)
                 self.dora_slots.add(slot)
+        self.ranks[slot] = offset
+        self.scales[slot] = 1.0 if offset else 0.0
 
     def clear_slot(self, slot: int) -> None:
         self.load_slot(slot, {})
@@ -86,8 +91,7 @@ class LoRAPackedLinear(nn.Module):
         batch = get_forward_context().lora
         if batch is None or not batch.has_lora:
             return out
-        for i in range(len(self.shard_targets)):
-            self.op(out[:, self._shard_rows(i)], x, self.a[i], self.b[i], self.ranks[i], self.scales[i], batch)
+        self.op(out, x, self.a, self.b, self.ranks, self.scales, batch)
         if self.dora_slots:
             self._apply_dora(out, batch)
         return out
