@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from loraplex import LLM
-from loraplex.model.context import ForwardContext, forward_context
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15)
@@ -42,16 +41,17 @@ def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def engine_last_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    """Last-position logits of one prefill through the engine's real path (scheduler, runner, paged KV)."""
+def engine_last_logits(llm: LLM, prompt: list[int], adapter_id: str | None = None) -> torch.Tensor:
+    """Last-position logits of one prefill through the engine's real path (scheduler, runner, paged KV,
+    LoRA slots), with `adapter_id` applied when given."""
     from loraplex import SamplingParams
 
     engine = llm.engine
-    engine.add_request("logits-probe", prompt, SamplingParams(max_new_tokens=1))
-    sched = engine.scheduler.schedule()
-    inputs = engine.runner.prepare(sched)
-    with torch.inference_mode(), forward_context(ForwardContext(inputs.attn, engine.kv_cache)):
-        hidden = engine.runner.model(inputs.input_ids, inputs.positions, inputs.long_rope)
-        logits = engine.runner.model.compute_logits(hidden[inputs.sample_rows])
-    engine.abort("logits-probe")
+    engine.add_request("logits-probe", prompt, SamplingParams(max_new_tokens=1), adapter_id=adapter_id)
+    try:
+        inputs = engine.runner.prepare(engine.scheduler.schedule())
+        logits = engine.runner.forward(inputs)
+    finally:
+        engine.abort("logits-probe")
+    assert logits is not None and logits.shape[0] == 1
     return logits[0]

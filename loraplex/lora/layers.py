@@ -138,3 +138,32 @@ def iter_wrappers(wrapped: list[dict[str, LoRAPackedLinear]]) -> Iterator[tuple[
     for layer, per_layer in enumerate(wrapped):
         for wrapper in per_layer.values():
             yield layer, wrapper
+
+
+class LoRAHead(nn.Module):
+    """LoRA on the LM head, applied to the sampled rows' logits only: logits += scale · (h · Aᵀ) · Bᵀ."""
+
+    def __init__(self, hidden: int, vocab: int, num_slots: int, max_rank: int, op: AddLoRA,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.op = op
+        self.a = torch.zeros(num_slots, max_rank, hidden, dtype=dtype, device=device)  # [slots, r, hidden]
+        self.b = torch.zeros(num_slots, vocab, max_rank, dtype=dtype, device=device)   # [slots, vocab, r]
+        self.ranks = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+
+    def load_slot(self, slot: int, module: LoRAModule | None) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.ranks[slot] = 0 if module is None else module.rank
+        self.scales[slot] = 0.0 if module is None else module.scale
+        if module is not None:
+            self.a[slot, :module.rank] = module.a.to(self.a.dtype)
+            self.b[slot, :, :module.rank] = module.b.to(self.b.dtype)
+
+    def forward(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """logits [rows, vocab] += each row's delta, in place; the rows' slots come from the context."""
+        batch = get_forward_context().lora
+        if batch is not None and batch.has_lora:
+            self.op(logits, hidden, self.a, self.b, self.ranks, self.scales, batch)
+        return logits

@@ -16,7 +16,7 @@ from loraplex.config import LoRAConfig
 from loraplex.engine.sequence import Sequence
 from loraplex.lora.adapter import AdapterInvalid, AdapterWeights, load_adapter
 from loraplex.lora.batch import EMPTY_SLOT
-from loraplex.lora.layers import LoRAPackedLinear, iter_wrappers, wrap_decoder_layers
+from loraplex.lora.layers import LoRAHead, LoRAPackedLinear, iter_wrappers, wrap_decoder_layers
 from loraplex.lora.ops import get_lora_op
 from loraplex.model.decoder import CausalLM
 
@@ -31,8 +31,10 @@ class LoRAManager:
     def __init__(self, model: CausalLM, config: LoRAConfig) -> None:
         self.config = config
         self.base_config = model.config
-        self._wrapped = wrap_decoder_layers(model.model.layers, config.max_loras, config.max_lora_rank,
-                                            get_lora_op(config.lora_backend))
+        self._model = model
+        self._op = get_lora_op(config.lora_backend)
+        self._wrapped = wrap_decoder_layers(model.model.layers, config.max_loras, config.max_lora_rank, self._op)
+        self._head: LoRAHead | None = None
         self._slot_owner: list[AdapterKey | None] = [None] * config.max_loras
         self._slot_refs = [0] * config.max_loras
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(config.max_loras))
@@ -43,8 +45,8 @@ class LoRAManager:
     def register(self, adapter_id: str) -> AdapterKey:
         """Read and validate the adapter for a new request; raises AdapterError for a bad one."""
         weights = load_adapter(Path(adapter_id), self.base_config, self.config.max_lora_rank)
-        if weights.lm_head is not None:
-            raise AdapterInvalid(f"{adapter_id}: adapters on lm_head are not served yet")
+        if weights.lm_head is not None and weights.lm_head.magnitude is not None:
+            raise AdapterInvalid(f"{adapter_id}: DoRA on lm_head is not supported")
         key = AdapterKey(str(Path(adapter_id).resolve()), weights.content_hash)
         self._weights.setdefault(key, weights)
         self._holders[key] = self._holders.get(key, 0) + 1
@@ -100,8 +102,21 @@ class LoRAManager:
         for layer, wrapper in iter_wrappers(self._wrapped):
             modules = per_layer.get(layer, {})
             wrapper.load_slot(slot, {t: m for t, m in modules.items() if t in wrapper.shard_targets})  # type: ignore[misc]
+        if weights.lm_head is not None and self._head is None:
+            self._head = self._install_head()
+        if self._head is not None:
+            self._head.load_slot(slot, weights.lm_head)
         self._slot_owner[slot] = key
         self.loads += 1
+
+    def _install_head(self) -> LoRAHead:
+        # Allocated on first use: at vocab x rank per slot, LM-head buffers are too big to reserve up front.
+        cfg = self.base_config
+        weight = self._model.model.embed_tokens.weight
+        head = LoRAHead(cfg.hidden_size, cfg.vocab_size, self.config.max_loras, self.config.max_lora_rank,
+                        self._op, weight.dtype, weight.device)
+        self._model.lora_head = head
+        return head
 
     @property
     def wrappers(self) -> list[LoRAPackedLinear]:

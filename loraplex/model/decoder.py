@@ -135,6 +135,8 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False)
         self.rope = RotaryEmbedding(hf_config, cfg.head_dim, max_positions)
         self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else None
+        self.lora_head: nn.Module | None = None
+        """Installed by the LoRA manager once an adapter targets lm_head."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 long_rope: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,7 +153,11 @@ class CausalLM(nn.Module):
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [rows, hidden] → logits [rows, vocab] in float32."""
+        """hidden: [rows, hidden] → logits [rows, vocab] in float32 (call inside the forward context)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+            logits = self.lm_head(hidden)
+        else:
+            logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        if self.lora_head is not None:
+            logits = self.lora_head(logits, hidden)
+        return logits.float()

@@ -21,7 +21,8 @@ class StepInputs:
     positions: torch.Tensor      # [tokens] long
     long_rope: torch.Tensor | None  # [tokens] bool, longrope models only
     attn: AttentionMetadata
-    lora: LoRABatch | None
+    lora: LoRABatch | None         # slots of the tokens
+    sample_lora: LoRABatch | None  # slots of the sampled rows, for the LM head
     sample_rows: torch.Tensor    # [sampled] long: flat index of each sampling chunk's last token
     sampled: list[ScheduledChunk]
 
@@ -39,15 +40,24 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
         """Run one step; returns the chunks that sampled a token and the sampler's output for them."""
         inputs = self.prepare(sched)
-        with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.lora)):
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.long_rope)  # [tokens, hidden]
-        if not inputs.sampled:
+        logits = self.forward(inputs)
+        if logits is None:
             return [], None
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [sampled, vocab]
         seqs = [c.seq for c in inputs.sampled]
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
                            [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
         return inputs.sampled, out
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The model on a prepared step: logits [sampled, vocab] at the sampling rows (None if none)."""
+        with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.lora)):
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.long_rope)  # [tokens, hidden]
+        if not inputs.sampled:
+            return None
+        # The LM head sees only the sampled rows, so its LoRA batch maps rows, not tokens, to slots.
+        with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.sample_lora)):
+            return self.model.compute_logits(hidden[inputs.sample_rows])  # [sampled, vocab]
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -97,6 +107,8 @@ class ModelRunner:
             long_rope=torch.tensor(long_rope, device=device) if long_from is not None else None,
             attn=attn,
             lora=LoRABatch.from_token_slots(token_slots, device) if self.lora_enabled else None,
+            sample_lora=(LoRABatch.from_token_slots([c.seq.lora_slot for c in sampled], device)
+                         if self.lora_enabled else None),
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampled=sampled,
         )
