@@ -19,12 +19,14 @@ DELTA_STD = 0.5
 MAGNITUDE_SPREAD = 0.3
 
 
-def make_adapter(base_path: Path, out_dir: Path, lora_config: LoraConfig, seed: int) -> Path:
+def make_adapter(base_path: Path, out_dir: Path, lora_config: LoraConfig, seed: int,
+                 delta_std: float = DELTA_STD, magnitude_spread: float = MAGNITUDE_SPREAD) -> Path:
     """Save a PEFT adapter for the HF checkpoint `base_path` to `out_dir`, every LoRA parameter random.
 
     PEFT initialises B to zero (so an untrained adapter is the identity); here A and B are both filled,
-    per module with a std chosen so that scale·B·A has DELTA_STD times the spread of the base weight,
-    whatever the module's rank, alpha and rsLoRA setting. DoRA magnitudes are perturbed around their init.
+    per module with a std chosen so that scale·B·A has `delta_std` times the spread of the base weight,
+    whatever the module's rank, alpha and rsLoRA setting. DoRA magnitudes are scaled row-wise around their
+    init by 1 + `magnitude_spread`·N(0, 1). Deep real models want gentler values than the tiny defaults.
     """
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -39,12 +41,12 @@ def make_adapter(base_path: Path, out_dir: Path, lora_config: LoraConfig, seed: 
             b = module.lora_B["default"].weight        # [out_features, r]
             rank, scale = a.shape[0], module.scaling["default"]
             w_std = module.get_base_layer().weight.std().item()
-            std = math.sqrt(DELTA_STD * w_std / (abs(scale) * math.sqrt(rank)))
+            std = math.sqrt(delta_std * w_std / (abs(scale) * math.sqrt(rank)))
             a.copy_(torch.randn_like(a) * std)
             b.copy_(torch.randn_like(b) * std)
             if module.use_dora["default"]:
                 m = module.lora_magnitude_vector["default"].weight  # [out_features]
-                m.mul_(1 + MAGNITUDE_SPREAD * torch.randn_like(m))
+                m.mul_(1 + magnitude_spread * torch.randn_like(m))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(out_dir)
