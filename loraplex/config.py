@@ -77,12 +77,16 @@ class LoRAConfig:
     """Device slots: distinct adapters that can run in one step. 0 serves the base model only."""
     max_lora_rank: int = 16
     """Largest adapter rank accepted; slot buffers are sized for it."""
+    max_cpu_loras: int = 64
+    """Parsed adapters kept in host memory (LRU) so repeat requests skip reading and validating files."""
     lora_backend: str = "torch"
     """LoRA op backend (`torch`: the fast pure-torch path; `reference`: the per-token loop)."""
 
     def __post_init__(self) -> None:
         if self.max_loras < 0:
             raise ValueError(f"max_loras must be >= 0, got {self.max_loras}")
+        if self.max_cpu_loras < 0:
+            raise ValueError(f"max_cpu_loras must be >= 0, got {self.max_cpu_loras}")
         if not 1 <= self.max_lora_rank <= 512:
             raise ValueError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
 

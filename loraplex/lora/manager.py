@@ -39,18 +39,33 @@ class LoRAManager:
         self._slot_refs = [0] * config.max_loras
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(config.max_loras))
         self._weights: dict[AdapterKey, AdapterWeights] = {}
+        self._host: OrderedDict[str, tuple[tuple[tuple[str, int, int], ...], AdapterWeights]] = OrderedDict()
         self._holders: dict[AdapterKey, int] = {}
         self.loads = 0
 
     def register(self, adapter_id: str) -> AdapterKey:
         """Read and validate the adapter for a new request; raises AdapterError for a bad one."""
-        weights = load_adapter(Path(adapter_id), self.base_config, self.config.max_lora_rank)
-        if weights.lm_head is not None and weights.lm_head.magnitude is not None:
-            raise AdapterInvalid(f"{adapter_id}: DoRA on lm_head is not supported")
+        weights = self._read(Path(adapter_id))
         key = AdapterKey(str(Path(adapter_id).resolve()), weights.content_hash)
         self._weights.setdefault(key, weights)
         self._holders[key] = self._holders.get(key, 0) + 1
         return key
+
+    def _read(self, path: Path) -> AdapterWeights:
+        """Parsed adapter from the host cache when its files are unchanged (same sizes and mtimes)."""
+        stamp = _file_stamp(path)
+        cached = self._host.get(str(path.resolve())) if stamp is not None else None
+        if cached is not None and cached[0] == stamp:
+            self._host.move_to_end(str(path.resolve()))
+            return cached[1]
+        weights = load_adapter(path, self.base_config, self.config.max_lora_rank)
+        if weights.lm_head is not None and weights.lm_head.magnitude is not None:
+            raise AdapterInvalid(f"{path}: DoRA on lm_head is not supported")
+        if stamp is not None and self.config.max_cpu_loras > 0:
+            self._host[str(path.resolve())] = (stamp, weights)
+            while len(self._host) > self.config.max_cpu_loras:
+                self._host.popitem(last=False)
+        return weights
 
     def unregister(self, key: AdapterKey) -> None:
         self._holders[key] -= 1
@@ -121,3 +136,12 @@ class LoRAManager:
     @property
     def wrappers(self) -> list[LoRAPackedLinear]:
         return [w for _, w in iter_wrappers(self._wrapped)]
+
+
+def _file_stamp(path: Path) -> tuple[tuple[str, int, int], ...] | None:
+    """(name, size, mtime_ns) of the adapter's files; None when the folder cannot be listed."""
+    try:
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir()
+                            if f.is_file() for st in [f.stat()]))
+    except OSError:
+        return None
