@@ -41,7 +41,7 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora)
-        self.runner = ModelRunner(model, self.kv_cache, device, lora_enabled=self.lora is not None)
+        self.runner = ModelRunner(model, self.kv_cache, device)
         self._seqs: dict[str, Sequence] = {}
         log.info("loaded %s (%s) on %s as %s; %d KV blocks of %d tokens", self.model_name, cfg.architecture,
                  device, dtype, num_blocks, block_size)

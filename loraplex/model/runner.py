@@ -8,7 +8,7 @@ import torch
 
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loraplex.kv.block_pool import KVCache
-from loraplex.lora.batch import LoRABatch
+from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
 from loraplex.model.attention import AttentionMetadata, PrefillChunk
 from loraplex.model.context import ForwardContext, forward_context
 from loraplex.model.decoder import CausalLM
@@ -28,9 +28,8 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device, lora_enabled: bool = False) -> None:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
-        self.lora_enabled = lora_enabled
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -58,6 +57,12 @@ class ModelRunner:
         # The LM head sees only the sampled rows, so its LoRA batch maps rows, not tokens, to slots.
         with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.sample_lora)):
             return self.model.compute_logits(hidden[inputs.sample_rows])  # [sampled, vocab]
+
+    def _lora_batch(self, slots: list[int]) -> LoRABatch | None:
+        # Base-model-only steps build no LoRA metadata at all: the wrappers see None and add nothing.
+        if all(slot == EMPTY_SLOT for slot in slots):
+            return None
+        return LoRABatch.from_token_slots(slots, self.device)
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -106,9 +111,9 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             long_rope=torch.tensor(long_rope, device=device) if long_from is not None else None,
             attn=attn,
-            lora=LoRABatch.from_token_slots(token_slots, device) if self.lora_enabled else None,
-            sample_lora=(LoRABatch.from_token_slots([c.seq.lora_slot for c in sampled], device)
-                         if self.lora_enabled else None),
+            lora=self._lora_batch(token_slots),
+            sample_lora=(self._lora_batch([c.seq.lora_slot for c in sampled])
+                         if self.model.lora_head is not None else None),
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampled=sampled,
         )
