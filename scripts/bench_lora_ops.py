@@ -5,7 +5,7 @@
 Shapes are the demo model's (hidden 576; q/o 576, MLP 1536, k/v 192) with 32 decode tokens and
 512 prefill tokens over S distinct adapters of mixed rank 8/16/64 in r_max=64 slot buffers.
 "grouped" token order is what the runner produces; "interleaved" is the worst case for segments.
-Strategies (loraplex/lora/ops/cpu.py): segs = segment loop, grp = padded bmm, sort = sort then loop.
+Strategies (loraplex/lora/ops/cpu.py): segs = segment loop, sort = sort then loop.
 Times are medians in microseconds; the x-base columns are LoRA time / base `x @ W.T` time.
 """
 
@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from loraplex.lora.batch import LoRABatch
-from loraplex.lora.ops.cpu import add_lora_grouped, add_lora_segments, add_lora_sorted
+from loraplex.lora.ops.cpu import add_lora_segments, add_lora_sorted
 
 IN_FEATURES = 576
 NUM_SLOTS = 32
@@ -62,8 +62,8 @@ def main() -> None:
         f"dtype={args.dtype} threads={torch.get_num_threads()} in={IN_FEATURES} slots={NUM_SLOTS} r_max={R_MAX}"
     )
     header = (
-        f"{'tokens':>6} {'out':>5} {'S':>3} {'order':>11} {'base_us':>8} {'segs_us':>8} {'grp_us':>8}"
-        f" {'sort_us':>8} {'segs/base':>9} {'grp/base':>8} {'sort/base':>9} {'best':>8}"
+        f"{'tokens':>6} {'out':>5} {'S':>3} {'order':>11} {'base_us':>8} {'segs_us':>8}"
+        f" {'sort_us':>8} {'segs/base':>9} {'sort/base':>9} {'best':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -82,13 +82,12 @@ def main() -> None:
                     slots = token_slots(num_tokens, num_adapters, interleaved)
                     op_args = (out, x, a, b, ranks, scales, LoRABatch.from_token_slots(slots, "cpu"))
                     segs = median_us(partial(add_lora_segments, *op_args))
-                    grp = median_us(partial(add_lora_grouped, *op_args))
                     srt = median_us(partial(add_lora_sorted, *op_args))
                     order = "interleaved" if interleaved else "grouped"
-                    best = min((segs, "segments"), (grp, "grouped"), (srt, "sorted"))[1]
+                    best = min((segs, "segments"), (srt, "sorted"))[1]
                     print(
                         f"{num_tokens:>6} {out_features:>5} {num_adapters:>3} {order:>11} {base:>8.1f} {segs:>8.1f}"
-                        f" {grp:>8.1f} {srt:>8.1f} {segs / base:>9.2f} {grp / base:>8.2f} {srt / base:>9.2f} {best:>8}"
+                        f" {srt:>8.1f} {segs / base:>9.2f} {srt / base:>9.2f} {best:>8}"
                     )
 
 

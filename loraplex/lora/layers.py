@@ -19,8 +19,6 @@ weight, so it is computed when the slot is loaded and applied per segment after 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -45,10 +43,11 @@ class LoRAPackedLinear(nn.Module):
         out_features = sum(base.shard_sizes)
         self.a = weight.new_zeros(num_slots, packed_rank, base.in_features)  # [slots, shards·r, in]
         self.b = weight.new_zeros(num_slots, out_features, packed_rank)      # [slots, out, shards·r]
-        self.ranks = torch.zeros(num_slots, dtype=torch.long, device=weight.device)      # [slots] packed rank
-        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)  # [slots] 1 or 0
+        self.ranks = torch.zeros(num_slots, dtype=torch.long, device=weight.device)  # [slots] packed rank
+        # Scales are folded into B; a slot with nothing loaded has rank 0, which the ops skip.
+        self.scales = torch.ones(num_slots, dtype=torch.float32, device=weight.device)  # [slots]
         # DoRA row factors over the whole packed output, 1 where a shard has no DoRA module.
-        self.dora = weight.new_ones(num_slots, sum(base.shard_sizes))  # [slots, out]
+        self.dora = weight.new_ones(num_slots, out_features)  # [slots, out]
         self.dora_slots: set[int] = set()
 
     def load_slot(self, slot: int, modules: dict[str, LoRAModule]) -> None:
@@ -71,7 +70,6 @@ class LoRAPackedLinear(nn.Module):
                 self.dora[slot, rows] = self._dora_factor(i, module).to(self.dora.dtype)
                 self.dora_slots.add(slot)
         self.ranks[slot] = offset
-        self.scales[slot] = 1.0 if offset else 0.0
 
     def clear_slot(self, slot: int) -> None:
         self.load_slot(slot, {})
@@ -119,25 +117,19 @@ WRAPPED_MODULES = {
 
 
 def wrap_decoder_layers(layers: nn.ModuleList, num_slots: int, max_rank: int,
-                        op: AddLoRA) -> list[dict[str, LoRAPackedLinear]]:
-    """Replace each layer's packed linears by LoRA wrappers; returns, per layer, path → wrapper."""
+                        op: AddLoRA) -> list[list[LoRAPackedLinear]]:
+    """Replace each layer's packed linears by LoRA wrappers; returns the wrappers layer by layer."""
     wrapped = []
     for layer in layers:
-        per_layer = {}
+        per_layer = []
         for path, targets in WRAPPED_MODULES.items():
             parent_name, _, child = path.partition(".")
             parent = getattr(layer, parent_name)
             wrapper = LoRAPackedLinear(getattr(parent, child), targets, num_slots, max_rank, op)
             setattr(parent, child, wrapper)
-            per_layer[path] = wrapper
+            per_layer.append(wrapper)
         wrapped.append(per_layer)
     return wrapped
-
-
-def iter_wrappers(wrapped: list[dict[str, LoRAPackedLinear]]) -> Iterator[tuple[int, LoRAPackedLinear]]:
-    for layer, per_layer in enumerate(wrapped):
-        for wrapper in per_layer.values():
-            yield layer, wrapper
 
 
 class LoRAHead(nn.Module):

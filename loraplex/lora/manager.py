@@ -14,9 +14,9 @@ from pathlib import Path
 
 from loraplex.config import LoRAConfig
 from loraplex.engine.sequence import Sequence
-from loraplex.lora.adapter import AdapterInvalid, AdapterWeights, load_adapter
+from loraplex.lora.adapter import AdapterInvalid, AdapterWeights, LoRAModule, load_adapter
 from loraplex.lora.batch import EMPTY_SLOT
-from loraplex.lora.layers import LoRAHead, LoRAPackedLinear, iter_wrappers, wrap_decoder_layers
+from loraplex.lora.layers import LoRAHead, wrap_decoder_layers
 from loraplex.lora.ops import get_lora_op
 from loraplex.model.decoder import CausalLM
 
@@ -111,12 +111,12 @@ class LoRAManager:
     def _load(self, slot: int, key: AdapterKey) -> None:
         assert self._slot_refs[slot] == 0, f"slot {slot} is in use and cannot be overwritten"
         weights = self._weights[key]
-        per_layer: dict[int, dict[str, object]] = {}
+        per_layer: dict[int, dict[str, LoRAModule]] = {}
         for (layer, target), module in weights.layers.items():
             per_layer.setdefault(layer, {})[target] = module
-        for layer, wrapper in iter_wrappers(self._wrapped):
-            modules = per_layer.get(layer, {})
-            wrapper.load_slot(slot, {t: m for t, m in modules.items() if t in wrapper.shard_targets})  # type: ignore[misc]
+        for layer, wrappers in enumerate(self._wrapped):
+            for wrapper in wrappers:  # each takes the targets of its own shards
+                wrapper.load_slot(slot, per_layer.get(layer, {}))
         if weights.lm_head is not None and self._head is None:
             self._head = self._install_head()
         if self._head is not None:
@@ -132,10 +132,6 @@ class LoRAManager:
                         self._op, weight.dtype, weight.device)
         self._model.lora_head = head
         return head
-
-    @property
-    def wrappers(self) -> list[LoRAPackedLinear]:
-        return [w for _, w in iter_wrappers(self._wrapped)]
 
 
 def _file_stamp(path: Path) -> tuple[tuple[str, int, int], ...] | None:

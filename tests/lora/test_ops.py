@@ -7,7 +7,7 @@ import torch
 
 from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
 from loraplex.lora.ops import AddLoRA, add_lora, add_lora_reference, get_lora_op
-from loraplex.lora.ops.cpu import add_lora_grouped, add_lora_segments, add_lora_sorted
+from loraplex.lora.ops.cpu import add_lora_segments, add_lora_sorted
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # dtype -> (atol, rtol)
     torch.float32: (1e-5, 1e-5),
@@ -17,7 +17,6 @@ FAST_OPS = {
     "add_lora": add_lora,
     "segments": add_lora_segments,
     "sorted": add_lora_sorted,
-    "grouped": add_lora_grouped,
 }
 IN_FEATURES = 48
 OUT_FEATURES = 40
