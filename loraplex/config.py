@@ -89,6 +89,9 @@ class LoRAConfig:
             raise ValueError(f"max_cpu_loras must be >= 0, got {self.max_cpu_loras}")
         if not 1 <= self.max_lora_rank <= 512:
             raise ValueError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
+        from loraplex.lora.ops import get_lora_op  # imported here: config must stay cheap to import
+
+        get_lora_op(self.lora_backend)  # raises ValueError naming an unknown backend
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -50,8 +50,10 @@ class LLM:
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params_list = self._per_prompt(params or SamplingParams(), len(prompts))
-        adapters = self._per_prompt_adapter(adapter_id, len(prompts))
+        params_list: list[SamplingParams] = _one_per_prompt(
+            params or SamplingParams(), len(prompts), lambda v: isinstance(v, SamplingParams), "SamplingParams")
+        adapters: list[str | None] = _one_per_prompt(
+            adapter_id, len(prompts), lambda v: v is None or isinstance(v, str), "adapter ids")
         request_ids = []
         try:
             for prompt, p, adapter in zip(prompts, params_list, adapters, strict=True):
@@ -66,14 +68,6 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         return self._run(request_ids, use_tqdm)
-
-    @staticmethod
-    def _per_prompt_adapter(adapter_id: str | None | Sequence[str | None], n: int) -> list[str | None]:
-        if adapter_id is None or isinstance(adapter_id, str):
-            return [adapter_id] * n
-        if len(adapter_id) != n:
-            raise ValueError(f"got {len(adapter_id)} adapter ids for {n} prompts")
-        return list(adapter_id)
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
              *, use_tqdm: bool = False) -> list[RequestOutput]:
@@ -92,14 +86,6 @@ class LLM:
             raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
         return list(self.tokenizer(prompt).input_ids)
 
-    @staticmethod
-    def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
-        if isinstance(params, SamplingParams):
-            return [params] * n
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
-        return list(params)
-
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
         wanted = set(request_ids)
@@ -115,3 +101,12 @@ class LLM:
             for request_id in wanted - final.keys():
                 self.engine.abort(request_id)
         return [final[r] for r in request_ids]
+
+
+def _one_per_prompt(value: Any, n: int, is_single: Callable[[Any], bool], what: str) -> list[Any]:
+    """`value` repeated for each of `n` prompts, or `value` itself when it is already one per prompt."""
+    if is_single(value):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {what} for {n} prompts")
+    return list(value)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from loraplex import LLM
+from loraplex import LLM, SamplingParams
 from loraplex.kv.block_pool import KVCache
 from loraplex.model.loader import CheckpointError
 from loraplex.model.registry import UnsupportedArchitecture
@@ -73,3 +73,15 @@ def test_config_errors_name_the_value(tiny):
         LLM(str(tiny), block_size=12)
     with pytest.raises(TypeError, match="unknown option 'blocksize'"):
         LLM(str(tiny), blocksize=16)
+    with pytest.raises(ValueError, match="unknown LoRA op backend 'cuda-magic'"):
+        LLM(str(tiny), lora_backend="cuda-magic")
+
+
+def test_per_prompt_lists_must_match_the_prompts(tiny):
+    llm = LLM(str(tiny), num_blocks=16, block_size=4)
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(ValueError, match="got 3 SamplingParams for 2 prompts"):
+        llm.generate([[1, 2], [3, 4]], [params] * 3)
+    with pytest.raises(ValueError, match="got 1 adapter ids for 2 prompts"):
+        llm.generate([[1, 2], [3, 4]], params, adapter_id=[None])
+    assert [len(o.token_ids) for o in llm.generate([[1, 2], [3, 4]], [params, params], adapter_id=[None, None])] == [2, 2]
