@@ -117,15 +117,19 @@ def _build(base_path: Path, set_dir: Path, indices: list[int]) -> None:
                 # PEFT's injection walks every module of every adapter present: keep only the current one.
                 model.delete_adapter(f"spec{n - 1}")
         for i in spec_indices:
-            _randomize(model, name, seed=SEED + i, weight_std=weight_std)
+            randomize_lora_weights(model, name, torch.Generator().manual_seed(SEED + i), weight_std=weight_std)
             _save_atomically(model, name, set_dir / str(i))
 
 
-def _randomize(model: Any, name: str, seed: int, weight_std: dict[str, float]) -> None:
-    """Fill A and B of adapter `name` so scale·B·A has DELTA_STD times the spread of each base weight."""
+def randomize_lora_weights(model: Any, name: str, generator: torch.Generator, delta_std: float = DELTA_STD,
+                           magnitude_spread: float = 0.0, weight_std: dict[str, float] | None = None) -> None:
+    """Fill A and B of PEFT adapter `name` so scale·B·A has `delta_std` times the spread of each base
+    weight, whatever the rank, alpha and rsLoRA setting (PEFT's own init leaves B zero, an adapter that
+    changes nothing). DoRA magnitudes are scaled row by row by 1 + magnitude_spread·N(0, 1).
+    `weight_std` caches the base weights' spreads across calls on the same model."""
     from peft.tuners.lora import LoraLayer
 
-    gen = torch.Generator().manual_seed(seed)
+    weight_std = {} if weight_std is None else weight_std
     with torch.no_grad():
         for key, module in model.named_modules():
             if not isinstance(module, LoraLayer) or name not in module.lora_A:
@@ -137,9 +141,12 @@ def _randomize(model: Any, name: str, seed: int, weight_std: dict[str, float]) -
             if key not in weight_std:
                 weight_std[key] = layer.get_base_layer().weight.std().item()
             # std(B·A) = std_a·std_b·sqrt(r); both factors get the same std.
-            std = math.sqrt(DELTA_STD * weight_std[key] / (abs(scale) * math.sqrt(rank)))
-            a.normal_(0.0, std, generator=gen)
-            b.normal_(0.0, std, generator=gen)
+            std = math.sqrt(delta_std * weight_std[key] / (abs(scale) * math.sqrt(rank)))
+            a.normal_(0.0, std, generator=generator)
+            b.normal_(0.0, std, generator=generator)
+            if magnitude_spread and layer.use_dora[name]:
+                m = layer.lora_magnitude_vector[name].weight  # [out_features]
+                m.mul_(1 + magnitude_spread * torch.randn(m.shape, generator=generator))
 
 
 def _save_atomically(model: Any, name: str, dest: Path) -> None:
