@@ -94,3 +94,22 @@ def test_adapters_need_slots(base, adapters):
     with pytest.raises(AdapterError, match="rank"):
         LLM(str(base), num_blocks=32, block_size=4, max_loras=1, max_lora_rank=8).generate(
             [[1, 2]], PARAMS, adapter_id=adapters[4])
+
+
+def test_host_cache_skips_rereads_until_files_change(base, adapters, tmp_path, monkeypatch):
+    import loraplex.lora.manager as manager_module
+
+    reads = []
+    real = manager_module.load_adapter
+    monkeypatch.setattr(manager_module, "load_adapter", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    llm = LLM(str(base), num_blocks=64, block_size=4, max_loras=2, max_lora_rank=32, max_cpu_loras=1)
+    path = tmp_path / "cached"
+    shutil.copytree(adapters[1], path)
+    llm.generate([[1, 2], [3, 4]], PARAMS, adapter_id=str(path))
+    assert len(reads) == 1  # the second request of the same adapter came from the host cache
+    (path / "adapter_config.json").write_text((path / "adapter_config.json").read_text() + "\n")
+    llm.generate([[1, 2]], PARAMS, adapter_id=str(path))
+    assert len(reads) == 2  # a changed file is read again
+    llm.generate([[1, 2]], PARAMS, adapter_id=adapters[0])
+    llm.generate([[1, 2]], PARAMS, adapter_id=str(path))
+    assert len(reads) == 4  # max_cpu_loras=1: the other adapter evicted it
