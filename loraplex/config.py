@@ -100,3 +100,52 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass(frozen=True)
+class AdapterSourceConfig:
+    sources: tuple[str, ...] = ("local", "hub", "s3")
+    """Adapter sources a request may name (registry names, see loraplex.adapters.sources)."""
+    adapter_roots: tuple[str, ...] | None = None
+    """Folders that local adapter ids must lie inside; None accepts any folder (offline use, not a server)."""
+    hub_token: str | None = field(default=None, repr=False)
+    """Server-wide Hugging Face token for requests that bring none; None: HF_TOKEN or the token saved in HF_HOME."""
+    hub_endpoint: str | None = None
+    """Hub URL; None: HF_ENDPOINT as huggingface_hub read it at import (huggingface.co by default)."""
+    hub_cache_dir: str | None = None
+    """huggingface_hub cache read in offline mode; None: HF_HUB_CACHE / HF_HOME/hub."""
+    hub_offline: bool | None = None
+    """Serve hub adapters only from hub_cache_dir, never the network; None: HF_HUB_OFFLINE."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, R2, ...); None: AWS_ENDPOINT_URL when set, else AWS itself."""
+    disk_cache_dir: str | None = None
+    """Disk tier for fetched adapters; None: loraplex_home()/adapters."""
+    disk_cache_bytes: int = 20 << 30
+    """Disk tier size; least recently used adapters are removed beyond it."""
+    host_cache_bytes: int = 4 << 30
+    """Parsed adapters kept in host memory (LRU by bytes of their float32 tensors)."""
+    loader_workers: int = 2
+    """Threads that fetch and parse adapters, so the engine step loop never waits on I/O."""
+    negative_ttl_s: float = 5.0
+    """How long a failed load is answered from memory instead of asking the source again."""
+    revalidate_s: float = 30.0
+    """How long a remote ref's resolved version (hub branch, S3 ETags) is trusted before asking again."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if not self.sources:
+            raise ValueError("sources must name at least one adapter source, got ()")
+        if self.adapter_roots is not None:
+            object.__setattr__(self, "adapter_roots", tuple(self.adapter_roots))
+            if not all(self.adapter_roots):
+                raise ValueError(f"adapter_roots must be non-empty paths, got {self.adapter_roots!r}")
+        if self.hub_token is not None and not self.hub_token:
+            raise ValueError("hub_token must not be empty (leave it unset to use HF_TOKEN)")
+        for name in ("disk_cache_bytes", "host_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.loader_workers < 1:
+            raise ValueError(f"loader_workers must be >= 1, got {self.loader_workers}")
+        for name in ("negative_ttl_s", "revalidate_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

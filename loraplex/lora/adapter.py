@@ -80,6 +80,14 @@ class AdapterInvalid(AdapterError):
     """The adapter exists but its config or weights are unusable; the message names the culprit."""
 
 
+class AdapterAccessDenied(AdapterError):
+    """The adapter's source refused the credentials given (or needs some): HTTP 401/403."""
+
+
+class AdapterFetchError(AdapterError):
+    """The adapter's source could not be reached or failed mid-transfer (HTTP 424); the cause is chained."""
+
+
 @dataclass(frozen=True)
 class LoRAModule:
     """One adapted linear: delta(x) = scale · (x · aᵀ) · bᵀ (DoRA rescales rows by `magnitude`)."""
