@@ -47,6 +47,8 @@ class CacheConfig:
     """Memory for the KV block pool (keys and values of every layer)."""
     num_blocks: int | None = None
     """Exact pool size in blocks; overrides kv_cache_bytes (tests use it to force preemption)."""
+    enable_prefix_caching: bool = True
+    """Share the KV of identical prompt prefixes (full blocks, same adapter) between requests."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -63,12 +65,41 @@ class SchedulerConfig:
     """Most requests running in one step."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill chunks and decodes together); long prompts are chunked."""
+    max_batch_prefill_tokens: int | None = None
+    """Prefill (prompt and recompute) tokens per step; None = max_num_batched_tokens."""
+    max_batch_total_tokens: int | None = None
+    """Most tokens (prompt + generated so far) running requests hold in the KV cache together; None = the KV pool."""
+    max_input_length: int | None = None
+    """Longest prompt accepted, in tokens (after truncation); None = the model's limit."""
+    max_total_tokens: int | None = None
+    """Longest prompt + max_new_tokens accepted for one request; None = the model's and the KV cache's limits."""
+    max_active_adapters: int | None = None
+    """Most distinct adapters with running requests at once; None = every device slot (capped at max_loras)."""
+    adapter_cycle_steps: int = 32
+    """While adapters wait for a device slot, a slot holder admits no new requests after this many steps."""
+    adapter_cycle_time_s: float = 2.0
+    """The same slot rotation after this many seconds holding the slot, whichever comes first."""
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens",
+                     "max_input_length", "max_total_tokens", "max_active_adapters", "adapter_cycle_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.adapter_cycle_time_s > 0:
+            raise ValueError(f"adapter_cycle_time_s must be > 0, got {self.adapter_cycle_time_s}")
+        if (self.max_input_length is not None and self.max_total_tokens is not None
+                and self.max_input_length >= self.max_total_tokens):
+            raise ValueError(f"max_input_length ({self.max_input_length}) must be < max_total_tokens "
+                             f"({self.max_total_tokens}) to leave room for one new token")
+        if (self.max_total_tokens is not None and self.max_batch_total_tokens is not None
+                and self.max_total_tokens > self.max_batch_total_tokens):
+            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must be <= max_batch_total_tokens "
+                             f"({self.max_batch_total_tokens}): a request that long could never run")
+
+    @property
+    def prefill_token_budget(self) -> int:
+        return min(self.max_batch_prefill_tokens or self.max_num_batched_tokens, self.max_num_batched_tokens)
 
 
 @dataclass(frozen=True)

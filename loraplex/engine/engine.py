@@ -40,31 +40,26 @@ class Engine:
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.pool = BlockPool(num_blocks)
         self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
-        self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora)
+        self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
+                                   enable_prefix_caching=config.cache.enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv_cache, device)
         self._seqs: dict[str, Sequence] = {}
         log.info("loaded %s (%s) on %s as %s; %d KV blocks of %d tokens", self.model_name, cfg.architecture,
                  device, dtype, num_blocks, block_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, adapter_id: str | None = None) -> None:
+                    prompt: str | None = None, adapter_id: str | None = None, *,
+                    truncate: int | None = None) -> None:
         """Queue a request. `adapter_id` (a PEFT adapter folder; None or "" = the base model) is read and
-        validated here, so a bad adapter raises AdapterError for this request only."""
+        validated here, so a bad adapter raises AdapterError for this request only. `truncate` keeps
+        only the last `truncate` prompt tokens."""
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        vocab = self.runner.model.config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        total = len(prompt_token_ids) + params.max_new_tokens
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the model takes at most "
-                             f"{self.max_model_len - 1} to leave room for one new token")
-        if blocks_needed(min(total, self.max_model_len), self.kv_cache.block_size) > self.pool.num_blocks:
-            raise ValueError(f"prompt + max_new_tokens = {total} tokens do not fit the KV cache "
-                             f"({self.pool.num_blocks * self.kv_cache.block_size} tokens)")
+        if truncate is not None:
+            if truncate < 1:
+                raise ValueError(f"truncate must be >= 1, got {truncate}")
+            prompt_token_ids = prompt_token_ids[-truncate:]
+        self._check_lengths(prompt_token_ids, params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
@@ -75,6 +70,34 @@ class Engine:
             seq.adapter = self.lora.register(adapter_id)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def _check_lengths(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The admission limits: ValueError naming the numbers for a prompt this engine must refuse."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.runner.model.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        limits = self.config.scheduler
+        num_prompt = len(prompt_token_ids)
+        total = num_prompt + params.max_new_tokens
+        if limits.max_input_length is not None and num_prompt > limits.max_input_length:
+            raise ValueError(f"the prompt has {num_prompt} tokens; max_input_length is {limits.max_input_length} "
+                             f"(truncate keeps only the last tokens)")
+        if limits.max_total_tokens is not None and total > limits.max_total_tokens:
+            raise ValueError(f"prompt + max_new_tokens = {num_prompt} + {params.max_new_tokens} = {total} tokens; "
+                             f"max_total_tokens is {limits.max_total_tokens}")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"the prompt has {num_prompt} tokens; the model takes at most "
+                             f"{self.max_model_len - 1} to leave room for one new token")
+        longest = min(total, self.max_model_len)  # generation stops at max_model_len
+        if blocks_needed(longest, self.kv_cache.block_size) > self.pool.num_blocks:
+            raise ValueError(f"prompt + max_new_tokens = {total} tokens do not fit the KV cache "
+                             f"({self.pool.num_blocks * self.kv_cache.block_size} tokens)")
+        cap = limits.max_batch_total_tokens
+        if cap is not None and longest > cap:
+            raise ValueError(f"prompt + max_new_tokens = {total} tokens exceed max_batch_total_tokens ({cap})")
 
     def abort(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)

@@ -2,20 +2,47 @@
 
 Every sequence is handled the same way: it has `num_tokens` known tokens of which
 `num_computed_tokens` are in the KV cache, and a step computes the next `num_new_tokens` of them.
-A prompt is therefore a run of steps of at most `max_num_batched_tokens` tokens (chunked prefill),
-and a decode is a step of one token. When the KV pool runs dry, the most recently admitted running
-sequences are preempted: their blocks are freed and they are recomputed from scratch later.
+A prompt is therefore a run of steps of bounded chunks (chunked prefill), and a decode is a step of
+one token. Running decodes are scheduled first, then running prompts' next chunks, then new requests,
+so a long prompt never stalls the decodes. When the KV pool (or `max_batch_total_tokens`) runs dry, the
+most recently admitted running sequences are preempted: their blocks are freed and they are
+recomputed later (mostly from the prefix cache).
+
+Admission across adapters. Waiting requests sit in one FIFO queue per adapter (FCFS within an
+adapter). Each admission picks, among the queues allowed to admit, the one with the fewest running
+requests (ties: the oldest head request), so a hot adapter's backlog never delays another adapter's
+requests for a seat. Only `max_active_adapters` distinct adapters (S, at most the device slots) run at
+once; an adapter with waiting requests and no slot stands in the *slot line*, a FIFO of adapters, and
+takes the next slot that frees. A request whose adapter has no slot waits without holding anyone back.
+So that slots rotate, a slot holder admits no new requests once it has held its slot for
+`adapter_cycle_steps` steps (C) or `adapter_cycle_time_s` seconds while the slot line is non-empty and
+no slot is free; its running requests finish and its slot passes to the head of the line (the holder,
+if it still has waiting requests, joins the back of the line).
+
+Starvation bound. Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
+absent preemption). From any step on, every slot holder stops admitting within C steps and finishes
+within C + R, so in every window of C + R steps each of the S slots changes hands at least once. An
+adapter p-th in the slot line (0-based) therefore gets a slot within ceil((p + 1) / S)·(C + R) steps;
+with no running requests of its own it is then first in the fewest-running order, so its oldest request
+is admitted at the next free seat (within R more steps when all `max_num_seqs` seats are busy), given
+KV blocks for it. Base-model requests need no slot and only wait for a seat.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+import time
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kv.block_pool import BlockPool, blocks_needed
+from loraplex.kv.prefix_hash import extend_block_hashes
+
+if TYPE_CHECKING:
+    from loraplex.lora.manager import AdapterKey
 
 
 @dataclass
@@ -67,89 +94,251 @@ class BaseModelOnly:
         pass
 
 
+@dataclass
+class _StepBudget:
+    tokens: int
+    prefill: int
+    held: int
+    """Tokens the running sequences will hold in the KV cache after this step."""
+    held_cap: int | None
+
+    def take(self, seq: Sequence, n: int, sign: int = 1) -> None:
+        self.tokens -= sign * n
+        if not seq.is_decode:
+            self.prefill -= sign * n
+        self.held += sign * n
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int,
-                 adapters: AdapterSlots | None = None) -> None:
+                 adapters: AdapterSlots | None = None, num_slots: int | None = 0,
+                 enable_prefix_caching: bool = False) -> None:
+        """`num_slots`: the device slots behind `adapters` (None: unknown, `acquire` alone decides)."""
         self.config = config
         self.pool = pool
         self.block_size = block_size
         self.adapters = adapters or BaseModelOnly()
-        self.waiting: deque[Sequence] = deque()
+        limits = [n for n in (config.max_active_adapters, num_slots) if n is not None]
+        self.max_active_adapters: int | None = min(limits) if limits else None
+        self.enable_prefix_caching = enable_prefix_caching
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        """Tokens admitted sequences needed in the KV cache (each admission, resumptions included)."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens found in the prefix cache instead of computed."""
+        self._queues: dict[AdapterKey | None, deque[Sequence]] = {}  # non-empty ones only
+        self._num_running: Counter[AdapterKey | None] = Counter()
+        self._tenure: dict[AdapterKey, tuple[int, float]] = {}  # slot holders: (step, time) they got it
+        self._slot_line: OrderedDict[AdapterKey, None] = OrderedDict()
+        self._arrivals = itertools.count()
+        self._step = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        seq.arrival = next(self._arrivals)
+        self._enqueue(seq)
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        """Every waiting sequence, in arrival order."""
+        return sorted((s for q in self._queues.values() for s in q), key=lambda s: s.arrival)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    @property
+    def active_adapters(self) -> list[AdapterKey]:
+        """Adapters with running requests, each holding a device slot."""
+        return list(self._tenure)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._queues or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self._step += 1
+        for seq in self.running:
+            self._cache_computed_blocks(seq)
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
-                continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, n, out.preempted):
-                continue
-            out.chunks.append(ScheduledChunk(seq, n))
-            budget -= n
-        waiting_for_slot: list[Sequence] = []
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = blocks_needed(seq.num_computed_tokens + n, self.block_size) - len(seq.block_table)
-            if need > self.pool.num_free:
-                break
-            self.waiting.popleft()
-            if not self.adapters.acquire(seq):
-                # Every slot holds another running adapter: let requests behind it that can run go first.
-                waiting_for_slot.append(seq)
-                continue
-            seq.block_table += self.pool.allocate(need)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, n))
-            budget -= n
-        self.waiting.extendleft(reversed(waiting_for_slot))
+        budget = _StepBudget(self.config.max_num_batched_tokens, self.config.prefill_token_budget,
+                             sum(s.num_computed_tokens for s in self.running), self.config.max_batch_total_tokens)
+        for decodes in (True, False):
+            for seq in list(self.running):
+                if seq.status is not SequenceStatus.RUNNING or seq.is_decode is not decodes:
+                    continue  # preempted earlier in this loop, or not in this pass
+                n = self._chunk_size(seq, seq.num_tokens - seq.num_computed_tokens, budget)
+                if n > 0 and self._reserve(seq, n, out, budget):
+                    out.chunks.append(ScheduledChunk(seq, n))
+                    budget.take(seq, n)
+        if not out.preempted:  # after a preemption there is no room to spare for newcomers
+            self._admit(out, budget)
         # Single-token decodes first (the runner attends to them in one batched call), grouped by
         # adapter slot so each adapter's tokens form one segment for the LoRA ops.
         out.chunks.sort(key=lambda c: (c.num_new_tokens != 1, c.seq.lora_slot))
         return out
 
-    def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
+    def _chunk_size(self, seq: Sequence, remaining: int, budget: _StepBudget) -> int:
+        n = min(remaining, budget.tokens)
+        if not seq.is_decode:
+            n = min(n, budget.prefill)
+        if budget.held_cap is not None and n > 1:
+            n = min(n, max(budget.held_cap - budget.held, 1))  # at least 1: preempting makes room for it
+        return n
+
+    def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput, budget: _StepBudget) -> bool:
         """Make room for `n` more tokens of `seq`, preempting the newest running sequences if needed."""
-        need = blocks_needed(seq.num_computed_tokens + n, self.block_size) - len(seq.block_table)
-        while need > self.pool.num_free:
+        while True:
+            need = blocks_needed(seq.num_computed_tokens + n, self.block_size) - len(seq.block_table)
+            over_cap = budget.held_cap is not None and budget.held + n > budget.held_cap
+            if need <= self.pool.num_free and not over_cap:
+                break
             victim = self.running[-1]
-            self._preempt(victim)
-            preempted.append(victim)
+            self._preempt(victim, out, budget)
             if victim is seq:
                 return False
         seq.block_table += self.pool.allocate(need)
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self._release(seq)
-        self.adapters.release(seq)
-        seq.num_computed_tokens = 0
+    def _admit(self, out: SchedulerOutput, budget: _StepBudget) -> None:
+        refused: set[AdapterKey | None] = set()  # adapters whose slot request failed this step
+        while (budget.tokens > 0 and budget.prefill > 0 and len(self.running) < self.config.max_num_seqs):
+            seq = self._pick(refused)
+            if seq is None:
+                return
+            hits = self._cached_prefix(seq)
+            cached = len(hits) * self.block_size
+            n = min(seq.num_tokens - cached, budget.tokens, budget.prefill)
+            if budget.held_cap is not None:
+                n = min(n, budget.held_cap - budget.held - cached)
+            need = blocks_needed(cached + n, self.block_size) - len(hits)
+            reclaimed = sum(1 for b in hits if self.pool.refs(b) == 0)  # cached-free hits leave the free count
+            if n <= 0 or need + reclaimed > self.pool.num_free:
+                return  # the pick waits for room; admitting others past it could starve a long prompt
+            if not self.adapters.acquire(seq):
+                refused.add(seq.adapter)
+                continue
+            self._dequeue(seq)
+            self.pool.share(hits)
+            seq.block_table = hits + self.pool.allocate(need)
+            seq.num_computed_tokens = cached
+            seq.num_cached_blocks = len(hits)
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._on_start(seq.adapter)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget.held += cached
+            budget.take(seq, n)
+
+    def _pick(self, refused: set[AdapterKey | None]) -> Sequence | None:
+        """The head of the queue allowed to admit with the fewest running requests (then the oldest)."""
+        limit = self.max_active_adapters
+        free_slots = len(self._slot_line) if limit is None else limit - len(self._tenure)
+        rotating = bool(self._slot_line) and free_slots <= 0
+        allowed: list[AdapterKey | None] = [k for k in self._tenure if k in self._queues
+                                            and not (rotating and self._expired(k))]
+        allowed += itertools.islice(self._slot_line, max(free_slots, 0))
+        if None in self._queues:
+            allowed.append(None)
+        allowed = [k for k in allowed if k not in refused]
+        if not allowed:
+            return None
+        key = min(allowed, key=lambda k: (self._num_running[k], self._queues[k][0].arrival))
+        return self._queues[key][0]
+
+    def _expired(self, key: AdapterKey) -> bool:
+        step, start = self._tenure[key]
+        return (self._step - step >= self.config.adapter_cycle_steps
+                or time.monotonic() - start >= self.config.adapter_cycle_time_s)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks of the longest cached prefix of `seq`, leaving at least its last token to compute (its
+        logits pick the next token)."""
+        if not self.enable_prefix_caching:
+            return []
+        num_blocks = (seq.num_tokens - 1) // self.block_size
+        return self.pool.lookup(self._block_hashes(seq, num_blocks))
+
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        if len(seq.block_hashes) < num_blocks:
+            extend_block_hashes(seq.block_hashes, seq.tokens, num_blocks, self.block_size, seq.adapter)
+        return seq.block_hashes[:num_blocks]
+
+    def _cache_computed_blocks(self, seq: Sequence) -> None:
+        """Register the full blocks whose KV is now computed, so later requests can share them."""
+        full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full <= seq.num_cached_blocks:
+            return
+        hashes = self._block_hashes(seq, full)
+        for i in range(seq.num_cached_blocks, full):
+            self.pool.cache(seq.block_table[i], hashes[i])
+        seq.num_cached_blocks = full
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, budget: _StepBudget) -> None:
+        for chunk in out.chunks:
+            if chunk.seq is seq:  # scheduled earlier this step: give its tokens back
+                out.chunks.remove(chunk)
+                budget.take(seq, chunk.num_new_tokens, sign=-1)
+                break
+        budget.held -= seq.num_computed_tokens
+        self._stop_running(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
+        out.preempted.append(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and return its blocks to the pool."""
         if seq in self.running:
-            self.running.remove(seq)
-            self.adapters.release(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self._release(seq)
+            self._stop_running(seq)
+        else:
+            self._dequeue(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def _release(self, seq: Sequence) -> None:
-        self.pool.free(seq.block_table)
+    def _stop_running(self, seq: Sequence) -> None:
+        """Take `seq` out of the running set: its computed full blocks go to the prefix cache, every block
+        back to the pool, and its adapter's slot is released (the slot passes on when it was the last)."""
+        self._cache_computed_blocks(seq)
+        self.running.remove(seq)
+        self.adapters.release(seq)
+        self.pool.free(reversed(seq.block_table))
         seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
+        key = seq.adapter
+        self._num_running[key] -= 1
+        if self._num_running[key] == 0:
+            del self._num_running[key]
+            if key is not None:
+                del self._tenure[key]
+                if key in self._queues:
+                    self._slot_line[key] = None
+
+    def _on_start(self, key: AdapterKey | None) -> None:
+        if key is not None and self._num_running[key] == 0:
+            self._tenure[key] = (self._step, time.monotonic())
+            self._slot_line.pop(key, None)
+        self._num_running[key] += 1
+
+    def _enqueue(self, seq: Sequence) -> None:
+        key = seq.adapter
+        queue = self._queues.setdefault(key, deque())
+        # FCFS by arrival: a preempted sequence goes back ahead of later arrivals of its adapter.
+        i = len(queue)
+        while i > 0 and queue[i - 1].arrival > seq.arrival:
+            i -= 1
+        queue.insert(i, seq)
+        if key is not None and key not in self._tenure:
+            self._slot_line.setdefault(key, None)
+
+    def _dequeue(self, seq: Sequence) -> None:
+        key = seq.adapter
+        queue = self._queues.get(key)
+        if queue is None or seq not in queue:
+            return
+        queue.remove(seq)
+        if not queue:
+            del self._queues[key]
+            if key is not None:
+                self._slot_line.pop(key, None)

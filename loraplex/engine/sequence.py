@@ -41,10 +41,21 @@ class Sequence:
     """The request's LoRA adapter; None serves the base model."""
     lora_slot: int = -1
     """The device slot holding the adapter while the sequence runs; -1 when it holds none."""
+    arrival: int = -1
+    """Order in which the scheduler received the sequence (FCFS within an adapter, across preemptions)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache hashes of the first full blocks of prompt + output, computed as needed."""
+    num_cached_blocks: int = 0
+    """Leading blocks of `block_table` registered in the prefix cache."""
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        """Whether the next step computes just the last sampled token (anything else is prefill)."""
+        return bool(self.output_token_ids) and self.num_computed_tokens == self.num_tokens - 1
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the whole history."""

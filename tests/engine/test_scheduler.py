@@ -1,0 +1,321 @@
+"""The scheduler alone, with fake slots and a fake runner: budgets hold on random workloads, the KV each
+step reads is the KV of its own prefix (prefix sharing included), FCFS within an adapter, the
+active-adapter limit, and the starvation bound of the module docstring."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from loraplex.config import SchedulerConfig
+from loraplex.engine.request import SamplingParams
+from loraplex.engine.scheduler import Scheduler, SchedulerOutput
+from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.kv.block_pool import BlockPool, blocks_needed
+from loraplex.lora.manager import AdapterKey
+
+BLOCK = 4
+
+
+def key(name: str) -> AdapterKey:
+    return AdapterKey(f"/adapters/{name}", "hash-" + name)
+
+
+class FakeSlots:
+    """Device slots as LoRAManager hands them out: a resident adapter is shared, a new one needs a free slot."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.refs: dict[AdapterKey, int] = {}
+        self.most_resident = 0
+
+    def acquire(self, seq: Sequence) -> bool:
+        if seq.adapter is None:
+            return True
+        if seq.adapter not in self.refs and len(self.refs) == self.num_slots:
+            return False
+        self.refs[seq.adapter] = self.refs.get(seq.adapter, 0) + 1
+        seq.lora_slot = sorted(self.refs, key=str).index(seq.adapter)
+        self.most_resident = max(self.most_resident, len(self.refs))
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        if seq.adapter is None:
+            return
+        self.refs[seq.adapter] -= 1
+        if self.refs[seq.adapter] == 0:
+            del self.refs[seq.adapter]
+        seq.lora_slot = -1
+
+
+@dataclass
+class FakeRunner:
+    """Advances sequences as the engine does. Its KV cache stores, per slot, the identity of what was
+    computed there (adapter + every token up to that position), so a step that reads wrong KV shows."""
+
+    sched: Scheduler
+    kv: dict[tuple[int, int], tuple] = field(default_factory=dict)
+    finished: list[Sequence] = field(default_factory=list)
+
+    def step(self, out: SchedulerOutput) -> None:
+        sampled = [c for c in out.chunks if c.samples]
+        for chunk in out.chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_new_tokens
+            tokens = seq.tokens(0, start + n)
+            for p in range(start, start + n):
+                block = seq.block_table[p // BLOCK]
+                # Written slots belong to this sequence alone: a shared (cached) block is never written.
+                assert self.sched.pool.refs(block) == 1, f"write into shared block {block}"
+                self.kv[block, p % BLOCK] = (seq.adapter, tuple(tokens[:p + 1]))
+            for p in range(start + n):
+                assert self.kv.get((seq.block_table[p // BLOCK], p % BLOCK)) == (seq.adapter, tuple(tokens[:p + 1]))
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        for chunk in sampled:
+            seq = chunk.seq
+            # The "model": the next token depends on adapter and history, as a real one's does.
+            seq.output_token_ids.append(hash((seq.adapter, tuple(seq.tokens(0, seq.num_tokens)))) % 7)
+            if len(seq.output_token_ids) >= seq.params.max_new_tokens:
+                self.sched.finish(seq)
+                self.finished.append(seq)
+
+
+def make_seq(request_id: str, prompt: list[int], max_new_tokens: int, adapter: AdapterKey | None) -> Sequence:
+    seq = Sequence(request_id, prompt, SamplingParams(max_new_tokens=max_new_tokens), 0, torch.Generator())
+    seq.adapter = adapter
+    return seq
+
+
+def make_scheduler(config: SchedulerConfig, num_blocks: int, num_slots: int,
+                   prefix_caching: bool = True) -> tuple[Scheduler, FakeSlots]:
+    slots = FakeSlots(num_slots)
+    return Scheduler(config, BlockPool(num_blocks), BLOCK, slots, num_slots, prefix_caching), slots
+
+
+def check_step(sched: Scheduler, slots: FakeSlots, out: SchedulerOutput) -> None:
+    """Every budget and limit of one scheduled step, and the pool's reference counts."""
+    cfg = sched.config
+    assert out.num_tokens <= cfg.max_num_batched_tokens
+    prefill = sum(c.num_new_tokens for c in out.chunks if not c.seq.is_decode)
+    assert prefill <= (cfg.max_batch_prefill_tokens or cfg.max_num_batched_tokens)
+    assert len(sched.running) <= cfg.max_num_seqs
+    held = sum(s.num_computed_tokens for s in sched.running) + out.num_tokens
+    if cfg.max_batch_total_tokens is not None:
+        assert held <= cfg.max_batch_total_tokens
+    active = {s.adapter for s in sched.running if s.adapter is not None}
+    assert len(active) <= sched.max_active_adapters and len(slots.refs) <= sched.max_active_adapters
+    assert len({id(c.seq) for c in out.chunks}) == len(out.chunks)
+    for chunk in out.chunks:
+        assert chunk.seq.status is SequenceStatus.RUNNING and chunk.num_new_tokens > 0
+        assert len(chunk.seq.block_table) >= blocks_needed(chunk.start + chunk.num_new_tokens, BLOCK)
+    assert not {id(s) for s in out.preempted} & {id(c.seq) for c in out.chunks}
+    holders: dict[int, int] = {}
+    for seq in sched.running:
+        for b in seq.block_table:
+            holders[b] = holders.get(b, 0) + 1
+    pool = sched.pool
+    assert all(pool.refs(b) == holders.get(b, 0) for b in range(pool.num_blocks))
+    assert pool.num_free == sum(1 for b in range(pool.num_blocks) if pool.refs(b) == 0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_budgets_and_limits_hold_on_random_workloads(seed):
+    rng = random.Random(seed)
+    num_slots = rng.randint(1, 4)
+    max_total = 48  # longest request, prompt + new tokens
+    config = SchedulerConfig(
+        max_num_seqs=rng.randint(1, 12), max_num_batched_tokens=rng.randint(4, 64),
+        max_batch_prefill_tokens=rng.choice([None, rng.randint(1, 32)]),
+        max_batch_total_tokens=rng.choice([None, rng.randint(max_total, 200)]),
+        max_active_adapters=rng.choice([None, rng.randint(1, num_slots)]), adapter_cycle_steps=rng.randint(1, 20))
+    num_blocks = rng.randint(blocks_needed(max_total, BLOCK), 60)
+    sched, slots = make_scheduler(config, num_blocks, num_slots, prefix_caching=rng.random() < 0.8)
+    runner = FakeRunner(sched)
+    adapters = [None] + [key(f"a{i}") for i in range(6)]
+    stems = [[rng.randrange(100) for _ in range(24)] for _ in range(3)]  # shared prefixes
+    pending = []
+    for i in range(60):
+        prompt_len = rng.randint(1, 32)
+        prompt = (rng.choice(stems)[:prompt_len] if rng.random() < 0.5
+                  else [rng.randrange(100) for _ in range(prompt_len)])
+        pending.append(make_seq(f"r{i}", prompt, rng.randint(1, max_total - prompt_len), rng.choice(adapters)))
+    added: list[Sequence] = []
+    first_start: dict[str, int] = {}
+    aborted = set()
+    for step in range(3000):
+        for _ in range(rng.randrange(4)):
+            if pending:
+                added.append(pending.pop(0))
+                sched.add(added[-1])
+        if rng.random() < 0.03 and added:
+            victim = rng.choice(added)
+            if victim.status is not SequenceStatus.FINISHED:
+                sched.finish(victim)
+                aborted.add(victim.request_id)
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        for chunk in out.chunks:
+            first_start.setdefault(chunk.seq.request_id, step)
+        runner.step(out)
+        if not pending and not sched.has_work():
+            break
+    else:
+        pytest.fail("the workload did not finish: the scheduler stalled")
+    assert len(runner.finished) + len(aborted) == 60
+    assert all(len(s.output_token_ids) == s.params.max_new_tokens for s in runner.finished)
+    assert sched.pool.num_free == num_blocks and not slots.refs
+    for adapter in adapters:  # FCFS within an adapter
+        started = [s for s in added if s.adapter == adapter and s.request_id in first_start]
+        assert [s.arrival for s in sorted(started, key=lambda s: (first_start[s.request_id], s.arrival))] == \
+            sorted(s.arrival for s in started)
+
+
+def test_prefix_sharing_is_per_adapter_and_counted():
+    sched, slots = make_scheduler(SchedulerConfig(), num_blocks=64, num_slots=2)
+    runner = FakeRunner(sched)
+    prompt = list(range(1, 19))  # 4 full blocks + 2 tokens
+    for request_id, adapter in [("a1", key("a")), ("a2", key("a")), ("b1", key("b")), ("base", None)]:
+        sched.add(make_seq(request_id, prompt, 3, adapter))
+        hits = sched.prefix_cache_hits
+        while sched.has_work():
+            runner.step(sched.schedule())
+        # Only the second request of adapter a finds its prompt: 4 full blocks = 16 tokens.
+        assert sched.prefix_cache_hits - hits == (16 if request_id == "a2" else 0), request_id
+    assert sched.prefix_cache_queries == 4 * 18
+    assert sched.pool.num_free == 64 and sched.pool.num_cached_free > 0
+
+
+def test_whole_prompt_cached_still_computes_its_last_token():
+    sched, slots = make_scheduler(SchedulerConfig(), num_blocks=16, num_slots=1)
+    runner = FakeRunner(sched)
+    for i in range(2):
+        sched.add(make_seq(f"r{i}", list(range(8)), 2, None))  # exactly two full blocks
+        while sched.has_work():
+            out = sched.schedule()
+            if i == 1 and out.chunks and not out.chunks[0].seq.output_token_ids:
+                # Block 0 comes from the cache; block 1 would hold token 7, which must be computed.
+                assert (out.chunks[0].start, out.chunks[0].num_new_tokens) == (4, 4)
+            runner.step(out)
+    assert sched.prefix_cache_hits == 4
+
+
+def test_active_adapter_limit_below_the_slot_count():
+    config = SchedulerConfig(max_active_adapters=2, adapter_cycle_steps=4)
+    sched, slots = make_scheduler(config, num_blocks=200, num_slots=4)
+    runner = FakeRunner(sched)
+    for i in range(30):
+        sched.add(make_seq(f"r{i}", [i, i + 1, i + 2], 5, key(f"a{i % 6}")))
+    while sched.has_work():
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        runner.step(out)
+    assert slots.most_resident == 2 and len(runner.finished) == 30
+
+
+def run_until_started(sched: Scheduler, runner: FakeRunner, watched: list[Sequence], max_steps: int,
+                      arrivals: dict[int, list[Sequence]] | None = None) -> dict[str, int]:
+    """Steps until each watched sequence is first scheduled (0-based step numbers)."""
+    started: dict[str, int] = {}
+    for step in range(max_steps):
+        for seq in (arrivals or {}).get(step, []):
+            sched.add(seq)
+        out = sched.schedule()
+        for chunk in out.chunks:
+            if chunk.seq in watched:
+                started.setdefault(chunk.seq.request_id, step)
+        runner.step(out)
+        if len(started) == len(watched):
+            break
+    return started
+
+
+def starvation_bound(line_position: int, slots: int, cycle_steps: int, run_steps: int) -> int:
+    """The module docstring's bound: a slot within ceil((p + 1) / S)·(C + R) steps, a seat within R more."""
+    return math.ceil((line_position + 1) / slots) * (cycle_steps + run_steps) + run_steps
+
+
+def test_cold_adapters_start_within_the_bound_behind_a_hot_backlog():
+    # 1,000 queued requests of one hot adapter, then one request each of 20 cold adapters, 4 slots.
+    cycle, new_tokens = 8, 10
+    config = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512, adapter_cycle_steps=cycle,
+                             adapter_cycle_time_s=1e9)
+    sched, slots = make_scheduler(config, num_blocks=4096, num_slots=4)
+    runner = FakeRunner(sched)
+    for i in range(1000):
+        sched.add(make_seq(f"hot{i}", [1, 2, 3, 4, 5, 6, 7, i % 50], new_tokens, key("hot")))
+    cold = [make_seq(f"cold{i}", [9, 8, 7, 6, 5, 4, 3, i], new_tokens, key(f"cold{i}")) for i in range(20)]
+    for seq in cold:
+        sched.add(seq)
+    run_steps = new_tokens  # one prefill step (8 tokens fit any step) samples the first token
+    started = run_until_started(sched, runner, cold, max_steps=1000)
+    assert len(started) == 20
+    for i, seq in enumerate(cold):  # cold i stands (i + 1)-th in the slot line, behind the hot adapter
+        bound = starvation_bound(i + 1, 4, cycle, run_steps)
+        assert started[seq.request_id] <= bound, (seq.request_id, started[seq.request_id], bound)
+    # Plain FCFS would run the 1,000 hot requests first: ~32 at a time for 10 steps, 300+ steps.
+    assert max(started.values()) < 100
+    while sched.has_work():
+        runner.step(sched.schedule())
+    assert len(runner.finished) == 1020
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_slots_rotate_while_hot_adapters_keep_them_busy(rotate):
+    # Two hot adapters get new requests every step and would hold both slots forever; 6 cold adapters
+    # arrive at step 5. Rotation hands the slots over; without it (C huge) the cold ones never start.
+    cycle, new_tokens = 6, 8
+    config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512,
+                             adapter_cycle_steps=cycle if rotate else 10**9, adapter_cycle_time_s=1e9)
+    sched, slots = make_scheduler(config, num_blocks=4096, num_slots=2)
+    runner = FakeRunner(sched)
+    arrivals: dict[int, list[Sequence]] = {
+        step: [make_seq(f"h{h}-{step}-{j}", [h, step % 90, j], new_tokens, key(f"hot{h}")) for h in range(2)
+               for j in range(2)] for step in range(400)}
+    cold = [make_seq(f"cold{i}", [7, 7, i], new_tokens, key(f"cold{i}")) for i in range(6)]
+    arrivals[5] += cold
+    started = run_until_started(sched, runner, cold, max_steps=400, arrivals=arrivals)
+    if not rotate:
+        assert not started
+        return
+    # At step 5 the hot adapters hold both slots; cold i is i-th in line (p = i), counted from step 5.
+    for i, seq in enumerate(cold):
+        bound = 5 + starvation_bound(i, 2, cycle, new_tokens)
+        assert started.get(seq.request_id, 10**9) <= bound, (seq.request_id, started.get(seq.request_id), bound)
+
+
+def test_preemption_requeues_in_arrival_order_and_resumes_from_the_cache():
+    # A pool for ~2 requests: later ones get preempted and come back; every request still completes
+    # with the same tokens as in a roomy pool (the fake model's tokens depend on the KV it reads).
+    def run(num_blocks: int) -> tuple[dict[str, list[int]], Scheduler]:
+        sched, slots = make_scheduler(SchedulerConfig(max_num_batched_tokens=16), num_blocks, num_slots=2)
+        runner = FakeRunner(sched)
+        for i in range(6):
+            sched.add(make_seq(f"r{i}", list(range(i, i + 10)), 20, key(f"a{i % 2}") if i % 3 else None))
+        while sched.has_work():
+            out = sched.schedule()
+            check_step(sched, slots, out)
+            runner.step(out)
+        return {s.request_id: s.output_token_ids for s in runner.finished}, sched
+
+    roomy, _ = run(200)
+    tight, sched = run(16)
+    assert sched.num_preemptions > 0 and sched.prefix_cache_hits > 0
+    assert tight == roomy
+    assert sched.pool.num_free == 16
+
+
+def test_total_token_cap_preempts_instead_of_overflowing():
+    config = SchedulerConfig(max_batch_total_tokens=40, max_num_batched_tokens=64)
+    sched, slots = make_scheduler(config, num_blocks=100, num_slots=1)
+    runner = FakeRunner(sched)
+    for i in range(5):
+        sched.add(make_seq(f"r{i}", list(range(10 * i, 10 * i + 12)), 20, None))
+    while sched.has_work():
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        runner.step(out)
+    assert len(runner.finished) == 5 and sched.num_preemptions > 0
