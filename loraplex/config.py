@@ -111,7 +111,8 @@ class LoRAConfig:
     max_cpu_loras: int = 64
     """Parsed adapters kept in host memory (LRU) so repeat requests skip reading and validating files."""
     lora_backend: str = "torch"
-    """LoRA op backend (`torch`: the fast pure-torch path; `reference`: the per-token loop)."""
+    """LoRA op backend (`torch`: the fast pure-torch path; `reference`: the per-token loop; `triton`: the
+    GPU kernels, CUDA tensors only, needs the triton package)."""
 
     def __post_init__(self) -> None:
         if self.max_loras < 0:

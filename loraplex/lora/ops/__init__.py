@@ -16,18 +16,36 @@ AddLoRA = Callable[
 ]
 """(out, x, a, b, ranks, scales, batch) -> out, with the delta added in place."""
 
-LORA_OP_BACKENDS: dict[str, AddLoRA] = {
-    "reference": add_lora_reference,
-    "torch": add_lora,
+
+def _triton_op() -> AddLoRA:
+    # Imported on selection only: triton is an optional GPU dependency, and importing it costs seconds.
+    try:
+        from loraplex.lora.ops.triton_ops import add_lora_triton
+    except ImportError as exc:
+        raise ValueError(f"LoRA op backend 'triton' needs the triton package, which failed to import: {exc}") \
+            from exc
+    import triton
+
+    if not (torch.cuda.is_available() or triton.knobs.runtime.interpret):
+        raise ValueError("LoRA op backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to test on CPU)")
+    return add_lora_triton
+
+
+LORA_OP_BACKENDS: dict[str, Callable[[], AddLoRA]] = {
+    "reference": lambda: add_lora_reference,
+    "torch": lambda: add_lora,
+    "triton": _triton_op,
 }
+"""Backend name -> loader of its `add_lora`; a loader raises ValueError when its backend cannot run here."""
 
 
 def get_lora_op(backend: str) -> AddLoRA:
     """The `add_lora` implementation registered under `backend`."""
     try:
-        return LORA_OP_BACKENDS[backend]
+        loader = LORA_OP_BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown LoRA op backend {backend!r}; known: {sorted(LORA_OP_BACKENDS)}") from None
+    return loader()
 
 
 __all__ = ["LORA_OP_BACKENDS", "AddLoRA", "add_lora", "add_lora_reference", "get_lora_op"]
