@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
 from loraplex.adapters import sources
+from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
 from loraplex.adapters.sources import build_sources, register_source
 from loraplex.config import AdapterSourceConfig
 

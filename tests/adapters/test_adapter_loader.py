@@ -1,0 +1,228 @@
+"""AdapterLoader: non-blocking requests, single-flight, negative cache, revalidation, host and disk tiers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraplex.adapters.disk_store import DiskStore
+from loraplex.adapters.loader import AdapterLoader
+from loraplex.adapters.local_source import LocalSource
+from loraplex.adapters.ref import AdapterIdentity, AdapterRef
+from loraplex.adapters.sources import Resolved
+from loraplex.lora.adapter import (
+    SAFETENSORS_FILE,
+    AdapterAccessDenied,
+    AdapterInvalid,
+    AdapterNotFound,
+)
+from tests.adapters.adapter_files import adapter_files, parse, write_adapter
+
+
+class CountingSource:
+    """A remote source held in memory that counts its calls; `gate` holds every resolve until set."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.files: dict[str, dict[str, bytes]] = {}
+        self.versions: dict[str, str] = {}
+        self.token = token
+        self.resolves = 0
+        self.fetches = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self._lock = threading.Lock()
+
+    def publish(self, adapter_id: str, seed: int, version: str) -> None:
+        self.files[adapter_id] = adapter_files(seed)
+        self.versions[adapter_id] = version
+
+    def resolve(self, ref: AdapterRef, token: str | None) -> Resolved:
+        with self._lock:
+            self.resolves += 1
+        assert self.gate.wait(30), "test gate never opened"
+        if self.token is not None and token != self.token:
+            raise AdapterAccessDenied(f"adapter {ref}: wrong token")
+        if ref.id not in self.files:
+            raise AdapterNotFound(f"adapter {ref}: no such adapter")
+        return Resolved(version=self.versions[ref.id])
+
+    def fetch(self, ref: AdapterRef, resolved: Resolved, token: str | None, dest: Path) -> None:
+        with self._lock:
+            self.fetches += 1
+        for name, data in self.files[ref.id].items():
+            (dest / name).write_bytes(data)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def source() -> CountingSource:
+    src = CountingSource()
+    for i, name in enumerate("abc"):
+        src.publish(name, seed=i, version="v1")
+    return src
+
+
+@pytest.fixture()
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture()
+def loader(source: CountingSource, clock: Clock, tmp_path: Path) -> Iterator[AdapterLoader]:
+    with AdapterLoader({"mem": source}, parse, disk=DiskStore(tmp_path / "disk", 1 << 30), workers=2,
+                       negative_ttl_s=5.0, revalidate_s=30.0, clock=clock) as ldr:
+        yield ldr
+
+
+def ref(name: str) -> AdapterRef:
+    return AdapterRef("mem", name)
+
+
+def test_request_returns_at_once_while_the_source_is_slow(loader: AdapterLoader, source: CountingSource,
+                                                          tmp_path: Path) -> None:
+    source.gate.clear()
+    future = loader.request(ref("a"))
+    assert not future.done()  # the caller got its Future while the source is still blocked
+    source.gate.set()
+    loaded = future.result(timeout=30)
+    assert loaded.identity == AdapterIdentity("mem", "a", "v1")
+    assert loaded.weights.content_hash == parse(write_adapter(tmp_path / "check")).content_hash
+    again = loader.request(ref("a"))
+    assert again.done() and again.result() is loaded  # a recent host-tier hit needs no worker
+
+
+def test_concurrent_requests_share_one_load(loader: AdapterLoader, source: CountingSource) -> None:
+    source.gate.clear()
+    futures = []
+    threads = [threading.Thread(target=lambda: futures.append(loader.request(ref("a")))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(f) for f in futures}) == 1
+    source.gate.set()
+    results = {id(f.result(timeout=30)) for f in futures}
+    assert len(results) == 1
+    assert (source.resolves, source.fetches) == (1, 1)
+    stats = loader.stats()
+    assert (stats.joined, stats.fetches, stats.parses, stats.in_flight) == (7, 1, 1, 0)
+
+
+def test_a_failure_is_remembered_for_the_ttl(loader: AdapterLoader, source: CountingSource, clock: Clock) -> None:
+    with pytest.raises(AdapterNotFound, match="mem:missing"):
+        loader.request(ref("missing")).result(timeout=30)
+    clock.now += 4.9
+    storm = [loader.request(ref("missing")) for _ in range(20)]
+    assert all(f.done() for f in storm)  # answered from memory, at once
+    for f in storm:
+        with pytest.raises(AdapterNotFound, match="mem:missing"):
+            f.result()
+    assert source.resolves == 1 and loader.stats().negative_hits == 20
+    clock.now += 0.2
+    source.publish("missing", seed=7, version="v1")  # it exists now
+    assert loader.request(ref("missing")).result(timeout=30).identity.version == "v1"
+    assert source.resolves == 2
+
+
+def test_a_failure_without_the_token_does_not_block_a_request_with_it(tmp_path: Path, clock: Clock) -> None:
+    private = CountingSource(token="good")
+    private.publish("p", seed=0, version="v1")
+    with AdapterLoader({"mem": private}, parse, negative_ttl_s=5.0, clock=clock) as loader:
+        with pytest.raises(AdapterAccessDenied):
+            loader.request(ref("p")).result(timeout=30)
+        with pytest.raises(AdapterAccessDenied):
+            loader.request(ref("p"), token="bad").result(timeout=30)
+        assert loader.request(ref("p"), token="good").result(timeout=30).identity.version == "v1"
+        assert private.fetches == 1  # no disk store: fetched into a temp folder and parsed from there
+
+
+def test_host_tier_evicts_least_recently_used_beyond_its_byte_budget(source: CountingSource, clock: Clock,
+                                                                   tmp_path: Path) -> None:
+    size = parse(write_adapter(tmp_path / "one")).size_bytes
+    with AdapterLoader({"mem": source}, parse, disk=DiskStore(tmp_path / "disk", 1 << 30),
+                       host_bytes=2 * size, clock=clock) as loader:
+        for name in "ab":
+            loader.request(ref(name)).result(timeout=30)
+        loader.request(ref("a")).result(timeout=30)  # a is now more recent than b
+        loader.request(ref("c")).result(timeout=30)
+        stats = loader.stats()
+        assert (stats.host_evictions, stats.host_entries, stats.host_bytes) == (1, 2, 2 * size)
+        assert loader.request(ref("a")).done()  # still in the host tier
+        again_b = loader.request(ref("b"))
+        again_b.result(timeout=30)
+        stats = loader.stats()
+        # b came back from the disk tier: parsed again, not fetched again.
+        assert (stats.fetches, stats.parses, stats.disk_hits) == (3, 4, 1)
+        assert source.fetches == 3
+
+
+def test_an_adapter_larger_than_the_host_budget_is_served_but_not_kept(source: CountingSource,
+                                                                        clock: Clock) -> None:
+    with AdapterLoader({"mem": source}, parse, host_bytes=10, clock=clock) as loader:
+        assert loader.request(ref("a")).result(timeout=30).weights.rank == 4
+        assert loader.stats().host_entries == 0
+
+
+def test_a_new_version_is_noticed_after_revalidate_s(loader: AdapterLoader, source: CountingSource,
+                                                      clock: Clock) -> None:
+    first = loader.request(ref("a")).result(timeout=30)
+    source.publish("a", seed=42, version="v2")
+    clock.now += 29
+    assert loader.request(ref("a")).result(timeout=30) is first  # trusted for revalidate_s
+    clock.now += 2
+    second = loader.request(ref("a")).result(timeout=30)
+    assert second.identity == AdapterIdentity("mem", "a", "v2")
+    assert second.weights.content_hash != first.weights.content_hash
+    clock.now += 31
+    assert loader.request(ref("a")).result(timeout=30) is second  # same version: host hit after the check
+    assert source.fetches == 2
+
+
+def test_local_adapters_are_rechecked_on_every_request(tmp_path: Path, clock: Clock) -> None:
+    folder = write_adapter(tmp_path / "roots" / "mine", seed=1)
+    with AdapterLoader({"local": LocalSource((str(tmp_path / "roots"),))}, parse, clock=clock) as loader:
+        first = loader.request(AdapterRef("local", "mine")).result(timeout=30)
+        assert first.path == folder.resolve()
+        assert loader.request(AdapterRef("local", "mine")).result(timeout=30) is first
+        write_adapter(folder, seed=2)
+        second = loader.request(AdapterRef("local", "mine")).result(timeout=30)
+        assert second.identity != first.identity
+        assert second.weights.content_hash != first.weights.content_hash
+        stats = loader.stats()
+        assert (stats.parses, stats.fetches, stats.host_hits) == (2, 0, 1)
+
+
+def test_the_disk_tier_outlives_the_loader(source: CountingSource, clock: Clock, tmp_path: Path) -> None:
+    for _ in range(2):  # the second loader is a restarted server: same disk store, empty host tier
+        with AdapterLoader({"mem": source}, parse, disk=DiskStore(tmp_path / "disk", 1 << 30),
+                           clock=clock) as loader:
+            assert loader.request(ref("a")).result(timeout=30).weights.rank == 4
+    assert (source.resolves, source.fetches) == (2, 1)
+
+
+def test_an_entry_that_does_not_parse_is_dropped_from_disk(source: CountingSource, clock: Clock,
+                                                           tmp_path: Path) -> None:
+    source.files["a"][SAFETENSORS_FILE] = b"\x00" * 64  # present and non-empty, but not safetensors
+    disk = DiskStore(tmp_path / "disk", 1 << 30)
+    with AdapterLoader({"mem": source}, parse, disk=disk, negative_ttl_s=0.0, clock=clock) as loader:
+        with pytest.raises(AdapterInvalid, match="mem:a"):
+            loader.request(ref("a")).result(timeout=30)
+        assert disk.get(AdapterIdentity("mem", "a", "v1")) is None
+        source.publish("a", seed=0, version="v1")  # the source's bytes were fine after all
+        assert loader.request(ref("a")).result(timeout=30).weights.rank == 4
+        assert source.fetches == 2
+
+
+def test_an_unknown_source_is_not_found(loader: AdapterLoader) -> None:
+    with pytest.raises(AdapterNotFound, match="unknown adapter source 'ftp'"):
+        loader.request(AdapterRef("ftp", "x")).result(timeout=30)
