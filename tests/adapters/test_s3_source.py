@@ -1,0 +1,123 @@
+"""The s3 source against a real S3-compatible server (moto's server mode on loopback) through boto3."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from loraplex.adapters.disk_store import DiskStore
+from loraplex.adapters.loader import AdapterLoader
+from loraplex.adapters.ref import AdapterRef, parse_ref
+from loraplex.adapters.s3_source import S3Source
+from loraplex.config import AdapterSourceConfig
+from loraplex.lora.adapter import (
+    CONFIG_FILE,
+    SAFETENSORS_FILE,
+    AdapterFetchError,
+    AdapterInvalid,
+    AdapterNotFound,
+)
+from tests.adapters.adapter_files import adapter_files, parse, write_adapter
+
+BUCKET = "adapters"
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as env:
+        # Credentials of the standard chain, and none of this machine's own AWS files.
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        env.delenv("AWS_ENDPOINT_URL", raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
+        try:
+            yield url
+        finally:
+            server.stop()
+
+
+@pytest.fixture()
+def s3(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def upload(s3: Any, prefix: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=data)
+
+
+def source(endpoint: str) -> S3Source:
+    return S3Source(AdapterSourceConfig(s3_endpoint_url=endpoint))
+
+
+def test_an_uploaded_adapter_loads_through_the_disk_tier(endpoint: str, s3: Any, tmp_path: Path) -> None:
+    upload(s3, "team/one", adapter_files(seed=5))
+    s3.put_object(Bucket=BUCKET, Key="team/one/README.md", Body=b"not an adapter file")
+    s3.put_object(Bucket=BUCKET, Key="team/one/nested/adapter_config.json", Body=b"{}")
+    disk = DiskStore(tmp_path / "disk", 1 << 30)
+    with AdapterLoader({"s3": source(endpoint)}, parse, disk=disk) as loader:
+        loaded = loader.request(parse_ref(f"s3://{BUCKET}/team/one")).result(timeout=60)
+    assert loaded.identity.source == "s3" and loaded.identity.id == f"{BUCKET}/team/one"
+    assert loaded.identity.version.startswith("etag-")
+    assert loaded.weights.content_hash == parse(write_adapter(tmp_path / "same", seed=5)).content_hash
+    assert loaded.path == disk.get(loaded.identity)
+    assert sorted(p.name for p in loaded.path.iterdir() if not p.name.startswith(".")) == sorted(
+        [CONFIG_FILE, SAFETENSORS_FILE])
+
+
+def test_missing_prefix_or_bucket_is_not_found(endpoint: str) -> None:
+    with pytest.raises(AdapterNotFound, match=f"s3:{BUCKET}/nothing/here"):
+        source(endpoint).resolve(AdapterRef("s3", f"{BUCKET}/nothing/here"), None)
+    with pytest.raises(AdapterNotFound, match="NoSuchBucket"):
+        source(endpoint).resolve(AdapterRef("s3", "no-such-bucket/x"), None)
+
+
+def test_a_changed_object_is_a_new_identity(endpoint: str, s3: Any, tmp_path: Path) -> None:
+    upload(s3, "team/two", adapter_files(seed=1))
+    src = source(endpoint)
+    with AdapterLoader({"s3": src}, parse, disk=DiskStore(tmp_path / "disk", 1 << 30), revalidate_s=0.0) as loader:
+        first = loader.request(AdapterRef("s3", f"{BUCKET}/team/two")).result(timeout=60)
+        assert loader.request(AdapterRef("s3", f"{BUCKET}/team/two")).result(timeout=60) is first
+        upload(s3, "team/two", {SAFETENSORS_FILE: adapter_files(seed=2)[SAFETENSORS_FILE]})
+        second = loader.request(AdapterRef("s3", f"{BUCKET}/team/two")).result(timeout=60)
+    assert second.identity.version != first.identity.version
+    assert second.weights.content_hash == parse(write_adapter(tmp_path / "v2", seed=2)).content_hash
+
+
+def test_an_object_replaced_between_resolve_and_fetch_fails_the_fetch(endpoint: str, s3: Any,
+                                                                      tmp_path: Path) -> None:
+    upload(s3, "team/three", adapter_files(seed=1))
+    src, ref = source(endpoint), AdapterRef("s3", f"{BUCKET}/team/three")
+    resolved = src.resolve(ref, None)
+    upload(s3, "team/three", {SAFETENSORS_FILE: adapter_files(seed=9)[SAFETENSORS_FILE]})
+    with pytest.raises(AdapterFetchError, match="changed"):
+        src.fetch(ref, resolved, None, tmp_path)
+
+
+def test_weights_without_a_config_are_invalid(endpoint: str, s3: Any, tmp_path: Path) -> None:
+    upload(s3, "team/four", {SAFETENSORS_FILE: adapter_files()[SAFETENSORS_FILE]})
+    with (AdapterLoader({"s3": source(endpoint)}, parse, disk=DiskStore(tmp_path / "disk", 1 << 30)) as loader,
+          pytest.raises(AdapterInvalid, match=f"s3:{BUCKET}/team/four.*no adapter_config.json")):
+        loader.request(AdapterRef("s3", f"{BUCKET}/team/four")).result(timeout=60)
+
+
+def test_an_unreachable_endpoint_is_a_fetch_error(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: refused
+        with pytest.raises(AdapterFetchError, match=f"s3:{BUCKET}/x"):
+            source(closed).resolve(AdapterRef("s3", f"{BUCKET}/x"), None)
