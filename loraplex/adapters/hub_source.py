@@ -119,8 +119,12 @@ def _hub_errors(ref: AdapterRef, offline: bool) -> Iterator[None]:
         if status in (401, 403):
             raise AdapterAccessDenied(f"adapter {ref}: the hub refused access (HTTP {status}); the repo is "
                                       f"private and needs a token that can read it, or does not exist") from e
-        if isinstance(e, RepositoryNotFoundError | RevisionNotFoundError | RemoteEntryNotFoundError):
-            raise AdapterNotFound(f"adapter {ref}: {_first_line(e)}") from e
+        if isinstance(e, RevisionNotFoundError):
+            raise AdapterNotFound(f"adapter {ref}: the hub repo has no revision {ref.revision!r}") from e
+        if isinstance(e, RemoteEntryNotFoundError):
+            raise AdapterNotFound(f"adapter {ref}: a file of the adapter is missing from the hub repo") from e
+        if isinstance(e, RepositoryNotFoundError):
+            raise AdapterNotFound(f"adapter {ref}: no such repo on the hub (HTTP {status})") from e
         raise AdapterFetchError(f"adapter {ref}: the hub answered HTTP {status}: {_first_line(e)}") from e
     except LocalEntryNotFoundError as e:
         if offline:
