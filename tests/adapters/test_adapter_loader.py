@@ -13,6 +13,7 @@ from loraplex.adapters.loader import AdapterLoader
 from loraplex.adapters.local_source import LocalSource
 from loraplex.adapters.ref import AdapterIdentity, AdapterRef
 from loraplex.adapters.sources import Resolved
+from loraplex.config import AdapterSourceConfig
 from loraplex.lora.adapter import (
     SAFETENSORS_FILE,
     AdapterAccessDenied,
@@ -226,3 +227,18 @@ def test_an_entry_that_does_not_parse_is_dropped_from_disk(source: CountingSourc
 def test_an_unknown_source_is_not_found(loader: AdapterLoader) -> None:
     with pytest.raises(AdapterNotFound, match="unknown adapter source 'ftp'"):
         loader.request(AdapterRef("ftp", "x")).result(timeout=30)
+
+
+def test_from_config_keeps_fetched_adapters_under_loraplex_home(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
+    write_adapter(tmp_path / "roots" / "mine")
+    config = AdapterSourceConfig(sources=("local", "s3"), adapter_roots=(str(tmp_path / "roots"),),
+                                 negative_ttl_s=0.0)
+    with AdapterLoader.from_config(config, parse) as loader:
+        assert loader.request(AdapterRef("local", "mine")).result(timeout=30).weights.rank == 4
+        with pytest.raises(AdapterNotFound, match="outside the adapter roots"):
+            loader.request(AdapterRef("local", str(tmp_path))).result(timeout=30)
+        with pytest.raises(AdapterNotFound, match="unknown adapter source 'hub'"):
+            loader.request(AdapterRef("hub", "org/name")).result(timeout=30)
+    assert (tmp_path / "home" / "adapters" / "entries").is_dir()
