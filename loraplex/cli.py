@@ -8,11 +8,13 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from loraplex.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loraplex.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
 
 CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig)
 
@@ -28,25 +30,73 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+FLAG_ALIASES = {"model": ("--model-id",), "hostname": ("--host",)}
+"""Extra spellings of a config field's flag (LoRAX launcher names where the concept is the same)."""
+
+
 def _parse_optional_int(text: str) -> int | None:
     return None if text.lower() in ("", "none") else int(text)
 
 
-def add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    for cls in CONFIG_CLASSES:
+def _parse_optional_str(text: str) -> str | None:
+    return None if text.lower() in ("", "none") else text
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+PARSERS: dict[str, Any] = {
+    "int": int, "float": float, "str": str, "bool": _parse_bool, "int | None": _parse_optional_int,
+    "str | None": _parse_optional_str, "tuple[str, ...]": _parse_list,
+}
+
+
+def env_name(field_name: str) -> str:
+    return f"LORAPLEX_{field_name.upper()}"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, classes: tuple[type, ...], skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field (`--field-name`), defaulting to `$LORAPLEX_FIELD_NAME`, then the field's default."""
+    for cls in classes:
         group = parser.add_argument_group(cls.__name__)
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
-            kind: Any = {int: int, str: str, float: float}.get(type(f.default), _parse_optional_int)
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                               help=f"{docs.get(f.name, '')} (default: {f.default})")
+            parse = PARSERS[str(f.type)]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+            env = os.environ.get(env_name(f.name))
+            if env is not None:
+                try:
+                    default = parse(env)
+                except ValueError as e:
+                    raise SystemExit(f"error: ${env_name(f.name)}: {e}") from None
+            flags = (f"--{f.name.replace('_', '-')}", *FLAG_ALIASES.get(f.name, ()))
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            group.add_argument(*flags, dest=f.name, type=parse, default=default,
+                               help=f"{docs.get(f.name, '')} [env {env_name(f.name)}] (default: {shown})")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    add_config_flags(parser, CONFIG_CLASSES, skip)
+
+
+def config_options(args: argparse.Namespace, classes: tuple[type, ...]) -> dict[str, Any]:
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
+    return config_options(args, CONFIG_CLASSES)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -71,6 +121,14 @@ def _generate(args: argparse.Namespace) -> int:
     tokens = sum(len(o.token_ids) for o in outs)
     print(f"[{tokens} tokens in {elapsed:.2f}s, {tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loraplex.config import EngineConfig
+    from loraplex.server.main import serve
+
+    server = ServerConfig(**config_options(args, (ServerConfig,)))  # checked before the model loads
+    return serve(EngineConfig.from_options(**engine_options(args)), server, [Path(p) for p in args.adapter_root])
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -105,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_engine_flags(gen)
     gen.set_defaults(func=_generate)
+    srv = sub.add_parser("serve", help="serve the HTTP API (LoRAX/TGI native and OpenAI) on one base model")
+    srv.add_argument("--adapter-root", action="append", default=list(_parse_list(os.environ.get("LORAPLEX_ADAPTER_ROOT", ""))),
+                     metavar="DIR", help="folder whose subfolders are adapters servable by name (repeatable; "
+                     "the bundled examples are always served) [env LORAPLEX_ADAPTER_ROOT, comma-separated]")
+    add_config_flags(srv, (ServerConfig,))
+    add_engine_flags(srv)
+    srv.set_defaults(func=_serve)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -127,11 +128,56 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "127.0.0.1"
+    """Interface to listen on (`0.0.0.0` for every interface, e.g. in a container)."""
+    port: int = 3000
+    """TCP port of the HTTP API."""
+    max_concurrent_requests: int = 128
+    """Requests in flight at once; beyond it a request is refused at once with 429 (never queued)."""
+    max_best_of: int = 4
+    """Largest `best_of` a request may ask for."""
+    adapter_source: str = "local"
+    """Source of an `adapter_id` when a request names none (`local`, `hub` or `s3`)."""
+    preloaded_adapter_ids: tuple[str, ...] = ()
+    """Adapters loaded at startup (comma-separated); others still load on demand."""
+    admin_token: str | None = None
+    """Bearer token required by the adapter admin API (`/v1/adapters`); unset: the admin API is open."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM: stop admitting, let in-flight requests finish for at most this long, then exit."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preloaded_adapter_ids", tuple(self.preloaded_adapter_ids))
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.max_best_of < 1:
+            raise ValueError(f"max_best_of must be >= 1, got {self.max_best_of}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        if self.admin_token is not None and not self.admin_token:
+            raise ValueError("admin_token must not be empty (leave it unset for an open admin API)")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build from flat keyword options, each the name of a field of one of the four parts."""
+        parts = {f.name: f.default_factory() for f in fields(cls)}  # type: ignore[misc,operator]
+        groups: dict[str, dict[str, Any]] = {name: {} for name in parts}
+        for key, value in options.items():
+            owner = next((name for name, part in parts.items() if key in {f.name for f in fields(part)}), None)
+            if owner is None:
+                raise TypeError(f"unknown option {key!r}")
+            groups[owner][key] = value
+        return cls(**{name: type(part)(**groups[name]) for name, part in parts.items()})
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from loraplex.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput, SamplingParams
+from loraplex.tokenization import encode_chat
 
 Prompt = str | list[int]
 Message = dict[str, Any]
@@ -25,15 +25,11 @@ class LLM:
     """
 
     def __init__(self, model: str = "demo", **options: Any) -> None:
-        groups: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {},
-                                              LoRAConfig: {}}
-        for key, value in options.items():
-            owner = next((cls for cls in groups if key in {f.name for f in dataclasses.fields(cls)}), None)
-            if owner is None:
-                raise TypeError(f"LLM() got an unknown option {key!r}")
-            groups[owner][key] = value
-        self.engine = Engine(EngineConfig(ModelConfig(**groups[ModelConfig]), CacheConfig(**groups[CacheConfig]),
-                                          SchedulerConfig(**groups[SchedulerConfig]), LoRAConfig(**groups[LoRAConfig])))
+        try:
+            config = EngineConfig.from_options(model=model, **options)
+        except TypeError as e:
+            raise TypeError(f"LLM() got an {e}") from None
+        self.engine = Engine(config)
         self._ids = itertools.count()
 
     @property
@@ -70,16 +66,15 @@ class LLM:
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
-             *, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, using the model's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                   for c in conversations]
-        # The template already holds the special tokens; tokenizing must not add them a second time.
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        return self.generate(ids, params, use_tqdm=use_tqdm)
+             adapter_id: str | None | Sequence[str | None] = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, using the model's chat template.
+
+        `adapter_id` as for `generate`: one for every conversation, or one per conversation.
+        """
+        conversations: list[list[Message]] = (
+            [messages] if messages and isinstance(messages[0], dict) else messages)  # type: ignore[list-item,assignment]
+        ids = [encode_chat(self.tokenizer, c) for c in conversations]
+        return self.generate(ids, params, adapter_id, use_tqdm=use_tqdm)
 
     def _encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:

@@ -99,6 +99,10 @@ class LoRAManager:
         if self._slot_refs[slot] == 0:
             self._idle[slot] = None
 
+    def resident(self) -> list[str]:
+        """Folders of the adapters loaded in device slots."""
+        return [key.path for key in self._slot_owner if key is not None]
+
     def slot_refs(self) -> list[int]:
         return list(self._slot_refs)
 

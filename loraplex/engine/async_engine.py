@@ -1,0 +1,242 @@
+"""AsyncEngine: the engine's step loop on its own thread, behind an asyncio facade.
+
+The engine is single-threaded by design: only the loop thread touches it. Callers on the event loop
+hand it work through a thread-safe inbox (new requests, aborts, admin calls) and receive each
+request's outputs on an asyncio queue of their own. torch releases the GIL inside its kernels, so the
+event loop stays responsive while a step runs.
+
+One bad request never takes the loop down: an error while adding a request fails that request only,
+and an error inside a step fails the requests in flight and the loop goes on. Only repeated step
+failures in a row mark the engine dead (readiness then fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from loraplex.engine.engine import Engine
+from loraplex.engine.request import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class Overloaded(Exception):
+    """The server is at its concurrent-request limit; the request is refused at once (HTTP 429)."""
+
+
+class EngineDead(Exception):
+    """The engine loop has stopped; no request can be served (HTTP 503)."""
+
+
+class EngineStepError(Exception):
+    """A step failed while this request was in it (HTTP 500); the engine keeps serving others."""
+
+
+@dataclass
+class _Stream:
+    """Where one request's outputs go: an asyncio queue on the caller's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    adapter_id: str | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    future: Future[Any]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_concurrent_requests: int = 128) -> None:
+        if max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
+        self.engine = engine
+        self.max_concurrent_requests = max_concurrent_requests
+        self.on_step: Callable[[list[RequestOutput], float], None] | None = None
+        """Called on the loop thread after each step with its outputs and duration (metrics)."""
+        self.num_steps = 0
+        self.num_step_failures = 0
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._stopping = threading.Event()
+        self.dead: BaseException | None = None
+
+    # ---- caller side (event loop) ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                       prompt: str | None = None, adapter_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its cumulative outputs, one per generated token, the last finished.
+
+        Raises Overloaded when `max_concurrent_requests` requests are in flight, EngineDead when the loop
+        has stopped, and the engine's own error (ValueError, AdapterError ...) when the request is refused.
+        Leaving the iteration early (a client that disconnects) aborts the request, which frees its KV
+        blocks and adapter reference on the loop's next turn.
+        """
+        if not self.alive:
+            raise EngineDead(f"the engine loop has stopped: {self.dead!r}")
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if len(self._streams) >= self.max_concurrent_requests:
+                raise Overloaded(f"{self.max_concurrent_requests} requests are in flight, the configured "
+                                 "maximum (--max-concurrent-requests); retry later")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, prompt, adapter_id))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine holds nothing for a refused or failed request
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn(engine)` on the loop thread between steps (admin operations) and return its result."""
+        if not self.alive:
+            raise EngineDead(f"the engine loop has stopped: {self.dead!r}")
+        future: Future[T] = Future()
+        self._inbox.put(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
+    # ---- loop thread ----
+
+    def _run(self) -> None:
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox(block=not self.engine.has_unfinished())
+                if self._stopping.is_set() or not self.engine.has_unfinished():
+                    continue
+                start = time.perf_counter()
+                try:
+                    outputs = self.engine.step()
+                    failures = 0
+                except Exception as e:  # a bug or a bad tensor: fail the requests in flight, keep serving
+                    failures += 1
+                    self.num_step_failures += 1
+                    log.exception("engine step failed (%d in a row)", failures)
+                    self._fail_in_flight(e)
+                    if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                        raise
+                    continue
+                self.num_steps += 1
+                if self.on_step is not None:
+                    self.on_step(outputs, time.perf_counter() - start)
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as e:
+            self.dead = e
+            log.critical("engine loop stopped: %r", e)
+            self._fail_all(EngineDead(f"the engine loop has stopped: {e!r}"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            self._handle(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: _Add | _Abort | _Call) -> None:
+        if isinstance(item, _Abort):
+            self.engine.abort(item.request_id)
+        elif isinstance(item, _Call):
+            if item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_result(item.fn(self.engine))
+                except Exception as e:
+                    item.future.set_exception(e)
+        else:
+            with self._lock:
+                wanted = item.request_id in self._streams  # the caller may have gone already
+            if not wanted:
+                return
+            try:
+                self.engine.add_request(item.request_id, item.prompt_token_ids, item.params,
+                                        prompt=item.prompt, adapter_id=item.adapter_id)
+            except Exception as e:  # refused: this request only
+                self._deliver(item.request_id, e)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            if isinstance(item, RequestOutput) and not item.finished:
+                self.engine.abort(request_id)  # nobody is listening any more
+            return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed
+            self.engine.abort(request_id)
+
+    def _fail_in_flight(self, error: Exception) -> None:
+        with self._lock:
+            request_ids = list(self._streams)
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+            self._deliver(request_id, EngineStepError(f"generation failed: {error!r}"))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._deliver(request_id, error)

@@ -1,0 +1,100 @@
+"""The FastAPI application: routes, error handlers, engine lifecycle, health, info and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from loraplex import __version__
+from loraplex.config import EngineConfig, ServerConfig
+from loraplex.engine.async_engine import AsyncEngine, EngineDead
+from loraplex.engine.engine import Engine
+from loraplex.engine.request import MAX_STOP_SEQUENCES
+from loraplex.server import native, openai
+from loraplex.server.adapters import AdapterResolver
+from loraplex.server.errors import install_error_handlers
+from loraplex.server.generation import Generation
+from loraplex.server.metrics import Metrics
+from loraplex.server.state import ServerState, get_state
+
+
+def build_state(engine_config: EngineConfig, server_config: ServerConfig, adapter_roots: list[Path]) -> ServerState:
+    """Load the model and wire the engine facade (the engine loop starts with the app)."""
+    engine = Engine(engine_config)
+    async_engine = AsyncEngine(engine, server_config.max_concurrent_requests)
+    metrics = Metrics()
+    metrics.watch(async_engine)
+    adapters = AdapterResolver(adapter_roots)
+    generation = Generation(async_engine, engine.tokenizer, adapters, metrics)
+    return ServerState(server_config, async_engine, generation, adapters, metrics, engine.model_name)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.engine.stop()
+
+    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan,
+                  description="Multi-LoRA inference server: the LoRAX/TGI native API and the OpenAI API.")
+    app.state.loraplex = state
+    install_error_handlers(app)
+    app.include_router(native.router)
+    app.include_router(openai.router)
+
+    @app.get("/health", tags=["ops"])
+    async def health(request: Request) -> JSONResponse:
+        """Liveness: 200 while the engine loop runs, 503 once it has died."""
+        engine = get_state(request).engine
+        if not engine.alive:
+            raise EngineDead(f"the engine loop has stopped: {engine.dead!r}")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready", tags=["ops"])
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: 503 while draining for shutdown or when the engine loop has died."""
+        s = get_state(request)
+        if not s.engine.alive:
+            raise EngineDead(f"the engine loop has stopped: {s.engine.dead!r}")
+        if s.draining:
+            raise EngineDead("the server is shutting down")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/info", tags=["ops"])
+    async def info(request: Request) -> JSONResponse:
+        s = get_state(request)
+        core = s.engine.engine
+        cfg = core.config
+        return JSONResponse({
+            "model_id": s.model_id,
+            "model_sha": None,
+            "model_dtype": str(cfg.model.torch_dtype()).removeprefix("torch."),
+            "model_device_type": cfg.model.torch_device().type,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": s.config.max_concurrent_requests,
+            "max_best_of": s.config.max_best_of,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_input_length": core.max_model_len - 1,
+            "max_total_tokens": core.max_model_len,
+            "max_batch_total_tokens": core.pool.num_blocks * core.kv_cache.block_size,
+            "max_active_adapters": cfg.lora.max_loras,
+            "max_lora_rank": cfg.lora.max_lora_rank,
+            "adapter_source": s.config.adapter_source,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+        })
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics(request: Request) -> Response:
+        return Response(get_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,94 @@
+"""Prometheus metrics of the server: requests, latencies, batches, KV and adapter state.
+
+Each app has its own registry (several servers can live in one process, e.g. in tests). Request
+metrics are observed as requests end; engine state (KV usage, queue lengths, resident adapters) is
+read at scrape time by a collector, so the step loop pays nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from loraplex.engine.async_engine import AsyncEngine
+    from loraplex.engine.request import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraplex_requests", "Finished requests by adapter and outcome",
+                                ["adapter", "status"], registry=r)
+        self.duration = Histogram("loraplex_request_duration_seconds", "Request latency, submit to last token",
+                                  ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Submit to first generated token",
+                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("loraplex_time_per_output_token_seconds", "Mean time between generated tokens",
+                              ["adapter"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens by adapter", ["adapter"], registry=r)
+        self.generated_tokens = Counter("loraplex_generated_tokens", "Generated tokens by adapter", ["adapter"],
+                                        registry=r)
+        self.batch_size = Histogram("loraplex_batch_size", "Requests that got a token per engine step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.step_duration = Histogram("loraplex_step_duration_seconds", "Engine step time",
+                                       buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+
+    def observe_request(self, adapter: str, status: str, duration: float, ttft: float | None,
+                        tpot: float | None, prompt_tokens: int, generated_tokens: int) -> None:
+        self.requests.labels(adapter, status).inc()
+        self.prompt_tokens.labels(adapter).inc(prompt_tokens)
+        self.generated_tokens.labels(adapter).inc(generated_tokens)
+        if status != "ok":
+            return
+        self.duration.labels(adapter).observe(duration)
+        if ttft is not None:
+            self.ttft.labels(adapter).observe(ttft)
+        if tpot is not None and generated_tokens > 1:
+            self.tpot.labels(adapter).observe(tpot)
+
+    def observe_step(self, outputs: list[RequestOutput], seconds: float) -> None:
+        self.batch_size.observe(len(outputs))
+        self.step_duration.observe(seconds)
+
+    def watch(self, engine: AsyncEngine) -> None:
+        """Report `engine`'s state at every scrape."""
+        self.registry.register(_EngineCollector(engine))
+        engine.on_step = self.observe_step
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        core = self.engine.engine
+        pool, sched = core.pool, core.scheduler
+        yield GaugeMetricFamily("loraplex_engine_alive", "1 while the engine loop runs", value=int(self.engine.alive))
+        yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Share of KV blocks in use",
+                                value=1 - pool.num_free / pool.num_blocks)
+        yield GaugeMetricFamily("loraplex_requests_running", "Requests holding KV blocks", value=len(sched.running))
+        yield GaugeMetricFamily("loraplex_requests_waiting", "Requests queued for admission", value=len(sched.waiting))
+        yield GaugeMetricFamily("loraplex_requests_in_flight", "Requests submitted and not finished",
+                                value=self.engine.num_in_flight)
+        if core.lora is not None:
+            resident = GaugeMetricFamily("loraplex_adapter_resident", "1 for each adapter in a tier",
+                                         labels=["adapter", "tier"])
+            for name in core.lora.resident():
+                resident.add_metric([Path(name).name, "device"], 1)
+            yield resident
+            yield GaugeMetricFamily("loraplex_adapter_loads", "Adapter loads into device slots",
+                                    value=core.lora.loads)

@@ -1,0 +1,160 @@
+"""The native LoRAX/TGI routes: /generate, /generate_stream, / (what lorax-client calls), /tokenize."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loraplex.engine.request import SamplingParams
+from loraplex.server.errors import error_body, status_of
+from loraplex.server.generation import Completion, Event, Job, TokenInfo
+from loraplex.server.protocol import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerateParameters,
+    GenerateRequest,
+    TokenizeRequest,
+)
+from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
+
+router = APIRouter(tags=["native"])
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request,
+                   authorization: str | None = Header(default=None)) -> JSONResponse:
+    state = get_state(request)
+    job = native_job(state, body.parameters, body.inputs, authorization)
+    completions = await run_until_disconnected(request, state.generation.complete(job))
+    return JSONResponse(_response(state, body, job, completions))
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: GenerateRequest, request: Request,
+                          authorization: str | None = Header(default=None)) -> StreamingResponse:
+    state = get_state(request)
+    job = native_job(state, body.parameters, body.inputs, authorization, streaming=True)
+    return await _sse(state, body, job)
+
+
+@router.post("/", response_model=None)
+async def compat(body: GenerateRequest, request: Request,
+                 authorization: str | None = Header(default=None)) -> JSONResponse | StreamingResponse:
+    """LoRAX's route: streaming when `stream` is true, else a JSON array holding one response."""
+    state = get_state(request)
+    job = native_job(state, body.parameters, body.inputs, authorization, streaming=body.stream)
+    if body.stream:
+        return await _sse(state, body, job)
+    completions = await run_until_disconnected(request, state.generation.complete(job))
+    return JSONResponse([_response(state, body, job, completions)])
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    tokenizer = get_state(request).generation.tokenizer
+    enc = tokenizer(body.inputs, return_offsets_mapping=True)
+    return JSONResponse([{"id": i, "text": body.inputs[start:stop], "start": start, "stop": stop}
+                         for i, (start, stop) in zip(enc.input_ids, enc.offset_mapping, strict=True)])
+
+
+def native_job(state: ServerState, p: GenerateParameters, inputs: str, authorization: str | None,
+               streaming: bool = False) -> Job:
+    """Validate what pydantic cannot (cross-field and server limits) and build the engine job."""
+    if p.merged_adapters is not None:
+        raise ValueError("merged_adapters is not supported yet; name one adapter in adapter_id")
+    if p.watermark:
+        raise ValueError("watermark is not supported")
+    if p.response_format is not None and p.response_format.type != "text":
+        raise ValueError("response_format json_object / json_schema is not supported yet")
+    if p.decoder_input_details:
+        raise ValueError("decoder_input_details (prompt token logprobs) is not supported yet")
+    sampling = p.do_sample or any(v is not None for v in (p.top_k, p.top_p, p.typical_p)) or (
+        p.temperature is not None and p.temperature not in (0.0, 1.0))
+    best_of = p.best_of or 1
+    if best_of > 1:
+        if not sampling:
+            raise ValueError("best_of > 1 needs sampling: set do_sample or a sampling parameter")
+        if streaming:
+            raise ValueError("best_of > 1 cannot be streamed")
+        if best_of > state.config.max_best_of:
+            raise ValueError(f"best_of must be <= {state.config.max_best_of}, got {best_of}")
+    temperature = 0.0 if not sampling else (p.temperature if p.temperature is not None else 1.0)
+    alternatives = p.return_k_alternatives if p.return_k_alternatives is not None else p.top_n_tokens
+    params = SamplingParams(
+        max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=temperature,
+        top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
+        typical_p=p.typical_p if p.typical_p is not None else 1.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0, presence_penalty=p.presence_penalty or 0.0,
+        seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives or 0)
+    token = p.api_token or bearer_token(authorization)
+    adapter = state.adapter_spec(p.adapter_id, p.adapter_source, token)
+    return Job(state.generation.encode(inputs, p.truncate), params, adapter, best_of, inputs)
+
+
+def _token(t: TokenInfo, alternatives: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
+    if alternatives:
+        out["alternative_tokens"] = [{"id": i, "text": s, "logprob": lp} for i, s, lp in t.top]
+    return out
+
+
+def _details(c: Completion, job: Job, alternatives: bool) -> dict[str, Any]:
+    return {
+        "finish_reason": c.finish_reason.value if c.finish_reason else None,
+        "prompt_tokens": len(job.prompt_ids),
+        "generated_tokens": len(c.tokens),
+        "seed": c.seed if not job.params.greedy else None,
+        "prefill": [],
+        "tokens": [_token(t, alternatives) for t in c.tokens],
+    }
+
+
+def _response(state: ServerState, body: GenerateRequest, job: Job, completions: list[Completion]) -> dict[str, Any]:
+    p = body.parameters
+    prefix = body.inputs if p.return_full_text else ""
+    alternatives = bool(job.params.logprobs)
+    best = max(completions, key=lambda c: c.logprob_sum)
+    out: dict[str, Any] = {"generated_text": prefix + best.text}
+    if p.details:
+        details = _details(best, job, alternatives)
+        if len(completions) > 1:
+            details["best_of_sequences"] = [
+                {**_details(c, job, alternatives), "generated_text": prefix + c.text}
+                for c in completions if c is not best]
+        out["details"] = details
+    return out
+
+
+async def _sse(state: ServerState, body: GenerateRequest, job: Job) -> StreamingResponse:
+    events = state.generation.stream(job)
+    # The first event is awaited before the response starts, so a refused request (unknown adapter,
+    # prompt too long, overload) gets its own HTTP status rather than an error inside a 200 stream.
+    first = await anext(events)
+    return StreamingResponse(_native_events(first, events, body, job), media_type="text/event-stream")
+
+
+async def _native_events(first: Event, events: AsyncGenerator[Event, None], body: GenerateRequest,
+                         job: Job) -> AsyncIterator[str]:
+    p = body.parameters
+    alternatives = bool(job.params.logprobs)
+    event: Event | None = first
+    try:
+        while event is not None:
+            data: dict[str, Any] = {"token": _token(event.token, alternatives), "generated_text": None,
+                                    "details": None}
+            if event.done is not None:
+                data["generated_text"] = (body.inputs if p.return_full_text else "") + event.done.text
+                if p.details:
+                    data["details"] = {k: v for k, v in _details(event.done, job, False).items()
+                                       if k in ("finish_reason", "prompt_tokens", "generated_tokens", "seed")}
+            yield f"data:{json.dumps(data)}\n\n"
+            event = await anext(events, None)
+    except Exception as e:  # the stream has started: the error goes in the stream, as TGI does
+        status, kind = status_of(e)
+        yield f"data:{json.dumps(error_body('/generate_stream', status, kind, str(e)))}\n\n"
+    finally:
+        await events.aclose()

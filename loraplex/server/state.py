@@ -1,0 +1,67 @@
+"""What the routes share: the engine facade, the generation service, config and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+
+from loraplex.config import ServerConfig
+from loraplex.engine.async_engine import AsyncEngine
+from loraplex.server.adapters import AdapterResolver, AdapterSpec
+from loraplex.server.generation import Generation
+from loraplex.server.metrics import Metrics
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its (non-streaming) response was ready."""
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: AsyncEngine
+    generation: Generation
+    adapters: AdapterResolver
+    metrics: Metrics
+    model_id: str
+    draining: bool = False
+
+    def adapter_spec(self, adapter_id: str | None, source: str | None, token: str | None) -> AdapterSpec | None:
+        """The adapter a request names; None or "" (or the base model's id) means the base model."""
+        if not adapter_id or adapter_id == self.model_id:
+            return None
+        return AdapterSpec(adapter_id, source or self.config.adapter_source, token)
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.loraplex
+    return state
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip() or None
+    return None
+
+
+async def run_until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts its engine requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected(f"client disconnected from {request.url.path}")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
