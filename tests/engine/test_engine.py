@@ -110,3 +110,55 @@ def test_max_model_len_stops_generation(tiny_llama):
     llm = LLM(tiny_llama, num_blocks=64, block_size=4, max_model_len=20)
     out = llm.generate([list(range(1, 15))], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 6 and out.finish_reason is FinishReason.LENGTH
+
+
+def test_admission_limits_name_the_numbers(tiny_llama):
+    llm = LLM(tiny_llama, num_blocks=64, block_size=4, max_input_length=10, max_total_tokens=16)
+    engine = llm.engine
+    with pytest.raises(ValueError, match="the prompt has 11 tokens; max_input_length is 10"):
+        engine.add_request("long", list(range(1, 12)), SamplingParams(max_new_tokens=1))
+    with pytest.raises(ValueError, match=r"8 \+ 9 = 17 tokens; max_total_tokens is 16"):
+        engine.add_request("total", list(range(1, 9)), SamplingParams(max_new_tokens=9))
+    with pytest.raises(ValueError, match="truncate must be >= 1, got 0"):
+        engine.add_request("t0", [1, 2, 3], SamplingParams(), truncate=0)
+    assert not engine.has_unfinished()
+    # truncate keeps the last tokens: the same output as sending only those.
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.add_request("cut", list(range(1, 40)), params, truncate=10)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert done["cut"].prompt_token_ids == list(range(30, 40))
+    assert done["cut"].token_ids == llm.generate([list(range(30, 40))], params)[0].token_ids
+
+
+def test_total_token_cap_rejects_what_could_never_run(tiny_llama):
+    llm = LLM(tiny_llama, num_blocks=64, block_size=4, max_batch_total_tokens=20)
+    with pytest.raises(ValueError, match="exceed max_batch_total_tokens \\(20\\)"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=18))
+
+
+@pytest.mark.parametrize("options", [dict(max_batch_total_tokens=100), dict(max_batch_prefill_tokens=5),
+                                     dict(enable_prefix_caching=False, max_num_seqs=3)],
+                         ids=["total-cap", "prefill-budget", "no-cache-few-seqs"])
+def test_budgets_keep_outputs_identical(tiny_llama, options):
+    reqs = _requests(5, sampled=True)
+    roomy = LLM(tiny_llama, num_blocks=512, block_size=4)
+    expected = [o.token_ids for o in roomy.generate([p for p, _ in reqs], [s for _, s in reqs])]
+    llm = LLM(tiny_llama, num_blocks=512, block_size=4, **options)
+    assert [o.token_ids for o in llm.generate([p for p, _ in reqs], [s for _, s in reqs])] == expected
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_input_length=16, max_total_tokens=16), "max_input_length \\(16\\) must be < max_total_tokens \\(16\\)"),
+    (dict(max_total_tokens=64, max_batch_total_tokens=32), "max_total_tokens \\(64\\) must be <= max_batch_total"),
+    (dict(max_batch_prefill_tokens=0), "max_batch_prefill_tokens must be >= 1, got 0"),
+    (dict(max_active_adapters=0), "max_active_adapters must be >= 1, got 0"),
+    (dict(adapter_cycle_time_s=0.0), "adapter_cycle_time_s must be > 0, got 0.0"),
+])
+def test_scheduler_config_validation(bad, message):
+    from loraplex.config import SchedulerConfig
+
+    with pytest.raises(ValueError, match=message):
+        SchedulerConfig(**bad)
