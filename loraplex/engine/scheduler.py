@@ -141,11 +141,13 @@ class Scheduler:
     @property
     def waiting(self) -> list[Sequence]:
         """Every waiting sequence, in arrival order."""
-        return sorted((s for q in self._queues.values() for s in q), key=lambda s: s.arrival)
+        # Copies taken in one C call each, so a metrics thread may read this while the step loop runs.
+        queues = list(self._queues.values())
+        return sorted((s for q in queues for s in list(q)), key=lambda s: s.arrival)
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(q) for q in list(self._queues.values()))
 
     @property
     def active_adapters(self) -> list[AdapterKey]:
