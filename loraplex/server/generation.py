@@ -75,7 +75,7 @@ class Generation:
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.metrics = metrics
-        self._special = frozenset(tokenizer.all_special_ids)
+        self.special_ids = frozenset(tokenizer.all_special_ids)
         self._ids = itertools.count()
 
     def encode(self, text: str, truncate: int | None = None) -> list[int]:
@@ -147,7 +147,7 @@ class Generation:
         logprob = out.logprobs[-1] if out.logprobs else None
         top = tuple((t, self.token_text(t), lp) for t, lp in logprob.top) if logprob is not None else ()
         return TokenInfo(token_id, text, logprob.logprob if logprob is not None else 0.0,
-                         token_id in self._special, top)
+                         token_id in self.special_ids, top)
 
 
 async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:

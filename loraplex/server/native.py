@@ -90,40 +90,54 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, presence_penalty=p.presence_penalty or 0.0,
         seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives or 0)
+    prompt_ids = state.generation.encode(inputs, p.truncate)
+    core = state.engine.engine
+    limit = core.config.scheduler.max_total_tokens or core.max_model_len
+    if len(prompt_ids) + params.max_new_tokens > limit:  # TGI refuses rather than stopping short
+        raise ValueError(f"inputs tokens + max_new_tokens must be <= {limit}: the prompt has {len(prompt_ids)} "
+                         f"tokens and max_new_tokens is {params.max_new_tokens}")
     token = p.api_token or bearer_token(authorization)
     adapter = state.adapter_spec(p.adapter_id, p.adapter_source, token)
-    return Job(state.generation.encode(inputs, p.truncate), params, adapter, best_of, inputs)
+    return Job(prompt_ids, params, adapter, best_of, inputs)
 
 
 def _token(t: TokenInfo, alternatives: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
-    if alternatives:
+    if alternatives:  # LoRAX's spelling (return_k_alternatives)
         out["alternative_tokens"] = [{"id": i, "text": s, "logprob": lp} for i, s, lp in t.top]
     return out
 
 
-def _details(c: Completion, job: Job, alternatives: bool) -> dict[str, Any]:
-    return {
+def _top_tokens(t: TokenInfo, special: frozenset[int]) -> list[dict[str, Any]]:
+    """TGI's spelling of the alternatives (top_n_tokens): full tokens beside each generated one."""
+    return [{"id": i, "text": s, "logprob": lp, "special": i in special} for i, s, lp in t.top]
+
+
+def _details(c: Completion, job: Job, p: GenerateParameters, special: frozenset[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "finish_reason": c.finish_reason.value if c.finish_reason else None,
         "prompt_tokens": len(job.prompt_ids),
         "generated_tokens": len(c.tokens),
         "seed": c.seed if not job.params.greedy else None,
         "prefill": [],
-        "tokens": [_token(t, alternatives) for t in c.tokens],
+        "tokens": [_token(t, p.return_k_alternatives is not None) for t in c.tokens],
     }
+    if p.top_n_tokens is not None:
+        out["top_tokens"] = [_top_tokens(t, special) for t in c.tokens]
+    return out
 
 
 def _response(state: ServerState, body: GenerateRequest, job: Job, completions: list[Completion]) -> dict[str, Any]:
     p = body.parameters
     prefix = body.inputs if p.return_full_text else ""
-    alternatives = bool(job.params.logprobs)
+    special = state.generation.special_ids
     best = max(completions, key=lambda c: c.logprob_sum)
     out: dict[str, Any] = {"generated_text": prefix + best.text}
     if p.details:
-        details = _details(best, job, alternatives)
+        details = _details(best, job, p, special)
         if len(completions) > 1:
             details["best_of_sequences"] = [
-                {**_details(c, job, alternatives), "generated_text": prefix + c.text}
+                {**_details(c, job, p, special), "generated_text": prefix + c.text}
                 for c in completions if c is not best]
         out["details"] = details
     return out
@@ -134,22 +148,24 @@ async def _sse(state: ServerState, body: GenerateRequest, job: Job) -> Streaming
     # The first event is awaited before the response starts, so a refused request (unknown adapter,
     # prompt too long, overload) gets its own HTTP status rather than an error inside a 200 stream.
     first = await anext(events)
-    return StreamingResponse(_native_events(first, events, body, job), media_type="text/event-stream")
+    return StreamingResponse(_native_events(first, events, body, job, state.generation.special_ids),
+                             media_type="text/event-stream")
 
 
 async def _native_events(first: Event, events: AsyncGenerator[Event, None], body: GenerateRequest,
-                         job: Job) -> AsyncIterator[str]:
+                         job: Job, special: frozenset[int]) -> AsyncIterator[str]:
     p = body.parameters
-    alternatives = bool(job.params.logprobs)
     event: Event | None = first
     try:
         while event is not None:
-            data: dict[str, Any] = {"token": _token(event.token, alternatives), "generated_text": None,
-                                    "details": None}
+            data: dict[str, Any] = {"token": _token(event.token, p.return_k_alternatives is not None),
+                                    "generated_text": None, "details": None}
+            if p.top_n_tokens is not None:
+                data["top_tokens"] = _top_tokens(event.token, special)
             if event.done is not None:
                 data["generated_text"] = (body.inputs if p.return_full_text else "") + event.done.text
                 if p.details:
-                    data["details"] = {k: v for k, v in _details(event.done, job, False).items()
+                    data["details"] = {k: v for k, v in _details(event.done, job, p, special).items()
                                        if k in ("finish_reason", "prompt_tokens", "generated_tokens", "seed")}
             yield f"data:{json.dumps(data)}\n\n"
             event = await anext(events, None)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from loraplex.config import ServerConfig
-from tests.server.conftest import free_socket, start_server
+from tests.e2e.conftest import free_socket, start_server
 
 PROMPT = "Write a long story about a dragon."
 
