@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Read when the kernels are decorated (module import), so it must precede importing triton_ops. An
-# explicit TRITON_INTERPRET=0 on a GPU machine runs the compiled kernels instead.
+# Read when kernels are decorated, triton's own library included, so it must precede importing triton;
+# when something imported triton first (a full test run), test_in_fresh_process runs the kernel tests.
+# An explicit TRITON_INTERPRET=0 on a GPU machine runs the compiled kernels instead.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
@@ -24,8 +25,10 @@ from loraplex.lora.ops.triton_ops import (  # noqa: E402
 )
 from tests.tolerances import TOLERANCES, assert_close  # noqa: E402
 from tests.triton_compile import compile_for_cuda  # noqa: E402
+from tests.triton_interpreter import SKIP_REASON, kernels_runnable, run_in_fresh_process  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(not kernels_runnable(), reason=SKIP_REASON)
 IN_FEATURES = 40
 OUT_FEATURES = 72  # more than one BLOCK_N tile, and not a multiple of it
 RANKS = (1, 3, 8, 16, 33, 64, 0)  # the last slot holds no adapter
@@ -87,12 +90,14 @@ def check_against_reference(op: AddLoRA, slots: list[int], dtype: torch.dtype,
         assert not torch.allclose(result[~untouched], out[~untouched], atol=atol, rtol=rtol)
 
 
+@needs_kernels
 @pytest.mark.parametrize("case", list(SLOT_CASES))
 @pytest.mark.parametrize("op_name", list(OPS))
 def test_float32_matches_reference(op_name: str, case: str) -> None:
     check_against_reference(OPS[op_name], SLOT_CASES[case], torch.float32)
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ["unsorted_interleaved", "long_grouped", "all_ranks_mixed"])
 @pytest.mark.parametrize("op_name", ["segments", "gather"])
@@ -110,6 +115,7 @@ def test_no_adapter_batch_leaves_out_untouched(op_name: str) -> None:
     assert torch.equal(out, before)
 
 
+@needs_kernels
 def test_zero_length_segment_is_skipped() -> None:
     """A segment of length 0 (not produced by from_token_slots, but legal input) writes nothing."""
     slots = [1, 1, 4, 4, 4]
@@ -124,6 +130,7 @@ def test_zero_length_segment_is_skipped() -> None:
     check_against_reference(add_lora_triton_segments, slots, torch.float32, batch)
 
 
+@needs_kernels
 def test_scale_is_applied() -> None:
     """Doubling a slot's scale doubles its delta (the scale is fused into the expand)."""
     a, b, ranks, scales = make_buffers(torch.float32)
@@ -192,3 +199,9 @@ def test_kernels_compile_for_cuda(tmp_path: Path) -> None:
         ]
     output = compile_for_cuda("loraplex.lora.ops.triton_ops", specs, tmp_path)
     assert output.count("compiled") == len(specs)
+
+
+@pytest.mark.skipif(kernels_runnable(), reason="the kernels run in this process")
+def test_in_fresh_process() -> None:
+    """The kernel tests, in a process that imports triton after setting TRITON_INTERPRET=1."""
+    run_in_fresh_process(__file__, "matches_reference or zero_length or scale_is_applied")

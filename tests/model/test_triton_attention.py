@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Read when the kernels are decorated (module import), so it must precede importing triton_attention.
+# Read when kernels are decorated, triton's own library included, so it must precede importing triton;
+# when something imported triton first (a full test run), test_in_fresh_process runs the kernel tests.
+# An explicit TRITON_INTERPRET=0 on a GPU machine runs the compiled kernels instead.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
@@ -26,8 +28,10 @@ from loraplex.model.triton_attention import (  # noqa: E402
 )
 from tests.tolerances import assert_close  # noqa: E402
 from tests.triton_compile import compile_for_cuda  # noqa: E402
+from tests.triton_interpreter import SKIP_REASON, kernels_runnable, run_in_fresh_process  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(not kernels_runnable(), reason=SKIP_REASON)
 HEAD_DIM = 32
 NUM_BLOCKS = 40
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -84,6 +88,7 @@ class Batch:
         return out.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
 def test_paged_attention_matches_torch(dtype: torch.dtype, window: int | None) -> None:
@@ -99,6 +104,7 @@ def test_paged_attention_matches_torch(dtype: torch.dtype, window: int | None) -
     assert_close(out, expected)
 
 
+@needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads", "block_size"), [(4, 4, 16), (8, 1, 16), (6, 3, 8), (4, 2, 32)])
 def test_decode_head_layouts_and_block_sizes(heads: int, kv_heads: int, block_size: int) -> None:
     """Multi-head, multi-query and grouped heads; blocks smaller and larger than a kernel tile."""
@@ -111,6 +117,7 @@ def test_decode_head_layouts_and_block_sizes(heads: int, kv_heads: int, block_si
     assert_close(out, expected)
 
 
+@needs_kernels
 @pytest.mark.parametrize("window", [None, 4])
 def test_prefill_chunk_over_cached_context(window: int | None) -> None:
     """A 19-token chunk ending a 45-token context: its queries see the cache before it, causally."""
@@ -124,6 +131,7 @@ def test_prefill_chunk_over_cached_context(window: int | None) -> None:
     assert_close(out, expected)
 
 
+@needs_kernels
 def test_write_kv_skips_negative_slots() -> None:
     kv_heads, block_size = 2, 16
     gen = torch.Generator().manual_seed(3)
@@ -164,3 +172,9 @@ def test_kernels_compile_for_cuda(tmp_path: Path) -> None:
             ]
     output = compile_for_cuda("loraplex.model.triton_attention", specs, tmp_path)
     assert output.count("compiled") == len(specs)
+
+
+@pytest.mark.skipif(kernels_runnable(), reason="the kernels run in this process")
+def test_in_fresh_process() -> None:
+    """The kernel tests, in a process that imports triton after setting TRITON_INTERPRET=1."""
+    run_in_fresh_process(__file__, "matches_torch or head_layouts or prefill_chunk or write_kv")
