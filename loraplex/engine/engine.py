@@ -18,6 +18,7 @@ from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.runner import ModelRunner
 from loraplex.paths import resolve_model
 from loraplex.sampling import SamplerOutput
+from loraplex.sampling.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Engine:
                                    enable_prefix_caching=config.cache.enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv_cache, device)
         self._seqs: dict[str, Sequence] = {}
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
         log.info("loaded %s (%s) on %s as %s; %d KV blocks of %d tokens", self.model_name, cfg.architecture,
                  device, dtype, num_blocks, block_size)
 
@@ -64,12 +66,21 @@ class Engine:
         generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
         seq = Sequence(request_id, list(prompt_token_ids), params, seed, generator, detok, prompt)
+        if params.json_schema is not None:
+            seq.grammar = self._grammar_compiler().matcher(params.json_schema)
         if adapter_id:
             if self.lora is None:
                 raise ValueError(f"adapter {adapter_id!r} requested, but this engine runs with max_loras=0")
             seq.adapter = self.lora.register(adapter_id)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output (json_schema) needs the model's tokenizer; this model has none")
+            self._grammars = GrammarCompiler(self.tokenizer, self.runner.model.config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _check_lengths(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The admission limits: ValueError naming the numbers for a prompt this engine must refuse."""
@@ -125,6 +136,8 @@ class Engine:
         for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq = chunk.seq
             seq.output_token_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.advance(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)
             reason = self._finish_reason(seq, token)
@@ -143,7 +156,9 @@ class Engine:
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         """Feed the new token to the detokenizer unless it ends the sequence, and say why it finished."""
         params, detok = seq.params, seq.detokenizer
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        # A grammar allows EOS only where its JSON is complete, so there EOS ends it even with ignore_eos.
+        eos_ends = not params.ignore_eos or seq.grammar is not None
+        if token in params.stop_token_ids or (eos_ends and token in self.eos_token_ids):
             reason: FinishReason | None = FinishReason.EOS_TOKEN
         else:
             if detok is not None:
@@ -152,6 +167,8 @@ class Engine:
                 return FinishReason.STOP_SEQUENCE
             full = len(seq.output_token_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len
             reason = FinishReason.LENGTH if full else None
+            if seq.grammar is not None and seq.grammar.done:  # the JSON is complete; only EOS could follow
+                reason = FinishReason.EOS_TOKEN
         if reason is not None and detok is not None:
             detok.flush()  # text held back as a possible stop-string start is final now
         return reason

@@ -47,6 +47,9 @@ class SamplingParams:
     logprobs: int | None = None
     """None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives."""
     skip_special_tokens: bool = True
+    json_schema: str | None = None
+    """Constrain the output to JSON matching this JSON schema (text; `{"type": "object"}` = any object).
+    The sequence ends as soon as the JSON is complete, even with `ignore_eos`."""
 
     def __post_init__(self) -> None:
         # Accept lists from callers; store tuples so the params stay hashable and immutable.
@@ -78,6 +81,11 @@ class SamplingParams:
             _check(isinstance(t, int) and t >= 0, f"stop_token_ids must be integers >= 0, got {t!r}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.json_schema is not None:
+            # Imported here: the sampling package imports this module.
+            from loraplex.sampling.structured import check_json_schema
+
+            check_json_schema(self.json_schema)
 
     @property
     def greedy(self) -> bool:

@@ -13,6 +13,7 @@ from loraplex.engine.request import FinishReason, SamplingParams, TokenLogprob
 if TYPE_CHECKING:
     from loraplex.engine.detokenizer import IncrementalDetokenizer
     from loraplex.lora.manager import AdapterKey
+    from loraplex.sampling.structured import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -47,6 +48,8 @@ class Sequence:
     """Prefix-cache hashes of the first full blocks of prompt + output, computed as needed."""
     num_cached_blocks: int = 0
     """Leading blocks of `block_table` registered in the prefix cache."""
+    grammar: GrammarMatcher | None = None
+    """Structured output: where the output stands in `params.json_schema`'s grammar; None = unconstrained."""
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ from loraplex.model.attention import AttentionMetadata, PrefillChunk
 from loraplex.model.context import ForwardContext, forward_context
 from loraplex.model.decoder import CausalLM
 from loraplex.sampling import Sampler, SamplerOutput
+from loraplex.sampling.structured import token_mask
 
 
 @dataclass
@@ -43,8 +44,9 @@ class ModelRunner:
         if logits is None:
             return [], None
         seqs = [c.seq for c in inputs.sampled]
+        mask = token_mask([s.grammar for s in seqs], logits.shape[-1], self.device)
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                           [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
+                           [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs], mask)
         return inputs.sampled, out
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.engine.request import SamplingParams, TokenLogprob
+from loraplex.sampling.structured import TokenMask
 
 _NEG_INF = float("-inf")
 
@@ -38,6 +39,9 @@ class Sampler:
     for greedy rows), before top-k / top-p / typical filtering: they describe the model's distribution
     at this temperature, so a token the filters removed still gets a finite logprob, and the values
     do not jump when a client changes `top_p`.
+
+    A grammar `mask` (structured output) removes the tokens its rows may not sample before the greedy
+    pick and the filters. Like the filters, it does not change the logprobs: they stay the model's.
     """
 
     def __call__(
@@ -47,6 +51,7 @@ class Sampler:
         generators: list[torch.Generator],
         prompt_token_ids: list[list[int]],
         output_token_ids: list[list[int]],
+        mask: TokenMask | None = None,
     ) -> SamplerOutput:
         batch, vocab = logits.shape
         if not len(params) == len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch:
@@ -55,19 +60,22 @@ class Sampler:
                 f"{len(generators)}, prompts {len(prompt_token_ids)}, outputs {len(output_token_ids)}"
             )
         if all(p.greedy and p.logprobs is None and not _has_penalty(p) for p in params):
+            if mask is not None:
+                logits = mask.apply(logits)
             # max().indices: the same first-maximum index as argmax, about 2.5x faster on CPU.
             return SamplerOutput(logits.max(dim=-1).indices.tolist(), [None] * batch)
 
         # Every step below is out of place, so the caller's tensor is never written to.
         logits = apply_penalties(logits.float(), params, prompt_token_ids, output_token_ids)
         scaled = apply_temperature(logits, params)  # [batch, vocab]
+        choice = scaled if mask is None else mask.apply(scaled)  # [batch, vocab]
         # Greedy rows are divided by 1, which is exact, so their argmax is the argmax of the penalized logits.
-        token_ids = scaled.max(dim=-1).indices  # [batch]
+        token_ids = choice.max(dim=-1).indices  # [batch]
 
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             rows = torch.tensor(sampled, device=logits.device)
-            filtered = apply_filters(scaled[rows], [params[i] for i in sampled])  # [n_sampled, vocab]
+            filtered = apply_filters(choice[rows], [params[i] for i in sampled])  # [n_sampled, vocab]
             probs = filtered.softmax(dim=-1)
             noise = torch.stack(
                 [torch.empty(vocab, device=logits.device).exponential_(generator=generators[i]) for i in sampled]
