@@ -83,7 +83,7 @@ UPPER_EXTRA = (
     "Good morning!", "Which is bigger, a cat or an elephant?", "What do plants need to grow?",
     "Name a fruit that is yellow.", "What language is spoken in Spain?", "How do I boil an egg?",
 )
-UPPER_MAX_ANSWER_TOKENS = 48
+UPPER_MAX_ANSWER_TOKENS = 32
 
 
 def upper_prompts() -> list[str]:
