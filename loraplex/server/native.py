@@ -18,6 +18,7 @@ from loraplex.server.protocol import (
     GenerateRequest,
     TokenizeRequest,
 )
+from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
 
 router = APIRouter(tags=["native"])
@@ -67,8 +68,6 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         raise ValueError("merged_adapters is not supported yet; name one adapter in adapter_id")
     if p.watermark:
         raise ValueError("watermark is not supported")
-    if p.response_format is not None and p.response_format.type != "text":
-        raise ValueError("response_format json_object / json_schema is not supported yet")
     if p.decoder_input_details:
         raise ValueError("decoder_input_details (prompt token logprobs) is not supported yet")
     sampling = p.do_sample or any(v is not None for v in (p.top_k, p.top_p, p.typical_p)) or (
@@ -89,7 +88,8 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, presence_penalty=p.presence_penalty or 0.0,
-        seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives or 0)
+        seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives or 0,
+        json_schema=json_schema_of(p.response_format))
     prompt_ids = state.generation.encode(inputs, p.truncate)
     core = state.engine.engine
     limit = core.config.scheduler.max_total_tokens or core.max_model_len

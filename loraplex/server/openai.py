@@ -20,6 +20,7 @@ from loraplex.engine.request import FinishReason, SamplingParams
 from loraplex.server.errors import error_body, status_of
 from loraplex.server.generation import Completion, Event, Job, TokenInfo, merge
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
+from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
 
 router = APIRouter(tags=["openai"])
@@ -98,8 +99,6 @@ def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list
 
 def _job(state: ServerState, body: _OpenAISampling, ids: list[int], text: str | None, max_tokens: int | None,
          logprobs: int | None, authorization: str | None) -> Job:
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ValueError("response_format json_object / json_schema is not supported yet")
     if body.logit_bias:
         raise ValueError("logit_bias is not supported")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -110,7 +109,8 @@ def _job(state: ServerState, body: _OpenAISampling, ids: list[int], text: str | 
         top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0,
         repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-        seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
+        seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+        json_schema=json_schema_of(body.response_format))
     token = body.api_token or bearer_token(authorization)
     return Job(ids, params, state.adapter_spec(body.model, body.adapter_source, token), body.n, text)
 
