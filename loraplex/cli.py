@@ -11,12 +11,18 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from loraplex.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig
+from loraplex.config import (
+    AdapterSourceConfig,
+    CacheConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
-CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig)
+CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, AdapterSourceConfig)
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -30,7 +36,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-FLAG_ALIASES = {"model": ("--model-id",), "hostname": ("--host",)}
+FLAG_ALIASES = {"model": ("--model-id",), "hostname": ("--host",), "adapter_roots": ("--adapter-root",)}
 """Extra spellings of a config field's flag (LoRAX launcher names where the concept is the same)."""
 
 
@@ -54,10 +60,26 @@ def _parse_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _parse_optional_bool(text: str) -> bool | None:
+    return None if text.lower() in ("", "none") else _parse_bool(text)
+
+
 PARSERS: dict[str, Any] = {
     "int": int, "float": float, "str": str, "bool": _parse_bool, "int | None": _parse_optional_int,
-    "str | None": _parse_optional_str, "tuple[str, ...]": _parse_list,
+    "str | None": _parse_optional_str, "bool | None": _parse_optional_bool, "tuple[str, ...]": _parse_list,
+    "tuple[str, ...] | None": _parse_list,
 }
+
+
+class _Extend(argparse.Action):
+    """A list flag: comma-separated values, repeatable; the first use replaces the default (or $ENV)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        seen = f"_{self.dest}_given"
+        current = getattr(namespace, self.dest) if getattr(namespace, seen, False) else ()
+        setattr(namespace, self.dest, (*current, *values))
+        setattr(namespace, seen, True)
 
 
 def env_name(field_name: str) -> str:
@@ -83,6 +105,7 @@ def add_config_flags(parser: argparse.ArgumentParser, classes: tuple[type, ...],
             flags = (f"--{f.name.replace('_', '-')}", *FLAG_ALIASES.get(f.name, ()))
             shown = ",".join(default) if isinstance(default, tuple) else default
             group.add_argument(*flags, dest=f.name, type=parse, default=default,
+                               action=_Extend if parse is _parse_list else "store",
                                help=f"{docs.get(f.name, '')} [env {env_name(f.name)}] (default: {shown})")
 
 
@@ -128,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     from loraplex.server.main import serve
 
     server = ServerConfig(**config_options(args, (ServerConfig,)))  # checked before the model loads
-    return serve(EngineConfig.from_options(**engine_options(args)), server, [Path(p) for p in args.adapter_root])
+    return serve(EngineConfig.from_options(**engine_options(args)), server)
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -164,9 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(gen)
     gen.set_defaults(func=_generate)
     srv = sub.add_parser("serve", help="serve the HTTP API (LoRAX/TGI native and OpenAI) on one base model")
-    srv.add_argument("--adapter-root", action="append", default=list(_parse_list(os.environ.get("LORAPLEX_ADAPTER_ROOT", ""))),
-                     metavar="DIR", help="folder whose subfolders are adapters servable by name (repeatable; "
-                     "the bundled examples are always served) [env LORAPLEX_ADAPTER_ROOT, comma-separated]")
     add_config_flags(srv, (ServerConfig,))
     add_engine_flags(srv)
     srv.set_defaults(func=_serve)

@@ -109,8 +109,6 @@ class LoRAConfig:
     """Device slots: distinct adapters that can run in one step. 0 serves the base model only."""
     max_lora_rank: int = 16
     """Largest adapter rank accepted; slot buffers are sized for it."""
-    max_cpu_loras: int = 64
-    """Parsed adapters kept in host memory (LRU) so repeat requests skip reading and validating files."""
     lora_backend: str = "torch"
     """LoRA op backend (`torch`: the fast pure-torch path; `reference`: the per-token loop; `triton`: the
     GPU kernels, CUDA tensors only, needs the triton package)."""
@@ -118,8 +116,6 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.max_loras < 0:
             raise ValueError(f"max_loras must be >= 0, got {self.max_loras}")
-        if self.max_cpu_loras < 0:
-            raise ValueError(f"max_cpu_loras must be >= 0, got {self.max_cpu_loras}")
         if not 1 <= self.max_lora_rank <= 512:
             raise ValueError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
         from loraplex.lora.ops import get_lora_op  # imported here: config must stay cheap to import
@@ -158,26 +154,6 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
         if self.admin_token is not None and not self.admin_token:
             raise ValueError("admin_token must not be empty (leave it unset for an open admin API)")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-
-    @classmethod
-    def from_options(cls, **options: Any) -> EngineConfig:
-        """Build from flat keyword options, each the name of a field of one of the four parts."""
-        parts = {f.name: f.default_factory() for f in fields(cls)}  # type: ignore[misc,operator]
-        groups: dict[str, dict[str, Any]] = {name: {} for name in parts}
-        for key, value in options.items():
-            owner = next((name for name, part in parts.items() if key in {f.name for f in fields(part)}), None)
-            if owner is None:
-                raise TypeError(f"unknown option {key!r}")
-            groups[owner][key] = value
-        return cls(**{name: type(part)(**groups[name]) for name, part in parts.items()})
 
 
 @dataclass(frozen=True)
@@ -227,3 +203,24 @@ class AdapterSourceConfig:
         for name in ("negative_ttl_s", "revalidate_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    adapters: AdapterSourceConfig = field(default_factory=AdapterSourceConfig)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build from flat keyword options, each the name of a field of one of the parts."""
+        parts = {f.name: f.default_factory() for f in fields(cls)}  # type: ignore[misc,operator]
+        groups: dict[str, dict[str, Any]] = {name: {} for name in parts}
+        for key, value in options.items():
+            owner = next((name for name, part in parts.items() if key in {f.name for f in fields(part)}), None)
+            if owner is None:
+                raise TypeError(f"unknown option {key!r}")
+            groups[owner][key] = value
+        return cls(**{name: type(part)(**groups[name]) for name, part in parts.items()})

@@ -88,6 +88,8 @@ class LLM:
         try:
             while len(final) < len(wanted) and self.engine.has_unfinished():
                 for out in self.engine.step():
+                    if out.error is not None and out.request_id in wanted:
+                        raise out.error
                     if out.finished and out.request_id in wanted:
                         final[out.request_id] = out
                         bar.update(1)

@@ -49,6 +49,7 @@ def engine_last_logits(llm: LLM, prompt: list[int], adapter_id: str | None = Non
     engine = llm.engine
     engine.add_request("logits-probe", prompt, SamplingParams(max_new_tokens=1), adapter_id=adapter_id)
     try:
+        engine.wait_for_adapter_loads()
         inputs = engine.runner.prepare(engine.scheduler.schedule())
         logits = engine.runner.forward(inputs)
     finally:

@@ -58,6 +58,8 @@ class _Add:
     params: SamplingParams
     prompt: str | None
     adapter_id: str | None
+    adapter_source: str | None
+    adapter_token: str | None = field(repr=False)
 
 
 @dataclass
@@ -109,7 +111,8 @@ class AsyncEngine:
             return len(self._streams)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                       prompt: str | None = None, adapter_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None, adapter_id: str | None = None, adapter_source: str | None = None,
+                       adapter_token: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its cumulative outputs, one per generated token, the last finished.
 
         Raises Overloaded when `max_concurrent_requests` requests are in flight, EngineDead when the loop
@@ -127,7 +130,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, prompt, adapter_id))
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, prompt, adapter_id, adapter_source, adapter_token))
         finished = False
         try:
             while True:
@@ -178,7 +181,7 @@ class AsyncEngine:
                 if self.on_step is not None:
                     self.on_step(outputs, time.perf_counter() - start)
                 for out in outputs:
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, out.error or out)
         except BaseException as e:
             self.dead = e
             log.critical("engine loop stopped: %r", e)
@@ -212,7 +215,8 @@ class AsyncEngine:
                 return
             try:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params,
-                                        prompt=item.prompt, adapter_id=item.adapter_id)
+                                        prompt=item.prompt, adapter_id=item.adapter_id,
+                                        adapter_source=item.adapter_source, adapter_token=item.adapter_token)
             except Exception as e:  # refused: this request only
                 self._deliver(item.request_id, e)
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import replace
 
 import torch
 
+from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
+from loraplex.adapters.ref import parse_ref
 from loraplex.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
+from loraplex.lora.adapter import AdapterError
 from loraplex.lora.manager import LoRAManager
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.runner import ModelRunner
@@ -21,6 +26,7 @@ from loraplex.sampling import SamplerOutput
 from loraplex.sampling.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
+LOAD_POLL_S = 0.05
 
 
 class Engine:
@@ -41,6 +47,10 @@ class Engine:
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.pool = BlockPool(num_blocks)
         self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
+        # The adapter exchange: sources → disk → host tier on worker threads; the manager is the device tier.
+        self.adapters = AdapterLoader.from_config(config.adapters, self.lora.parse) if self.lora else None
+        self._loading: dict[str, tuple[Sequence, Future[LoadedAdapter]]] = {}
+        self._failed: list[RequestOutput] = []
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
                                    enable_prefix_caching=config.cache.enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv_cache, device)
@@ -51,10 +61,15 @@ class Engine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, adapter_id: str | None = None, *,
+                    adapter_source: str | None = None, adapter_token: str | None = None,
                     truncate: int | None = None) -> None:
-        """Queue a request. `adapter_id` (a PEFT adapter folder; None or "" = the base model) is read and
-        validated here, so a bad adapter raises AdapterError for this request only. `truncate` keeps
-        only the last `truncate` prompt tokens."""
+        """Queue a request. `truncate` keeps only the last `truncate` prompt tokens.
+
+        `adapter_id` (None or "" = the base model) names an adapter of `adapter_source` (default `local`:
+        a folder; `hub`: `org/name[@revision]`; `s3`: `s3://bucket/prefix`), fetched with `adapter_token`
+        if it needs one. The adapter loads on the exchange's worker threads while other requests keep
+        running; if it cannot be loaded, this request alone finishes with `error` set (an AdapterError).
+        """
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if truncate is not None:
@@ -69,9 +84,15 @@ class Engine:
         if params.json_schema is not None:
             seq.grammar = self._grammar_compiler().matcher(params.json_schema)
         if adapter_id:
-            if self.lora is None:
+            if self.adapters is None:
                 raise ValueError(f"adapter {adapter_id!r} requested, but this engine runs with max_loras=0")
-            seq.adapter = self.lora.register(adapter_id)
+            ref = parse_ref(adapter_id, adapter_source)
+            if ref.source not in self.config.adapters.sources:
+                raise ValueError(f"adapter source {ref.source!r} is not enabled; enabled: "
+                                 f"{', '.join(self.config.adapters.sources)}")
+            self._seqs[request_id] = seq
+            self._loading[request_id] = (seq, self.adapters.request(ref, adapter_token))
+            return
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -112,22 +133,52 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)
+        if self._loading.pop(request_id, None) is not None:
+            return  # it holds nothing yet
         if seq is not None and seq.status is not SequenceStatus.FINISHED:
             seq.finish_reason = FinishReason.ABORTED
             self._finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._loading)
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that produced a token or finished."""
+        """Run one batch; returns an output for every request that produced a token or finished
+        (including requests whose adapter failed to load, with `error` set)."""
+        self._admit_loaded()
         sched = self.scheduler.schedule()
+        failed, self._failed = self._failed, []
         if sched.empty:
-            return []
+            if self._loading and not failed:  # only loads pending: wait for one rather than spin
+                wait([f for _, f in self._loading.values()], timeout=LOAD_POLL_S, return_when=FIRST_COMPLETED)
+            return failed
         sampled, result = self.runner.execute(sched)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
-        return self._postprocess(sampled, result)
+        return failed + self._postprocess(sampled, result)
+
+    def wait_for_adapter_loads(self, timeout: float | None = None) -> None:
+        """Block until every pending adapter load has finished, and admit those requests (tests, warm-up)."""
+        wait([f for _, f in self._loading.values()], timeout=timeout)
+        self._admit_loaded()
+
+    def _admit_loaded(self) -> None:
+        """Requests whose adapter finished loading join the scheduler; failed ones finish with the error."""
+        for request_id, (seq, future) in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[request_id]
+            try:
+                loaded = future.result()
+            except AdapterError as e:
+                self._seqs.pop(request_id, None)
+                seq.status = SequenceStatus.FINISHED
+                self._failed.append(replace(self._output(seq), error=e))
+                continue
+            assert self.lora is not None
+            seq.adapter = loaded.identity
+            self.lora.hold(loaded.identity, loaded.weights)
+            self.scheduler.add(seq)
 
     def _postprocess(self, sampled: list[ScheduledChunk], result: SamplerOutput | None) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -151,7 +202,7 @@ class Engine:
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         if seq.adapter is not None and self.lora is not None:
-            self.lora.unregister(seq.adapter)
+            self.lora.drop(seq.adapter)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         """Feed the new token to the detokenizer unless it ends the sequence, and say why it finished."""

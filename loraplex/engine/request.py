@@ -125,3 +125,5 @@ class RequestOutput:
     seed: int | None = None
     """The seed actually used (drawn at random when the request gave none)."""
     prompt: str | None = None
+    error: Exception | None = None
+    """Why the request failed (finished without output), e.g. an AdapterError when its adapter could not load."""

@@ -42,7 +42,7 @@ from loraplex.kv.block_pool import BlockPool, blocks_needed
 from loraplex.kv.prefix_hash import extend_block_hashes
 
 if TYPE_CHECKING:
-    from loraplex.lora.manager import AdapterKey
+    from loraplex.adapters.ref import AdapterIdentity
 
 
 @dataclass
@@ -127,10 +127,10 @@ class Scheduler:
         """Tokens admitted sequences needed in the KV cache (each admission, resumptions included)."""
         self.prefix_cache_hits = 0
         """Of those, tokens found in the prefix cache instead of computed."""
-        self._queues: dict[AdapterKey | None, deque[Sequence]] = {}  # non-empty ones only
-        self._num_running: Counter[AdapterKey | None] = Counter()
-        self._tenure: dict[AdapterKey, tuple[int, float]] = {}  # slot holders: (step, time) they got it
-        self._slot_line: OrderedDict[AdapterKey, None] = OrderedDict()
+        self._queues: dict[AdapterIdentity | None, deque[Sequence]] = {}  # non-empty ones only
+        self._num_running: Counter[AdapterIdentity | None] = Counter()
+        self._tenure: dict[AdapterIdentity, tuple[int, float]] = {}  # slot holders: (step, time) they got it
+        self._slot_line: OrderedDict[AdapterIdentity, None] = OrderedDict()
         self._arrivals = itertools.count()
         self._step = 0
 
@@ -150,7 +150,7 @@ class Scheduler:
         return sum(len(q) for q in list(self._queues.values()))
 
     @property
-    def active_adapters(self) -> list[AdapterKey]:
+    def active_adapters(self) -> list[AdapterIdentity]:
         """Adapters with running requests, each holding a device slot."""
         return list(self._tenure)
 
@@ -202,7 +202,7 @@ class Scheduler:
         return True
 
     def _admit(self, out: SchedulerOutput, budget: _StepBudget) -> None:
-        refused: set[AdapterKey | None] = set()  # adapters whose slot request failed this step
+        refused: set[AdapterIdentity | None] = set()  # adapters whose slot request failed this step
         while (budget.tokens > 0 and budget.prefill > 0 and len(self.running) < self.config.max_num_seqs):
             seq = self._pick(refused)
             if seq is None:
@@ -233,12 +233,12 @@ class Scheduler:
             budget.held += cached
             budget.take(seq, n)
 
-    def _pick(self, refused: set[AdapterKey | None]) -> Sequence | None:
+    def _pick(self, refused: set[AdapterIdentity | None]) -> Sequence | None:
         """The head of the queue allowed to admit with the fewest running requests (then the oldest)."""
         limit = self.max_active_adapters
         free_slots = len(self._slot_line) if limit is None else limit - len(self._tenure)
         rotating = bool(self._slot_line) and free_slots <= 0
-        allowed: list[AdapterKey | None] = [k for k in self._tenure if k in self._queues
+        allowed: list[AdapterIdentity | None] = [k for k in self._tenure if k in self._queues
                                             and not (rotating and self._expired(k))]
         allowed += itertools.islice(self._slot_line, max(free_slots, 0))
         if None in self._queues:
@@ -249,7 +249,7 @@ class Scheduler:
         key = min(allowed, key=lambda k: (self._num_running[k], self._queues[k][0].arrival))
         return self._queues[key][0]
 
-    def _expired(self, key: AdapterKey) -> bool:
+    def _expired(self, key: AdapterIdentity) -> bool:
         step, start = self._tenure[key]
         return (self._step - step >= self.config.adapter_cycle_steps
                 or time.monotonic() - start >= self.config.adapter_cycle_time_s)
@@ -317,7 +317,7 @@ class Scheduler:
                 if key in self._queues:
                     self._slot_line[key] = None
 
-    def _on_start(self, key: AdapterKey | None) -> None:
+    def _on_start(self, key: AdapterIdentity | None) -> None:
         if key is not None and self._num_running[key] == 0:
             self._tenure[key] = (self._step, time.monotonic())
             self._slot_line.pop(key, None)

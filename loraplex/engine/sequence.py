@@ -11,8 +11,8 @@ import torch
 from loraplex.engine.request import FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
+    from loraplex.adapters.ref import AdapterIdentity
     from loraplex.engine.detokenizer import IncrementalDetokenizer
-    from loraplex.lora.manager import AdapterKey
     from loraplex.sampling.structured import GrammarMatcher
 
 
@@ -38,7 +38,7 @@ class Sequence:
     """Tokens whose keys and values are in the KV cache."""
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    adapter: AdapterKey | None = None
+    adapter: AdapterIdentity | None = None
     """The request's LoRA adapter; None serves the base model."""
     lora_slot: int = -1
     """The device slot holding the adapter while the sequence runs; -1 when it holds none."""

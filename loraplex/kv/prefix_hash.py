@@ -14,19 +14,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loraplex.lora.manager import AdapterKey
+    from loraplex.adapters.ref import AdapterIdentity
 
 BlockHash = bytes
 
 
-def root_hash(adapter: AdapterKey | None) -> BlockHash:
+def root_hash(adapter: AdapterIdentity | None) -> BlockHash:
     """The chain's start for KV computed under `adapter` (None: the base model)."""
-    identity = b"base" if adapter is None else f"lora\0{adapter.path}\0{adapter.content_hash}".encode()
+    identity = b"base" if adapter is None else f"lora\0{adapter.source}\0{adapter.id}\0{adapter.version}".encode()
     return hashlib.sha256(b"loraplex-kv-prefix\0" + identity).digest()
 
 
 def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], list[int]], num_blocks: int,
-                        block_size: int, adapter: AdapterKey | None) -> list[BlockHash]:
+                        block_size: int, adapter: AdapterIdentity | None) -> list[BlockHash]:
     """Grow `hashes` (the chain of the first len(hashes) blocks) in place to `num_blocks` entries.
 
     `tokens(start, end)` returns the sequence's tokens [start, end), all of which must be known.

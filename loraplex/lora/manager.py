@@ -1,17 +1,18 @@
-"""Which adapter sits in which device slot: loading, reference counts, LRU reuse of idle slots.
+"""The device tier: which adapter sits in which device slot, reference counts, LRU reuse of idle slots.
 
-An adapter is identified by its resolved folder and the hash of its files, so an adapter changed on
-disk under the same name is a different adapter. Requests register their adapter when they are added
-(it is read and validated then, so a bad adapter fails its own request at once) and hold a slot
-from admission to finish or preemption; a slot in use is never overwritten.
+Adapters are keyed by their identity (source, id, version), so an adapter changed under the same name
+is a different adapter. The adapter exchange (loraplex.adapters) fetches and parses them; a request
+holds its adapter's parsed weights from the moment it is admitted to the engine (`hold`) until it
+finishes (`drop`), and a device slot from scheduling to finish or preemption. A slot in use is never
+overwritten. Pinned adapters keep a reference on their slot, so they stay resident.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.adapters.ref import AdapterIdentity
 from loraplex.config import LoRAConfig
 from loraplex.engine.sequence import Sequence
 from loraplex.lora.adapter import AdapterInvalid, AdapterWeights, LoRAModule, load_adapter
@@ -21,10 +22,8 @@ from loraplex.lora.ops import get_lora_op
 from loraplex.model.decoder import CausalLM
 
 
-@dataclass(frozen=True)
-class AdapterKey:
-    path: str
-    content_hash: str
+class NoFreeSlot(Exception):
+    """Every device slot holds an adapter in use (HTTP 503 for an admin pin: retry later)."""
 
 
 class LoRAManager:
@@ -35,43 +34,68 @@ class LoRAManager:
         self._op = get_lora_op(config.lora_backend)
         self._wrapped = wrap_decoder_layers(model.model.layers, config.max_loras, config.max_lora_rank, self._op)
         self._head: LoRAHead | None = None
-        self._slot_owner: list[AdapterKey | None] = [None] * config.max_loras
+        self._slot_owner: list[AdapterIdentity | None] = [None] * config.max_loras
         self._slot_refs = [0] * config.max_loras
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(config.max_loras))
-        self._weights: dict[AdapterKey, AdapterWeights] = {}
-        self._host: OrderedDict[str, tuple[tuple[tuple[str, int, int], ...], AdapterWeights]] = OrderedDict()
-        self._holders: dict[AdapterKey, int] = {}
+        self._weights: dict[AdapterIdentity, AdapterWeights] = {}
+        self._holders: dict[AdapterIdentity, int] = {}
+        self._pinned: set[AdapterIdentity] = set()
         self.loads = 0
 
-    def register(self, adapter_id: str) -> AdapterKey:
-        """Read and validate the adapter for a new request; raises AdapterError for a bad one."""
-        weights = self._read(Path(adapter_id))
-        key = AdapterKey(str(Path(adapter_id).resolve()), weights.content_hash)
-        self._weights.setdefault(key, weights)
-        self._holders[key] = self._holders.get(key, 0) + 1
-        return key
-
-    def _read(self, path: Path) -> AdapterWeights:
-        """Parsed adapter from the host cache when its files are unchanged (same sizes and mtimes)."""
-        stamp = _file_stamp(path)
-        cached = self._host.get(str(path.resolve())) if stamp is not None else None
-        if cached is not None and cached[0] == stamp:
-            self._host.move_to_end(str(path.resolve()))
-            return cached[1]
+    def parse(self, path: Path) -> AdapterWeights:
+        """Read and validate an adapter folder for this base model (the exchange's parse step)."""
         weights = load_adapter(path, self.base_config, self.config.max_lora_rank)
         if weights.lm_head is not None and weights.lm_head.magnitude is not None:
             raise AdapterInvalid(f"{path}: DoRA on lm_head is not supported")
-        if stamp is not None and self.config.max_cpu_loras > 0:
-            self._host[str(path.resolve())] = (stamp, weights)
-            while len(self._host) > self.config.max_cpu_loras:
-                self._host.popitem(last=False)
         return weights
 
-    def unregister(self, key: AdapterKey) -> None:
-        self._holders[key] -= 1
-        if self._holders[key] == 0:
-            del self._holders[key]
-            del self._weights[key]
+    def hold(self, identity: AdapterIdentity, weights: AdapterWeights) -> None:
+        """Keep `weights` for `identity` while a request (or a pin) needs them."""
+        self._weights.setdefault(identity, weights)
+        self._holders[identity] = self._holders.get(identity, 0) + 1
+
+    def drop(self, identity: AdapterIdentity) -> None:
+        self._holders[identity] -= 1
+        if self._holders[identity] == 0:
+            del self._holders[identity]
+            del self._weights[identity]
+
+    def pin(self, identity: AdapterIdentity, weights: AdapterWeights) -> int:
+        """Load the adapter into a slot now and keep it there until `unpin`; returns the slot."""
+        slot = self._resident_slot(identity)
+        if identity in self._pinned:
+            assert slot is not None
+            return slot
+        if slot is None and not self._idle:
+            raise NoFreeSlot(f"all {self.config.max_loras} device slots hold adapters in use")
+        self.hold(identity, weights)
+        if slot is None:
+            slot, _ = self._idle.popitem(last=False)
+            self._load(slot, identity)
+        self._idle.pop(slot, None)
+        self._slot_refs[slot] += 1
+        self._pinned.add(identity)
+        return slot
+
+    def unpin(self, identity: AdapterIdentity) -> bool:
+        """Let a pinned adapter be evicted again (it stays resident until its slot is needed)."""
+        if identity not in self._pinned:
+            return False
+        self._pinned.discard(identity)
+        slot = self._resident_slot(identity)
+        assert slot is not None
+        self._release_slot(slot)
+        self.drop(identity)
+        return True
+
+    def evict(self, identity: AdapterIdentity) -> bool:
+        """Free the adapter's slot now if no request uses it; False when it is in use or not resident."""
+        slot = self._resident_slot(identity)
+        if slot is None or self._slot_refs[slot] > 0:
+            return False
+        self._slot_owner[slot] = None
+        self._idle.move_to_end(slot, last=False)  # reused first
+        return True
 
     def acquire(self, seq: Sequence) -> bool:
         """Give `seq` a slot holding its adapter; False when every slot is in use by other adapters."""
@@ -94,25 +118,31 @@ class LoRAManager:
         if slot == EMPTY_SLOT:
             return
         seq.lora_slot = EMPTY_SLOT
+        self._release_slot(slot)
+
+    def _release_slot(self, slot: int) -> None:
         self._slot_refs[slot] -= 1
         assert self._slot_refs[slot] >= 0, f"slot {slot} released more often than acquired"
         if self._slot_refs[slot] == 0:
             self._idle[slot] = None
 
-    def resident(self) -> list[str]:
-        """Folders of the adapters loaded in device slots."""
-        return [key.path for key in self._slot_owner if key is not None]
+    def resident(self) -> list[AdapterIdentity]:
+        """Adapters loaded in device slots."""
+        return [key for key in self._slot_owner if key is not None]
+
+    def is_pinned(self, identity: AdapterIdentity) -> bool:
+        return identity in self._pinned
 
     def slot_refs(self) -> list[int]:
         return list(self._slot_refs)
 
-    def _resident_slot(self, key: AdapterKey) -> int | None:
+    def _resident_slot(self, key: AdapterIdentity) -> int | None:
         try:
             return self._slot_owner.index(key)
         except ValueError:
             return None
 
-    def _load(self, slot: int, key: AdapterKey) -> None:
+    def _load(self, slot: int, key: AdapterIdentity) -> None:
         assert self._slot_refs[slot] == 0, f"slot {slot} is in use and cannot be overwritten"
         weights = self._weights[key]
         per_layer: dict[int, dict[str, LoRAModule]] = {}
@@ -136,12 +166,3 @@ class LoRAManager:
                         self._op, weight.dtype, weight.device)
         self._model.lora_head = head
         return head
-
-
-def _file_stamp(path: Path) -> tuple[tuple[str, int, int], ...] | None:
-    """(name, size, mtime_ns) of the adapter's files; None when the folder cannot be listed."""
-    try:
-        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir()
-                            if f.is_file() for st in [f.stat()]))
-    except OSError:
-        return None

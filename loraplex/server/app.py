@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -14,23 +15,30 @@ from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncEngine, EngineDead
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import MAX_STOP_SEQUENCES
+from loraplex.examples import ADAPTERS_DIR
 from loraplex.server import native, openai
-from loraplex.server.adapters import AdapterResolver
 from loraplex.server.errors import install_error_handlers
 from loraplex.server.generation import Generation
 from loraplex.server.metrics import Metrics
 from loraplex.server.state import ServerState, get_state
 
 
-def build_state(engine_config: EngineConfig, server_config: ServerConfig, adapter_roots: list[Path]) -> ServerState:
-    """Load the model and wire the engine facade (the engine loop starts with the app)."""
-    engine = Engine(engine_config)
+def build_state(engine_config: EngineConfig, server_config: ServerConfig) -> ServerState:
+    """Load the model and wire the engine facade (the engine loop starts with the app).
+
+    A server serves local adapters only from its adapter roots (the bundled examples are always one),
+    never from any folder a request names.
+    """
+    roots = (str(ADAPTERS_DIR), *(engine_config.adapters.adapter_roots or ()))
+    for root in roots:
+        if not Path(root).is_dir():
+            raise ValueError(f"adapter root {root!r} is not a folder")
+    engine = Engine(replace(engine_config, adapters=replace(engine_config.adapters, adapter_roots=roots)))
     async_engine = AsyncEngine(engine, server_config.max_concurrent_requests)
     metrics = Metrics()
     metrics.watch(async_engine)
-    adapters = AdapterResolver(adapter_roots)
-    generation = Generation(async_engine, engine.tokenizer, adapters, metrics)
-    return ServerState(server_config, async_engine, generation, adapters, metrics, engine.model_name)
+    generation = Generation(async_engine, engine.tokenizer, metrics)
+    return ServerState(server_config, async_engine, generation, metrics, engine.model_name)
 
 
 def create_app(state: ServerState) -> FastAPI:

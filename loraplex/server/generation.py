@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
-from loraplex.server.adapters import AdapterResolver, AdapterSpec
+from loraplex.server.adapters import AdapterSpec
 from loraplex.server.metrics import Metrics
 from loraplex.tokenization import encode_chat
 
@@ -70,10 +70,9 @@ class Event:
 
 
 class Generation:
-    def __init__(self, engine: AsyncEngine, tokenizer: Any, adapters: AdapterResolver, metrics: Metrics) -> None:
+    def __init__(self, engine: AsyncEngine, tokenizer: Any, metrics: Metrics) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
-        self.adapters = adapters
         self.metrics = metrics
         self.special_ids = frozenset(tokenizer.all_special_ids)
         self._ids = itertools.count()
@@ -90,13 +89,12 @@ class Generation:
 
     async def stream(self, job: Job) -> AsyncGenerator[Event, None]:
         """Events of all `job.n` sequences as they come; leaving early aborts every sequence."""
-        adapter_path = await self.adapters.resolve(job.adapter) if job.adapter is not None else None
         if job.n == 1:
-            async for event in self._one(job, 0, job.params, adapter_path):
+            async for event in self._one(job, 0, job.params):
                 yield event
             return
         seeds = _seeds(job.params.seed, job.n)
-        streams = [self._one(job, i, replace(job.params, seed=seeds[i]), adapter_path) for i in range(job.n)]
+        streams = [self._one(job, i, replace(job.params, seed=seeds[i])) for i in range(job.n)]
         async for _, event in merge(streams):
             yield event
 
@@ -107,10 +105,10 @@ class Generation:
                 done[event.index] = event.done
         return [done[i] for i in range(job.n)]
 
-    async def _one(self, job: Job, index: int, params: SamplingParams,
-                   adapter_path: str | None) -> AsyncGenerator[Event, None]:
+    async def _one(self, job: Job, index: int, params: SamplingParams) -> AsyncGenerator[Event, None]:
         request_id = f"req-{next(self._ids)}"
-        adapter_label = job.adapter.id if job.adapter is not None else ""
+        adapter = job.adapter or AdapterSpec("")
+
         # Token logprobs are part of every native response, so the engine always computes them.
         params = replace(params, logprobs=params.logprobs or 0)
         completion = Completion(index)
@@ -119,7 +117,8 @@ class Generation:
         status = "error"
         try:
             async for out in self.engine.generate(request_id, job.prompt_ids, params, prompt=job.prompt,
-                                                  adapter_id=adapter_path):
+                                                  adapter_id=adapter.id, adapter_source=adapter.source,
+                                                  adapter_token=adapter.token):
                 if first is None:
                     first = time.perf_counter()
                 token = self._token(out, completion.text)
@@ -136,7 +135,7 @@ class Generation:
             raise
         finally:
             end = time.perf_counter()
-            self.metrics.observe_request(adapter_label, status, end - start,
+            self.metrics.observe_request(adapter.id, status, end - start,
                                          None if first is None else first - start,
                                          None if first is None else (end - first) / max(1, len(completion.tokens) - 1),
                                          len(job.prompt_ids), len(completion.tokens))

@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import uvicorn
 
 from loraplex.config import EngineConfig, ServerConfig
-from loraplex.examples import ADAPTERS_DIR
 from loraplex.server.app import build_state, create_app
 
 log = logging.getLogger(__name__)
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig, adapter_roots: list[Path]) -> int:
-    roots = [ADAPTERS_DIR, *adapter_roots]
-    for root in adapter_roots:
-        if not root.is_dir():
-            raise ValueError(f"adapter root {str(root)!r} is not a folder")
-    state = build_state(engine_config, server_config, roots)
+def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    state = build_state(engine_config, server_config)
     app = create_app(state)
     # uvicorn handles SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests (streams
     # included) finish for at most timeout_graceful_shutdown seconds, then runs the app's shutdown.
     config = uvicorn.Config(app, host=server_config.hostname, port=server_config.port, log_level="info",
                             timeout_graceful_shutdown=int(server_config.shutdown_timeout_s))
-    server = uvicorn.Server(config)
     log.info("serving %s on http://%s:%d", state.model_id, server_config.hostname, server_config.port)
-    server.run()
+    uvicorn.Server(config).run()
     return 0

@@ -8,7 +8,6 @@ read at scrape time by a collector, so the step loop pays nothing for it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -87,8 +86,8 @@ class _EngineCollector(Collector):
         if core.lora is not None:
             resident = GaugeMetricFamily("loraplex_adapter_resident", "1 for each adapter in a tier",
                                          labels=["adapter", "tier"])
-            for name in core.lora.resident():
-                resident.add_metric([Path(name).name, "device"], 1)
+            for identity in core.lora.resident():
+                resident.add_metric([identity.id, "device"], 1)
             yield resident
             yield GaugeMetricFamily("loraplex_adapter_loads", "Adapter loads into device slots",
                                     value=core.lora.loads)

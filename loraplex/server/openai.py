@@ -17,6 +17,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.engine.request import FinishReason, SamplingParams
+from loraplex.server.adapters import local_adapter_names
 from loraplex.server.errors import error_body, status_of
 from loraplex.server.generation import Completion, Event, Job, TokenInfo, merge
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
@@ -31,7 +32,7 @@ DEFAULT_COMPLETION_TOKENS = 16
 async def models(request: Request) -> JSONResponse:
     state = get_state(request)
     created = int(time.time())
-    ids = [state.model_id, *state.adapters.known()]
+    ids = [state.model_id, *local_adapter_names(state.engine.engine.config.adapters.adapter_roots)]
     return JSONResponse({"object": "list", "data": [
         {"id": i, "object": "model", "created": created, "owned_by": "loraplex",
          **({"parent": state.model_id} if i != state.model_id else {})} for i in ids]})

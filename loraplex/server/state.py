@@ -11,7 +11,7 @@ from fastapi import Request
 
 from loraplex.config import ServerConfig
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.server.adapters import AdapterResolver, AdapterSpec
+from loraplex.server.adapters import AdapterSpec
 from loraplex.server.generation import Generation
 from loraplex.server.metrics import Metrics
 
@@ -28,7 +28,6 @@ class ServerState:
     config: ServerConfig
     engine: AsyncEngine
     generation: Generation
-    adapters: AdapterResolver
     metrics: Metrics
     model_id: str
     draining: bool = False

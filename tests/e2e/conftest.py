@@ -76,9 +76,9 @@ def demo_adapters(tmp_path_factory: pytest.TempPathFactory, demo_model_path: Pat
 
 def start_server(adapters: dict[str, Path], server_config: ServerConfig | None = None,
                  **engine_options: object) -> tuple[ServerThread, RunningServer]:
-    roots = sorted({p.parent for p in adapters.values()})
-    options = {"max_loras": 4, "max_lora_rank": 16, **engine_options}
-    state = build_state(EngineConfig.from_options(**options), server_config or ServerConfig(), roots)
+    roots = tuple(sorted({str(p.parent) for p in adapters.values()}))
+    options = {"max_loras": 4, "max_lora_rank": 16, "adapter_roots": roots, **engine_options}
+    state = build_state(EngineConfig.from_options(**options), server_config or ServerConfig())
     thread = ServerThread(create_app(state))
     return thread, RunningServer(thread.start(), state, adapters)
 

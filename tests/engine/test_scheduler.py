@@ -11,18 +11,18 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from loraplex.adapters.ref import AdapterIdentity
 from loraplex.config import SchedulerConfig
 from loraplex.engine.request import SamplingParams
 from loraplex.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kv.block_pool import BlockPool, blocks_needed
-from loraplex.lora.manager import AdapterKey
 
 BLOCK = 4
 
 
-def key(name: str) -> AdapterKey:
-    return AdapterKey(f"/adapters/{name}", "hash-" + name)
+def key(name: str) -> AdapterIdentity:
+    return AdapterIdentity("local", f"/adapters/{name}", "hash-" + name)
 
 
 class FakeSlots:
@@ -30,7 +30,7 @@ class FakeSlots:
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self.refs: dict[AdapterKey, int] = {}
+        self.refs: dict[AdapterIdentity, int] = {}
         self.most_resident = 0
 
     def acquire(self, seq: Sequence) -> bool:
@@ -84,7 +84,7 @@ class FakeRunner:
                 self.finished.append(seq)
 
 
-def make_seq(request_id: str, prompt: list[int], max_new_tokens: int, adapter: AdapterKey | None) -> Sequence:
+def make_seq(request_id: str, prompt: list[int], max_new_tokens: int, adapter: AdapterIdentity | None) -> Sequence:
     seq = Sequence(request_id, prompt, SamplingParams(max_new_tokens=max_new_tokens), 0, torch.Generator())
     seq.adapter = adapter
     return seq

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 
+from loraplex.adapters.ref import AdapterIdentity
 from loraplex.kv.block_pool import BlockPool
 from loraplex.kv.prefix_hash import extend_block_hashes, root_hash
-from loraplex.lora.manager import AdapterKey
 
 
-def chain(tokens: list[int], adapter: AdapterKey | None = None, block_size: int = 2) -> list[bytes]:
+def chain(tokens: list[int], adapter: AdapterIdentity | None = None, block_size: int = 2) -> list[bytes]:
     return extend_block_hashes([], lambda s, e: tokens[s:e], len(tokens) // block_size, block_size, adapter)
 
 
 def test_hash_chain_depends_on_the_whole_prefix_and_the_adapter():
-    a, a2 = AdapterKey("/x/a", "h1"), AdapterKey("/x/a", "h2")
+    a, a2 = AdapterIdentity("local", "/x/a", "h1"), AdapterIdentity("local", "/x/a", "h2")
     base = chain([1, 2, 3, 4, 5, 6])
     assert len(base) == 3 and len(set(base)) == 3
     assert chain([1, 2, 3, 4]) == base[:2]
