@@ -150,6 +150,27 @@ class AdapterLoader:
                 resolves=c["resolves"], resolve_seconds=s["resolve"], failures=c["failures"],
                 negative_hits=c["negative_hits"], joined=c["joined"], in_flight=len(self._in_flight))
 
+    def host_entries(self) -> list[LoadedAdapter]:
+        """The parsed adapters in the host tier, least recently used first."""
+        with self._lock:
+            return list(self._host.values())
+
+    def cached(self, ref: AdapterRef) -> LoadedAdapter | None:
+        """The host tier's entry for the version `ref` last resolved to, without any I/O."""
+        with self._lock:
+            resolved = self._resolved.get(ref)
+            return self._host.get(resolved[0]) if resolved is not None else None
+
+    def forget(self, identity: AdapterIdentity) -> bool:
+        """Drop an adapter from the host tier (requests that hold it keep their copy); False if absent."""
+        with self._lock:
+            loaded = self._host.pop(identity, None)
+            if loaded is None:
+                return False
+            self._host_used -= loaded.weights.size_bytes
+            self._resolved = {r: v for r, v in self._resolved.items() if v[0] != identity}
+            return True
+
     def close(self) -> None:
         """Stop the workers; loads not yet started are cancelled."""
         self._pool.shutdown(wait=False, cancel_futures=True)

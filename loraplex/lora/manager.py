@@ -88,6 +88,25 @@ class LoRAManager:
         self.drop(identity)
         return True
 
+    def warm(self, identity: AdapterIdentity, weights: AdapterWeights) -> int | None:
+        """Load the adapter into an idle slot ahead of its requests (startup preloading); it stays evictable.
+        Returns its slot, or None when no slot is idle."""
+        slot = self._resident_slot(identity)
+        if slot is not None:
+            return slot
+        if not self._idle:
+            return None
+        slot, _ = self._idle.popitem(last=False)
+        self._weights.setdefault(identity, weights)
+        self._load(slot, identity)
+        if identity not in self._holders:
+            del self._weights[identity]  # the slot buffers hold it now; requests bring their own copy
+        self._idle[slot] = None  # most recently used idle slot: the last to be reused
+        return slot
+
+    def slot_of(self, identity: AdapterIdentity) -> int | None:
+        return self._resident_slot(identity)
+
     def evict(self, identity: AdapterIdentity) -> bool:
         """Free the adapter's slot now if no request uses it; False when it is in use or not resident."""
         slot = self._resident_slot(identity)

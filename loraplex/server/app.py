@@ -11,12 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from loraplex import __version__
+from loraplex.adapters.ref import parse_ref
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncEngine, EngineDead
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import MAX_STOP_SEQUENCES
 from loraplex.examples import ADAPTERS_DIR
-from loraplex.server import native, openai
+from loraplex.lora.adapter import AdapterError
+from loraplex.server import admin, native, openai
 from loraplex.server.errors import install_error_handlers
 from loraplex.server.generation import Generation
 from loraplex.server.metrics import Metrics
@@ -41,9 +43,26 @@ def build_state(engine_config: EngineConfig, server_config: ServerConfig) -> Ser
     return ServerState(server_config, async_engine, generation, metrics, engine.model_name)
 
 
+def preload(state: ServerState) -> None:
+    """Fetch `--preloaded-adapter-ids` and put them in device slots; others still load on demand."""
+    engine = state.engine.engine
+    if not state.config.preloaded_adapter_ids:
+        return
+    if engine.adapters is None or engine.lora is None:
+        raise ValueError("preloaded_adapter_ids needs max_loras > 0")
+    for adapter_id in state.config.preloaded_adapter_ids:
+        ref = parse_ref(adapter_id, state.config.adapter_source)
+        try:
+            loaded = engine.adapters.request(ref).result()
+        except AdapterError as e:
+            raise ValueError(f"preloaded adapter {adapter_id!r} could not be loaded: {e}") from e
+        engine.lora.warm(loaded.identity, loaded.weights)
+
+
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        preload(state)  # before the engine thread starts: the engine is still ours to touch
         state.engine.start()
         try:
             yield
@@ -57,6 +76,7 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(admin.router)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> JSONResponse:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from loraplex.engine.async_engine import EngineDead, EngineStepError, Overloaded
 from loraplex.lora.adapter import AdapterAccessDenied, AdapterError, AdapterNotFound
+from loraplex.lora.manager import NoFreeSlot
 from loraplex.server.state import ClientDisconnected
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def status_of(error: BaseException) -> tuple[int, str]:
         (Unauthorized, 401, "unauthorized"),
         (Overloaded, 429, "overloaded"),
         (EngineDead, 503, "unavailable"),
+        (NoFreeSlot, 503, "no_free_slot"),
         (EngineStepError, 500, "generation"),
         (AdapterNotFound, 404, "adapter_not_found"),
         (AdapterAccessDenied, 403, "adapter_access_denied"),
@@ -78,7 +80,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(HTTPException, on_http_error)
-    for cls in (ClientDisconnected, Unauthorized, Overloaded, EngineDead, EngineStepError, AdapterError, ValidationError, ValueError,
+    for cls in (ClientDisconnected, Unauthorized, Overloaded, EngineDead, NoFreeSlot, EngineStepError, AdapterError, ValidationError, ValueError,
                 Exception):
         app.add_exception_handler(cls, on_domain_error)
 

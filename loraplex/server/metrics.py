@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class _EngineCollector(Collector):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         core = self.engine.engine
         pool, sched = core.pool, core.scheduler
         yield GaugeMetricFamily("loraplex_engine_alive", "1 while the engine loop runs", value=int(self.engine.alive))
@@ -88,6 +88,22 @@ class _EngineCollector(Collector):
                                          labels=["adapter", "tier"])
             for identity in core.lora.resident():
                 resident.add_metric([identity.id, "device"], 1)
+            if core.adapters is not None:
+                for loaded in core.adapters.host_entries():
+                    resident.add_metric([loaded.identity.id, "host"], 1)
             yield resident
-            yield GaugeMetricFamily("loraplex_adapter_loads", "Adapter loads into device slots",
-                                    value=core.lora.loads)
+            yield CounterMetricFamily("loraplex_adapter_device_loads", "Adapter loads into device slots",
+                                      value=core.lora.loads)
+        if core.adapters is not None:
+            stats = core.adapters.stats()
+            for tier in ("host", "disk"):
+                yield GaugeMetricFamily(f"loraplex_adapter_{tier}_bytes", f"Bytes of adapters in the {tier} tier",
+                                        value=getattr(stats, f"{tier}_bytes"))
+                for event in ("hits", "misses", "evictions"):
+                    yield CounterMetricFamily(f"loraplex_adapter_{tier}_{event}", f"Adapter {tier} tier {event}",
+                                              value=getattr(stats, f"{tier}_{event}"))
+            for stage in ("fetch", "parse", "resolve"):
+                yield CounterMetricFamily(f"loraplex_adapter_{stage}_seconds", f"Time spent in adapter {stage}es",
+                                          value=getattr(stats, f"{stage}_seconds"))
+            yield CounterMetricFamily("loraplex_adapter_load_failures", "Adapter loads that failed",
+                                      value=stats.failures)
