@@ -11,7 +11,7 @@ ignore EOS) on an engine with `max_loras=slots` device slots:
 
 and prints generated tokens per second (median of the repeats) and many / one (target >= 0.85,
 shared/BENCHMARKS.md). Each timed run gets a fresh engine, so it reads every adapter it uses from disk
-(through the `max_cpu_loras` host cache) and loads it into a slot, and the scheduler rotates the
+(through the exchange's host tier) and loads it into a slot, and the scheduler rotates the
 adapters through the slots; that is the cost measured. Runs of the two systems alternate, so load
 from other processes on a shared machine slows both alike.
 
