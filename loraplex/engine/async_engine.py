@@ -180,8 +180,7 @@ class AsyncEngine:
                 self.num_steps += 1
                 if self.on_step is not None:
                     self.on_step(outputs, time.perf_counter() - start)
-                for out in outputs:
-                    self._deliver(out.request_id, out.error or out)
+                self._deliver_all([(out.request_id, out.error or out) for out in outputs])
         except BaseException as e:
             self.dead = e
             log.critical("engine loop stopped: %r", e)
@@ -221,16 +220,27 @@ class AsyncEngine:
                 self._deliver(item.request_id, e)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand a step's outputs to their streams with one wake-up per event loop, not one per request:
+        on a small machine every wake-up of the event loop thread steals a core from the step's kernels."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
         with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is None:
-            if isinstance(item, RequestOutput) and not item.finished:
-                self.engine.abort(request_id)  # nobody is listening any more
-            return
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed
-            self.engine.abort(request_id)
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, item))
+                elif isinstance(item, RequestOutput) and not item.finished:
+                    self.engine.abort(request_id)  # nobody is listening any more
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the caller's event loop is closed
+                for stream_item in batch:
+                    item = stream_item[1]
+                    if isinstance(item, RequestOutput):
+                        self.engine.abort(item.request_id)
 
     def _fail_in_flight(self, error: Exception) -> None:
         with self._lock:
@@ -244,3 +254,8 @@ class AsyncEngine:
             request_ids = list(self._streams)
         for request_id in request_ids:
             self._deliver(request_id, error)
+
+
+def _put_all(batch: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.queue.put_nowait(item)
