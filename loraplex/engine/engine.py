@@ -81,6 +81,8 @@ class Engine:
         generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
         seq = Sequence(request_id, list(prompt_token_ids), params, seed, generator, detok, prompt)
+        if params.prompt_logprobs:
+            seq.prompt_logprobs = [None] * len(prompt_token_ids)
         if params.json_schema is not None:
             seq.grammar = self._grammar_compiler().matcher(params.json_schema)
         if adapter_id:
@@ -233,6 +235,7 @@ class Engine:
             finished=seq.status is SequenceStatus.FINISHED,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs,
             seed=seq.seed,
             prompt=seq.prompt,
         )

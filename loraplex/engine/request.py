@@ -46,6 +46,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives."""
+    prompt_logprobs: bool = False
+    """Also report each prompt token's logprob given the tokens before it (the first has none)."""
     skip_special_tokens: bool = True
     json_schema: str | None = None
     """Constrain the output to JSON matching this JSON schema (text; `{"type": "object"}` = any object).
@@ -122,6 +124,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    """With `params.prompt_logprobs`: per prompt token, its logprob given the ones before (None for the first)."""
     seed: int | None = None
     """The seed actually used (drawn at random when the request gave none)."""
     prompt: str | None = None

@@ -257,8 +257,8 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of the longest cached prefix of `seq`, leaving at least its last token to compute (its
         logits pick the next token)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.computes_prompt_logprobs:
+            return []  # cached positions are never run, and prompt logprobs need every one
         num_blocks = (seq.num_tokens - 1) // self.block_size
         return self.pool.lookup(self._block_hashes(seq, num_blocks))
 

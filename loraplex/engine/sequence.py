@@ -48,8 +48,15 @@ class Sequence:
     """Prefix-cache hashes of the first full blocks of prompt + output, computed as needed."""
     num_cached_blocks: int = 0
     """Leading blocks of `block_table` registered in the prefix cache."""
+    prompt_logprobs: list[float | None] | None = None
+    """Filled by the runner as the prompt is computed, when `params.prompt_logprobs` asks for them."""
     grammar: GrammarMatcher | None = None
     """Structured output: where the output stands in `params.json_schema`'s grammar; None = unconstrained."""
+
+    @property
+    def computes_prompt_logprobs(self) -> bool:
+        """Still computing the prompt and asked for its logprobs (so every prompt position must be run)."""
+        return self.prompt_logprobs is not None and not self.output_token_ids
 
     @property
     def num_tokens(self) -> int:

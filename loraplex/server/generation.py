@@ -54,6 +54,7 @@ class Completion:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     seed: int | None = None
+    prompt_logprobs: list[float | None] | None = None
 
     @property
     def logprob_sum(self) -> float:
@@ -128,6 +129,7 @@ class Generation:
                 if out.finished:
                     completion.finish_reason = out.finish_reason
                     completion.seed = out.seed
+                    completion.prompt_logprobs = out.prompt_logprobs
                     status = "ok"
                 yield Event(index, token, completion if out.finished else None)
         except asyncio.CancelledError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
@@ -68,8 +68,8 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         raise ValueError("merged_adapters is not supported yet; name one adapter in adapter_id")
     if p.watermark:
         raise ValueError("watermark is not supported")
-    if p.decoder_input_details:
-        raise ValueError("decoder_input_details (prompt token logprobs) is not supported yet")
+    if p.decoder_input_details and streaming:
+        raise ValueError("decoder_input_details cannot be streamed")
     sampling = p.do_sample or any(v is not None for v in (p.top_k, p.top_p, p.typical_p)) or (
         p.temperature is not None and p.temperature not in (0.0, 1.0))
     best_of = p.best_of or 1
@@ -89,6 +89,7 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, presence_penalty=p.presence_penalty or 0.0,
         seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives or 0,
+        prompt_logprobs=p.decoder_input_details,
         json_schema=json_schema_of(p.response_format))
     prompt_ids = state.generation.encode(inputs, p.truncate)
     core = state.engine.engine
@@ -113,13 +114,20 @@ def _top_tokens(t: TokenInfo, special: frozenset[int]) -> list[dict[str, Any]]:
     return [{"id": i, "text": s, "logprob": lp, "special": i in special} for i, s, lp in t.top]
 
 
-def _details(c: Completion, job: Job, p: GenerateParameters, special: frozenset[int]) -> dict[str, Any]:
+def _prefill(c: Completion, job: Job, text: Callable[[int], str]) -> list[dict[str, Any]]:
+    """The prompt tokens with their logprobs given the tokens before them (the first has none)."""
+    logprobs = c.prompt_logprobs or [None] * len(job.prompt_ids)
+    return [{"id": t, "text": text(t), "logprob": lp} for t, lp in zip(job.prompt_ids, logprobs, strict=True)]
+
+
+def _details(c: Completion, job: Job, p: GenerateParameters, special: frozenset[int],
+             text: Callable[[int], str]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "finish_reason": c.finish_reason.value if c.finish_reason else None,
         "prompt_tokens": len(job.prompt_ids),
         "generated_tokens": len(c.tokens),
         "seed": c.seed if not job.params.greedy else None,
-        "prefill": [],
+        "prefill": _prefill(c, job, text) if p.decoder_input_details else [],
         "tokens": [_token(t, p.return_k_alternatives is not None) for t in c.tokens],
     }
     if p.top_n_tokens is not None:
@@ -134,10 +142,10 @@ def _response(state: ServerState, body: GenerateRequest, job: Job, completions: 
     best = max(completions, key=lambda c: c.logprob_sum)
     out: dict[str, Any] = {"generated_text": prefix + best.text}
     if p.details:
-        details = _details(best, job, p, special)
+        details = _details(best, job, p, special, state.generation.token_text)
         if len(completions) > 1:
             details["best_of_sequences"] = [
-                {**_details(c, job, p, special), "generated_text": prefix + c.text}
+                {**_details(c, job, p, special, state.generation.token_text), "generated_text": prefix + c.text}
                 for c in completions if c is not best]
         out["details"] = details
     return out
@@ -165,7 +173,7 @@ async def _native_events(first: Event, events: AsyncGenerator[Event, None], body
             if event.done is not None:
                 data["generated_text"] = (body.inputs if p.return_full_text else "") + event.done.text
                 if p.details:
-                    data["details"] = {k: v for k, v in _details(event.done, job, p, special).items()
+                    data["details"] = {k: v for k, v in _details(event.done, job, p, special, str).items()
                                        if k in ("finish_reason", "prompt_tokens", "generated_tokens", "seed")}
             yield f"data:{json.dumps(data)}\n\n"
             event = await anext(events, None)

@@ -160,3 +160,17 @@ def test_health_info_metrics(server):
     assert 'loraplex_adapter_resident{adapter="all16",tier="device"} 1.0' in text
     docs = httpx.get(server.url + "/openapi.json").json()
     assert {"/generate", "/generate_stream", "/v1/chat/completions"} <= set(docs["paths"])
+
+
+def test_decoder_input_details(server, offline):
+    r = post(server, "/generate", {"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 2, "details": True, "decoder_input_details": True, "adapter_id": "qv8"}}).json()
+    prefill = r["details"]["prefill"]
+    want = offline.generate(PROMPT, SamplingParams(max_new_tokens=1, prompt_logprobs=True),
+                            adapter_id=str(server.adapters["qv8"]))[0]
+    assert [t["id"] for t in prefill] == want.prompt_token_ids
+    assert prefill[0]["logprob"] is None
+    assert [t["logprob"] for t in prefill[1:]] == pytest.approx(want.prompt_logprobs[1:], abs=1e-4)
+    assert "".join(t["text"] for t in prefill) == PROMPT
+    streamed = post(server, "/generate_stream", {"inputs": PROMPT, "parameters": {"decoder_input_details": True}})
+    assert streamed.status_code == 422 and "decoder_input_details" in streamed.json()["error"]
