@@ -46,6 +46,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives."""
+    watermark: bool = False
+    """Bias sampling towards a token-dependent "green" half of the vocabulary so the text can be detected
+    as machine-generated (Kirchenbauer et al. 2023; gamma 0.5, delta 2.0 as in TGI)."""
     prompt_logprobs: bool = False
     """Also report each prompt token's logprob given the tokens before it (the first has none)."""
     skip_special_tokens: bool = True

@@ -94,7 +94,8 @@ def apply_penalties(
     output_token_ids: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """Repetition penalty (HF definition, prompt + output), then OpenAI frequency / presence penalties
-    (output only). Returns a new tensor; token ids outside the logits' vocab are ignored, as in HF."""
+    (output only), then the watermark bias. Returns a new tensor (never the caller's); token ids outside
+    the logits' vocab are ignored, as in HF."""
     batch, vocab = logits.shape
     rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if rep_rows:
@@ -114,7 +115,28 @@ def apply_penalties(
         frequency = _column([p.frequency_penalty for p in params], logits.device)  # [batch, 1]
         presence = _column([p.presence_penalty for p in params], logits.device)  # [batch, 1]
         logits = logits - (frequency * counts + presence * (counts > 0).float())
+
+    marked = [i for i, p in enumerate(params) if p.watermark]
+    if marked:
+        logits = logits.clone()  # the rows are updated in place below; the caller's tensor must not be
+        for i in marked:
+            previous = output_token_ids[i][-1] if output_token_ids[i] else prompt_token_ids[i][-1]
+            logits[i, watermark_greenlist(previous, vocab, logits.device)] += WATERMARK_DELTA
     return logits
+
+
+WATERMARK_GAMMA = 0.5
+WATERMARK_DELTA = 2.0
+_WATERMARK_HASH_KEY = 15485863
+
+
+def watermark_greenlist(previous_token: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """The "green" tokens after `previous_token` (Kirchenbauer et al. 2023, as TGI does it): a random
+    `WATERMARK_GAMMA` share of the vocabulary seeded by the previous token. Watermarked text favours
+    them by `WATERMARK_DELTA` in the logits, which a detector that knows the key can test for."""
+    generator = torch.Generator(device="cpu").manual_seed(_WATERMARK_HASH_KEY * previous_token)
+    greenlist = torch.randperm(vocab, generator=generator)[: int(WATERMARK_GAMMA * vocab)]
+    return greenlist.to(device)
 
 
 def apply_temperature(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -218,4 +240,4 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
 
 
 def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or p.watermark

@@ -66,8 +66,6 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
     """Validate what pydantic cannot (cross-field and server limits) and build the engine job."""
     if p.merged_adapters is not None:
         raise ValueError("merged_adapters is not supported yet; name one adapter in adapter_id")
-    if p.watermark:
-        raise ValueError("watermark is not supported")
     if p.decoder_input_details and streaming:
         raise ValueError("decoder_input_details cannot be streamed")
     sampling = p.do_sample or any(v is not None for v in (p.top_k, p.top_p, p.typical_p)) or (
@@ -89,7 +87,7 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, presence_penalty=p.presence_penalty or 0.0,
         seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives or 0,
-        prompt_logprobs=p.decoder_input_details,
+        prompt_logprobs=p.decoder_input_details, watermark=p.watermark,
         json_schema=json_schema_of(p.response_format))
     prompt_ids = state.generation.encode(inputs, p.truncate)
     core = state.engine.engine
