@@ -48,7 +48,10 @@ class _Stream:
     """Where one request's outputs go: an asyncio queue on the caller's event loop."""
 
     loop: asyncio.AbstractEventLoop
+    every_token: bool = True
+    """False: only the first and the final output are delivered (a caller that does not stream)."""
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    delivered: bool = False
 
 
 @dataclass
@@ -112,17 +115,19 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                        prompt: str | None = None, adapter_id: str | None = None, adapter_source: str | None = None,
-                       adapter_token: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter_token: str | None = None, every_token: bool = True) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its cumulative outputs, one per generated token, the last finished.
 
         Raises Overloaded when `max_concurrent_requests` requests are in flight, EngineDead when the loop
         has stopped, and the engine's own error (ValueError, AdapterError ...) when the request is refused.
         Leaving the iteration early (a client that disconnects) aborts the request, which frees its KV
-        blocks and adapter reference on the loop's next turn.
+        blocks and adapter reference on the loop's next turn. With `every_token=False` only the first
+        output (for time-to-first-token) and the final one are delivered: a caller that does not stream
+        then costs the event loop nothing per token, which on a small machine is CPU the steps keep.
         """
         if not self.alive:
             raise EngineDead(f"the engine loop has stopped: {self.dead!r}")
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), every_token)
         with self._lock:
             if len(self._streams) >= self.max_concurrent_requests:
                 raise Overloaded(f"{self.max_concurrent_requests} requests are in flight, the configured "
@@ -230,6 +235,10 @@ class AsyncEngine:
             for request_id, item in items:
                 stream = self._streams.get(request_id)
                 if stream is not None:
+                    if (not stream.every_token and stream.delivered and isinstance(item, RequestOutput)
+                            and not item.finished):
+                        continue
+                    stream.delivered = True
                     by_loop.setdefault(stream.loop, []).append((stream, item))
                 elif isinstance(item, RequestOutput) and not item.finished:
                     self.engine.abort(request_id)  # nobody is listening any more

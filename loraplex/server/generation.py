@@ -88,25 +88,29 @@ class Generation:
     def token_text(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
-    async def stream(self, job: Job) -> AsyncGenerator[Event, None]:
-        """Events of all `job.n` sequences as they come; leaving early aborts every sequence."""
+    async def stream(self, job: Job, every_token: bool = True) -> AsyncGenerator[Event, None]:
+        """Events of all `job.n` sequences as they come; leaving early aborts every sequence.
+
+        With `every_token=False` the engine reports only each sequence's first and final output, and the
+        events of the tokens between come together at the end (for callers that do not stream)."""
         if job.n == 1:
-            async for event in self._one(job, 0, job.params):
+            async for event in self._one(job, 0, job.params, every_token):
                 yield event
             return
         seeds = _seeds(job.params.seed, job.n)
-        streams = [self._one(job, i, replace(job.params, seed=seeds[i])) for i in range(job.n)]
+        streams = [self._one(job, i, replace(job.params, seed=seeds[i]), every_token) for i in range(job.n)]
         async for _, event in merge(streams):
             yield event
 
     async def complete(self, job: Job) -> list[Completion]:
         done: dict[int, Completion] = {}
-        async for event in self.stream(job):
+        async for event in self.stream(job, every_token=False):
             if event.done is not None:
                 done[event.index] = event.done
         return [done[i] for i in range(job.n)]
 
-    async def _one(self, job: Job, index: int, params: SamplingParams) -> AsyncGenerator[Event, None]:
+    async def _one(self, job: Job, index: int, params: SamplingParams,
+                   every_token: bool) -> AsyncGenerator[Event, None]:
         request_id = f"req-{next(self._ids)}"
         adapter = job.adapter or AdapterSpec("")
 
@@ -119,19 +123,20 @@ class Generation:
         try:
             async for out in self.engine.generate(request_id, job.prompt_ids, params, prompt=job.prompt,
                                                   adapter_id=adapter.id, adapter_source=adapter.source,
-                                                  adapter_token=adapter.token):
+                                                  adapter_token=adapter.token, every_token=every_token):
                 if first is None:
                     first = time.perf_counter()
-                token = self._token(out, completion.text)
+                new = self._new_tokens(out, completion)
                 completion.text = out.text
                 completion.token_ids = out.token_ids
-                completion.tokens.append(token)
+                completion.tokens += new
                 if out.finished:
                     completion.finish_reason = out.finish_reason
                     completion.seed = out.seed
                     completion.prompt_logprobs = out.prompt_logprobs
                     status = "ok"
-                yield Event(index, token, completion if out.finished else None)
+                for i, token in enumerate(new):
+                    yield Event(index, token, completion if out.finished and i == len(new) - 1 else None)
         except asyncio.CancelledError:
             status = "cancelled"
             raise
@@ -142,13 +147,25 @@ class Generation:
                                          None if first is None else (end - first) / max(1, len(completion.tokens) - 1),
                                          len(job.prompt_ids), len(completion.tokens))
 
-    def _token(self, out: RequestOutput, previous_text: str) -> TokenInfo:
-        token_id = out.token_ids[-1]
-        text = out.text[len(previous_text):] if out.text.startswith(previous_text) else ""
-        logprob = out.logprobs[-1] if out.logprobs else None
-        top = tuple((t, self.token_text(t), lp) for t, lp in logprob.top) if logprob is not None else ()
-        return TokenInfo(token_id, text, logprob.logprob if logprob is not None else 0.0,
-                         token_id in self.special_ids, top)
+    def _new_tokens(self, out: RequestOutput, completion: Completion) -> list[TokenInfo]:
+        """Tokens of `out` the completion does not have yet. One new token gets the text it added to the
+        output, so streamed texts join to exactly the final text; several at once (a caller that does
+        not stream) get each token's own text."""
+        start = len(completion.tokens)
+        new: list[TokenInfo] = []
+        for i in range(start, len(out.token_ids)):
+            token_id = out.token_ids[i]
+            if len(out.token_ids) - start == 1:
+                text = out.text[len(completion.text):] if out.text.startswith(completion.text) else ""
+            elif token_id in self.special_ids:
+                text = ""  # as in the output text, which leaves special tokens out
+            else:
+                text = self.token_text(token_id)
+            logprob = out.logprobs[i] if out.logprobs else None
+            top = tuple((t, self.token_text(t), lp) for t, lp in logprob.top) if logprob is not None else ()
+            new.append(TokenInfo(token_id, text, logprob.logprob if logprob is not None else 0.0,
+                                 token_id in self.special_ids, top))
+        return new
 
 
 async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
