@@ -114,8 +114,6 @@ class Generation:
         request_id = f"req-{next(self._ids)}"
         adapter = job.adapter or AdapterSpec("")
 
-        # Token logprobs are part of every native response, so the engine always computes them.
-        params = replace(params, logprobs=params.logprobs or 0)
         completion = Completion(index)
         start = time.perf_counter()
         first: float | None = None

@@ -80,13 +80,15 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
             raise ValueError(f"best_of must be <= {state.config.max_best_of}, got {best_of}")
     temperature = 0.0 if not sampling else (p.temperature if p.temperature is not None else 1.0)
     alternatives = p.return_k_alternatives if p.return_k_alternatives is not None else p.top_n_tokens
+    # Token logprobs only where the response shows them (details, stream events) or best_of ranks by them.
+    logprobs = 0 if (p.details or streaming or best_of > 1) else None
     params = SamplingParams(
         max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=temperature,
         top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, presence_penalty=p.presence_penalty or 0.0,
-        seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives or 0,
+        seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives if alternatives is not None else logprobs,
         prompt_logprobs=p.decoder_input_details, watermark=p.watermark,
         json_schema=json_schema_of(p.response_format))
     prompt_ids = state.generation.encode(inputs, p.truncate)
