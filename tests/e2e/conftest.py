@@ -15,13 +15,12 @@ from peft import LoraConfig
 
 from loraplex import LLM
 from loraplex.config import EngineConfig, ServerConfig
+from loraplex.lora.adapter import LAYER_TARGETS
 from loraplex.server.app import build_state, create_app
 from loraplex.server.state import ServerState
-from tests.lora.peft_fixtures import make_adapter
+from tests.lora.peft_fixtures import DEMO_STRENGTH, make_adapter
 
-ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Fine-tune-sized random deltas: every adapter visibly changes the demo model's greedy output.
-DEMO_STRENGTH = dict(delta_std=0.1, magnitude_spread=0.05)
+ALL_SEVEN = list(LAYER_TARGETS)
 
 
 @dataclass
