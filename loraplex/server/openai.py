@@ -20,7 +20,7 @@ from loraplex.engine.request import FinishReason, SamplingParams
 from loraplex.server.adapters import local_adapter_names
 from loraplex.server.errors import error_body, status_of
 from loraplex.server.generation import Completion, Event, Job, TokenInfo, merge
-from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
+from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
 
@@ -98,7 +98,7 @@ def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list
     return [(list(p), None) for p in prompt]  # type: ignore[misc, arg-type]
 
 
-def _job(state: ServerState, body: _OpenAISampling, ids: list[int], text: str | None, max_tokens: int | None,
+def _job(state: ServerState, body: OpenAISampling, ids: list[int], text: str | None, max_tokens: int | None,
          logprobs: int | None, authorization: str | None) -> Job:
     if body.logit_bias:
         raise ValueError("logit_bias is not supported")
@@ -116,7 +116,7 @@ def _job(state: ServerState, body: _OpenAISampling, ids: list[int], text: str | 
     return Job(ids, params, state.adapter_spec(body.model, body.adapter_source, token), body.n, text)
 
 
-def _meta(prefix: str, kind: str, body: _OpenAISampling) -> dict[str, Any]:
+def _meta(prefix: str, kind: str, body: OpenAISampling) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": body.model}
 
 

@@ -85,7 +85,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _OpenAISampling(_Body):
+class OpenAISampling(_Body):
     model: str = ""
     """The adapter to use; the base model's id or an empty string means no adapter."""
     max_tokens: int | None = Field(default=None, gt=0)
@@ -109,13 +109,13 @@ class _OpenAISampling(_Body):
     api_token: str | None = None
 
     @model_validator(mode="after")
-    def _stop_count(self) -> _OpenAISampling:
+    def _stop_count(self) -> OpenAISampling:
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(self.stop)}")
         return self
 
 
-class CompletionRequest(_OpenAISampling):
+class CompletionRequest(OpenAISampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -129,7 +129,7 @@ class ChatMessage(_Body):
     name: str | None = None
 
 
-class ChatCompletionRequest(_OpenAISampling):
+class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)
     logprobs: bool = False
