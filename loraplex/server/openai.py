@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
@@ -23,6 +24,7 @@ from loraplex.server.generation import Completion, Event, Job, TokenInfo, merge
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
+from loraplex.server.tools import tool_call_message, tool_call_schema
 
 router = APIRouter(tags=["openai"])
 DEFAULT_COMPLETION_TOKENS = 16
@@ -64,8 +66,11 @@ async def completions(body: CompletionRequest, request: Request,
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            authorization: str | None = Header(default=None)) -> JSONResponse | StreamingResponse:
     state = get_state(request)
-    if body.tools:
-        raise ValueError("tools are not supported yet")
+    tools_schema = tool_call_schema(body.tools, body.tool_choice)
+    if tools_schema is not None and body.stream:
+        raise ValueError("tool calls cannot be streamed yet; send the request with stream false")
+    if tools_schema is not None and body.response_format is not None and body.response_format.type != "text":
+        raise ValueError("give either tools or response_format, not both")
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     for m in messages:
         if isinstance(m.get("content"), list):  # OpenAI's content parts: only text parts carry meaning here
@@ -76,13 +81,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     ids = state.generation.encode_chat(messages)
     top = (body.top_logprobs or 0) if body.logprobs else None
     job = _job(state, body, ids, None, body.max_completion_tokens or body.max_tokens, top, authorization)
+    if tools_schema is not None:
+        job = replace(job, params=replace(job.params, json_schema=tools_schema))
     meta = _meta("chatcmpl", "chat.completion", body)
     if body.stream:
         return await _stream(state, [job], body, {**meta, "object": "chat.completion.chunk"}, _chat_chunk)
     (comps,) = await run_until_disconnected(request, _complete_all(state, [job]))
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": _chat_logprobs(c)} if body.logprobs else None,
-                "finish_reason": _finish(c.finish_reason)} for c in comps]
+    choices = []
+    for c in comps:
+        message, finish = ({"role": "assistant", "content": c.text}, _finish(c.finish_reason)) \
+            if tools_schema is None else tool_call_message(c.text, c.finish_reason)
+        choices.append({"index": c.index, "message": message, "finish_reason": finish,
+                        "logprobs": {"content": _chat_logprobs(c)} if body.logprobs else None})
     return JSONResponse({**meta, "choices": choices, "usage": _usage([job], [comps])})
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -78,6 +80,38 @@ def test_errors_surface_as_openai_exceptions(client):
         client.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=4)
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
         client.chat.completions.create(model="", messages=MESSAGES, temperature=5)
-    with pytest.raises(openai.UnprocessableEntityError, match="tools"):
+    with pytest.raises(openai.UnprocessableEntityError, match="auto"):
         client.chat.completions.create(model="", messages=MESSAGES, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+                          "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}}}
+
+
+@pytest.mark.parametrize("model", ["", "qv8"])
+def test_tool_calls(client, model):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = client.chat.completions.create(model=model, messages=ask, tools=[WEATHER, TIME], temperature=0,
+                                           max_tokens=60, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"} and isinstance(arguments["city"], str)
+    assert arguments["unit"] in ("celsius", "fahrenheit")
+    required = client.chat.completions.create(model=model, messages=ask, tools=[WEATHER, TIME], temperature=0,
+                                              max_tokens=60, tool_choice="required")
+    assert required.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
+    plain = client.chat.completions.create(model=model, messages=ask, tools=[WEATHER], tool_choice="none",
+                                           temperature=0, max_tokens=8)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
+    with pytest.raises(openai.UnprocessableEntityError, match="not among the tools"):
+        client.chat.completions.create(model=model, messages=ask, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
