@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput, SamplingParams
+from loraplex.lora.merge import MergeSpec
 from loraplex.tokenization import encode_chat
 
 Prompt = str | list[int]
@@ -37,12 +38,13 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 adapter_id: str | None | Sequence[str | None] = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
+                 adapter_id: str | None | Sequence[str | None] = None, *, merge: MergeSpec | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (text, tokenized as the model's tokenizer does by default, or token ids).
 
         `adapter_id`: a PEFT LoRA adapter folder for every prompt, or a list with one per prompt
         (None = the base model). All prompts are batched together, whatever their adapters; outputs
-        come back in prompt order.
+        come back in prompt order. `merge` serves every prompt with a weighted merge of adapters instead.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -55,9 +57,10 @@ class LLM:
             for prompt, p, adapter in zip(prompts, params_list, adapters, strict=True):
                 request_id = f"offline-{next(self._ids)}"
                 if isinstance(prompt, str):
-                    self.engine.add_request(request_id, self._encode(prompt), p, prompt=prompt, adapter_id=adapter)
+                    self.engine.add_request(request_id, self._encode(prompt), p, prompt=prompt, adapter_id=adapter,
+                                            merge=merge)
                 else:
-                    self.engine.add_request(request_id, list(prompt), p, adapter_id=adapter)
+                    self.engine.add_request(request_id, list(prompt), p, adapter_id=adapter, merge=merge)
                 request_ids.append(request_id)
         except BaseException:
             for request_id in request_ids:  # one bad prompt or adapter: queue nothing of this call

@@ -41,13 +41,13 @@ def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def engine_last_logits(llm: LLM, prompt: list[int], adapter_id: str | None = None) -> torch.Tensor:
+def engine_last_logits(llm: LLM, prompt: list[int], adapter_id: str | None = None, **request: Any) -> torch.Tensor:
     """Last-position logits of one prefill through the engine's real path (scheduler, runner, paged KV,
     LoRA slots), with `adapter_id` applied when given."""
     from loraplex import SamplingParams
 
     engine = llm.engine
-    engine.add_request("logits-probe", prompt, SamplingParams(max_new_tokens=1), adapter_id=adapter_id)
+    engine.add_request("logits-probe", prompt, SamplingParams(max_new_tokens=1), adapter_id=adapter_id, **request)
     try:
         engine.wait_for_adapter_loads()
         inputs = engine.runner.prepare(engine.scheduler.schedule())

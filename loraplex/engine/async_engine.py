@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput, SamplingParams
+from loraplex.lora.merge import MergeSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +64,7 @@ class _Add:
     adapter_id: str | None
     adapter_source: str | None
     adapter_token: str | None = field(repr=False)
+    merge: MergeSpec | None = None
 
 
 @dataclass
@@ -115,7 +117,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                        prompt: str | None = None, adapter_id: str | None = None, adapter_source: str | None = None,
-                       adapter_token: str | None = None, every_token: bool = True) -> AsyncIterator[RequestOutput]:
+                       adapter_token: str | None = None, merge: MergeSpec | None = None,
+                       every_token: bool = True) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its cumulative outputs, one per generated token, the last finished.
 
         Raises Overloaded when `max_concurrent_requests` requests are in flight, EngineDead when the loop
@@ -135,7 +138,8 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, prompt, adapter_id, adapter_source, adapter_token))
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, prompt, adapter_id, adapter_source, adapter_token,
+                             merge))
         finished = False
         try:
             while True:
@@ -220,7 +224,8 @@ class AsyncEngine:
             try:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params,
                                         prompt=item.prompt, adapter_id=item.adapter_id,
-                                        adapter_source=item.adapter_source, adapter_token=item.adapter_token)
+                                        adapter_source=item.adapter_source, adapter_token=item.adapter_token,
+                                        merge=item.merge)
             except Exception as e:  # refused: this request only
                 self._deliver(item.request_id, e)
 

@@ -19,6 +19,7 @@ from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
 from loraplex.lora.adapter import AdapterError
 from loraplex.lora.manager import LoRAManager
+from loraplex.lora.merge import MergeSpec, merged_future
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.runner import ModelRunner
 from loraplex.paths import resolve_model
@@ -62,13 +63,14 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, adapter_id: str | None = None, *,
                     adapter_source: str | None = None, adapter_token: str | None = None,
-                    truncate: int | None = None) -> None:
+                    merge: MergeSpec | None = None, truncate: int | None = None) -> None:
         """Queue a request. `truncate` keeps only the last `truncate` prompt tokens.
 
         `adapter_id` (None or "" = the base model) names an adapter of `adapter_source` (default `local`:
         a folder; `hub`: `org/name[@revision]`; `s3`: `s3://bucket/prefix`), fetched with `adapter_token`
         if it needs one. The adapter loads on the exchange's worker threads while other requests keep
         running; if it cannot be loaded, this request alone finishes with `error` set (an AdapterError).
+        `merge` instead serves a weighted merge of several adapters (ids of `adapter_source`).
         """
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -85,15 +87,21 @@ class Engine:
             seq.prompt_logprobs = [None] * len(prompt_token_ids)
         if params.json_schema is not None:
             seq.grammar = self._grammar_compiler().matcher(params.json_schema)
-        if adapter_id:
+        if adapter_id or merge is not None:
             if self.adapters is None:
-                raise ValueError(f"adapter {adapter_id!r} requested, but this engine runs with max_loras=0")
-            ref = parse_ref(adapter_id, adapter_source)
-            if ref.source not in self.config.adapters.sources:
-                raise ValueError(f"adapter source {ref.source!r} is not enabled; enabled: "
-                                 f"{', '.join(self.config.adapters.sources)}")
+                raise ValueError(f"adapter {adapter_id or merge!r} requested, but this engine runs with max_loras=0")
+            if adapter_id and merge is not None:
+                raise ValueError("give at most one of adapter_id and merge")
+            ids = merge.ids if merge is not None else (adapter_id or "",)
+            refs = [parse_ref(i, adapter_source) for i in ids]
+            for ref in refs:
+                if ref.source not in self.config.adapters.sources:
+                    raise ValueError(f"adapter source {ref.source!r} is not enabled; enabled: "
+                                     f"{', '.join(self.config.adapters.sources)}")
+            parts = [self.adapters.request(ref, adapter_token) for ref in refs]
             self._seqs[request_id] = seq
-            self._loading[request_id] = (seq, self.adapters.request(ref, adapter_token))
+            self._loading[request_id] = (seq, parts[0] if merge is None else
+                                         merged_future(merge, parts, self.config.lora.max_lora_rank))
             return
         self._seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.lora.adapter import CONFIG_FILE
+from loraplex.lora.merge import MergeSpec
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,8 @@ class AdapterSpec:
     id: str
     source: str = "local"
     token: str | None = field(default=None, repr=False)
+    merge: MergeSpec | None = None
+    """A weighted merge of several adapters (`id` is then a label for metrics)."""
 
 
 def local_adapter_names(roots: tuple[str, ...] | None) -> list[str]:

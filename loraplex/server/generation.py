@@ -120,8 +120,9 @@ class Generation:
         status = "error"
         try:
             async for out in self.engine.generate(request_id, job.prompt_ids, params, prompt=job.prompt,
-                                                  adapter_id=adapter.id, adapter_source=adapter.source,
-                                                  adapter_token=adapter.token, every_token=every_token):
+                                                  adapter_id=None if adapter.merge else adapter.id,
+                                                  adapter_source=adapter.source, adapter_token=adapter.token,
+                                                  merge=adapter.merge, every_token=every_token):
                 if first is None:
                     first = time.perf_counter()
                 new = self._new_tokens(out, completion)

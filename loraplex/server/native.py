@@ -10,6 +10,8 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.engine.request import SamplingParams
+from loraplex.lora.merge import MergeSpec
+from loraplex.server.adapters import AdapterSpec
 from loraplex.server.errors import error_body, status_of
 from loraplex.server.generation import Completion, Event, Job, TokenInfo
 from loraplex.server.protocol import (
@@ -64,8 +66,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 def native_job(state: ServerState, p: GenerateParameters, inputs: str, authorization: str | None,
                streaming: bool = False) -> Job:
     """Validate what pydantic cannot (cross-field and server limits) and build the engine job."""
-    if p.merged_adapters is not None:
-        raise ValueError("merged_adapters is not supported yet; name one adapter in adapter_id")
     if p.decoder_input_details and streaming:
         raise ValueError("decoder_input_details cannot be streamed")
     sampling = p.do_sample or any(v is not None for v in (p.top_k, p.top_p, p.typical_p)) or (
@@ -99,6 +99,11 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
                          f"tokens and max_new_tokens is {params.max_new_tokens}")
     token = p.api_token or bearer_token(authorization)
     adapter = state.adapter_spec(p.adapter_id, p.adapter_source, token)
+    if p.merged_adapters is not None:
+        m = p.merged_adapters
+        merge = MergeSpec(tuple(m.ids), tuple(m.weights), m.merge_strategy)
+        adapter = AdapterSpec("merged:" + "+".join(m.ids), p.adapter_source or state.config.adapter_source, token,
+                              merge)
     return Job(prompt_ids, params, adapter, best_of, inputs)
 
 

@@ -174,3 +174,18 @@ def test_decoder_input_details(server, offline):
     assert "".join(t["text"] for t in prefill) == PROMPT
     streamed = post(server, "/generate_stream", {"inputs": PROMPT, "parameters": {"decoder_input_details": True}})
     assert streamed.status_code == 422 and "decoder_input_details" in streamed.json()["error"]
+
+
+def test_merged_adapters(server, offline):
+    # Halves of the same adapter merge back into it exactly, so the output must equal the adapter's own.
+    halves = {"ids": ["qv8", "qv8"], "weights": [0.5, 0.5], "merge_strategy": "linear", "density": 1.0}
+    r = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "merged_adapters": halves}})
+    assert r.status_code == 200, r.text
+    alone = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "adapter_id": "qv8"}})
+    assert r.json()["generated_text"] == alone.json()["generated_text"]
+    too_big = {**halves, "ids": ["qv8", "all16"]}  # ranks 8 + 16 > max_lora_rank 16
+    for bad, status, says in (({**halves, "merge_strategy": "ties"}, 422, "ties"),
+                              ({**halves, "ids": ["qv8", "nope"]}, 404, "nope"),
+                              ({**halves, "weights": [1.0]}, 422, "weights"), (too_big, 424, "rank 24")):
+        r = post(server, "/generate", {"inputs": PROMPT, "parameters": {"merged_adapters": bad}})
+        assert r.status_code == status and says in r.json()["error"], r.text
