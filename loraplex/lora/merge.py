@@ -69,8 +69,9 @@ def _stack(modules: list[tuple[LoRAModule, float]]) -> LoRAModule:
 
 
 def merged_future(spec: MergeSpec, parts: list[Future[LoadedAdapter]], max_rank: int) -> Future[LoadedAdapter]:
-    """A Future of the merged adapter, done when every part's load is (merged on the thread that finishes
-    the last part, never on the caller's)."""
+    """A Future of the merged adapter, done when every part's load is. The merge (a few tensor
+    concatenations) runs on the loader thread that finishes the last part, or on the caller's thread
+    when every part was already in the host tier."""
     result: Future[LoadedAdapter] = Future()
     remaining = [len(parts)]
     lock = threading.Lock()  # parts finish on different loader threads
