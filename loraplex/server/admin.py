@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
 from loraplex.adapters.loader import LoadedAdapter
-from loraplex.adapters.ref import AdapterIdentity, parse_ref
+from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
 from loraplex.engine.engine import Engine
 from loraplex.lora.adapter import AdapterNotFound
 from loraplex.server.errors import Unauthorized
@@ -44,19 +44,13 @@ async def list_adapters(request: Request) -> JSONResponse:
 @router.post("/load")
 async def load(body: AdapterAdminRequest, request: Request) -> JSONResponse:
     """Fetch and parse the adapter (source → disk → host) and put it in an idle device slot if there is one."""
-    state = get_state(request)
-    loaded = await _fetch(state, body)
-    slot = await state.engine.call(lambda e: _lora(e).warm(loaded.identity, loaded.weights))
-    return JSONResponse(_entry(loaded.identity, loaded.weights.size_bytes, slot, pinned=False, host=True))
+    return await _fetch_into_slot(get_state(request), body, pin=False)
 
 
 @router.post("/pin")
 async def pin(body: AdapterAdminRequest, request: Request) -> JSONResponse:
     """Load the adapter into a device slot and keep it there until unpinned."""
-    state = get_state(request)
-    loaded = await _fetch(state, body)
-    slot = await state.engine.call(lambda e: _lora(e).pin(loaded.identity, loaded.weights))
-    return JSONResponse(_entry(loaded.identity, loaded.weights.size_bytes, slot, pinned=True, host=True))
+    return await _fetch_into_slot(get_state(request), body, pin=True)
 
 
 @router.post("/unpin")
@@ -84,14 +78,26 @@ async def unload(body: AdapterAdminRequest, request: Request) -> JSONResponse:
     return JSONResponse({"adapter_id": body.adapter_id, "removed_from": [t for t, done in removed.items() if done]})
 
 
-async def _fetch(state: ServerState, body: AdapterAdminRequest) -> LoadedAdapter:
-    loader = _loader(state.engine.engine)
-    ref = parse_ref(body.adapter_id, body.adapter_source or state.config.adapter_source)
-    return await asyncio.wrap_future(loader.request(ref, body.api_token))
+def _ref(state: ServerState, body: AdapterAdminRequest) -> AdapterRef:
+    return parse_ref(body.adapter_id, body.adapter_source or state.config.adapter_source)
+
+
+async def _fetch_into_slot(state: ServerState, body: AdapterAdminRequest, pin: bool) -> JSONResponse:
+    """Fetch and parse the adapter on the exchange's workers, then warm (or pin) it into a device slot
+    on the engine thread."""
+    request = _loader(state.engine.engine).request(_ref(state, body), body.api_token)
+    loaded: LoadedAdapter = await asyncio.wrap_future(request)
+
+    def place(e: Engine) -> int | None:
+        lora = _lora(e)
+        return lora.pin(loaded.identity, loaded.weights) if pin else lora.warm(loaded.identity, loaded.weights)
+
+    slot = await state.engine.call(place)
+    return JSONResponse(_entry(loaded.identity, loaded.weights.size_bytes, slot, pinned=pin, host=True))
 
 
 def _known(state: ServerState, body: AdapterAdminRequest) -> AdapterIdentity:
-    ref = parse_ref(body.adapter_id, body.adapter_source or state.config.adapter_source)
+    ref = _ref(state, body)
     engine = state.engine.engine
     cached = _loader(engine).cached(ref)
     if cached is not None:

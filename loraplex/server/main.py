@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from types import FrameType
 
 import uvicorn
 
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.server.app import build_state, create_app
+from loraplex.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -20,5 +22,18 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     config = uvicorn.Config(app, host=server_config.hostname, port=server_config.port, log_level="info",
                             timeout_graceful_shutdown=int(server_config.shutdown_timeout_s))
     log.info("serving %s on http://%s:%d", state.model_id, server_config.hostname, server_config.port)
-    uvicorn.Server(config).run()
+    _DrainingServer(config, state).run()
     return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, with /ready answering 503 from the moment a shutdown signal arrives (uvicorn
+    runs the app's own shutdown only after the in-flight requests have drained)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._state.draining = True
+        super().handle_exit(sig, frame)

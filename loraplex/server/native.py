@@ -125,13 +125,20 @@ def _prefill(c: Completion, job: Job, text: Callable[[int], str]) -> list[dict[s
     return [{"id": t, "text": text(t), "logprob": lp} for t, lp in zip(job.prompt_ids, logprobs, strict=True)]
 
 
-def _details(c: Completion, job: Job, p: GenerateParameters, special: frozenset[int],
-             text: Callable[[int], str]) -> dict[str, Any]:
-    out: dict[str, Any] = {
+def _summary(c: Completion, job: Job) -> dict[str, Any]:
+    """What a stream's last event carries as `details` (and what full details start with)."""
+    return {
         "finish_reason": c.finish_reason.value if c.finish_reason else None,
         "prompt_tokens": len(job.prompt_ids),
         "generated_tokens": len(c.tokens),
         "seed": c.seed if not job.params.greedy else None,
+    }
+
+
+def _details(c: Completion, job: Job, p: GenerateParameters, special: frozenset[int],
+             text: Callable[[int], str]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        **_summary(c, job),
         "prefill": _prefill(c, job, text) if p.decoder_input_details else [],
         "tokens": [_token(t, p.return_k_alternatives is not None) for t in c.tokens],
     }
@@ -178,8 +185,7 @@ async def _native_events(first: Event, events: AsyncGenerator[Event, None], body
             if event.done is not None:
                 data["generated_text"] = (body.inputs if p.return_full_text else "") + event.done.text
                 if p.details:
-                    data["details"] = {k: v for k, v in _details(event.done, job, p, special, str).items()
-                                       if k in ("finish_reason", "prompt_tokens", "generated_tokens", "seed")}
+                    data["details"] = _summary(event.done, job)
             yield f"data:{json.dumps(data)}\n\n"
             event = await anext(events, None)
     except Exception as e:  # the stream has started: the error goes in the stream, as TGI does

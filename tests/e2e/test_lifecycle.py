@@ -125,3 +125,20 @@ def test_sigterm_drains_in_flight_streams(demo_model_path, tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_ready_fails_from_the_shutdown_signal_on(server):
+    import uvicorn
+
+    from loraplex.server.main import _DrainingServer
+
+    signalled = _DrainingServer(uvicorn.Config(app=None), server.state)  # type: ignore[arg-type]
+    assert httpx.get(server.url + "/ready").status_code == 200
+    try:
+        signalled.handle_exit(signal.SIGTERM, None)
+        assert signalled.should_exit
+        r = httpx.get(server.url + "/ready")
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]
+        assert httpx.get(server.url + "/health").status_code == 200  # still alive: in-flight work finishes
+    finally:
+        server.state.draining = False
