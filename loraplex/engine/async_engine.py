@@ -86,7 +86,6 @@ class AsyncEngine:
         self.max_concurrent_requests = max_concurrent_requests
         self.on_step: Callable[[list[RequestOutput], float], None] | None = None
         """Called on the loop thread after each step with its outputs and duration (metrics)."""
-        self.num_steps = 0
         self.num_step_failures = 0
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -186,7 +185,6 @@ class AsyncEngine:
                     if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
                         raise
                     continue
-                self.num_steps += 1
                 if self.on_step is not None:
                     self.on_step(outputs, time.perf_counter() - start)
                 self._deliver_all([(out.request_id, out.error or out) for out in outputs])

@@ -77,6 +77,8 @@ class _EngineCollector(Collector):
         core = self.engine.engine
         pool, sched = core.pool, core.scheduler
         yield GaugeMetricFamily("loraplex_engine_alive", "1 while the engine loop runs", value=int(self.engine.alive))
+        yield CounterMetricFamily("loraplex_engine_step_failures", "Engine steps that raised (their requests failed)",
+                                  value=self.engine.num_step_failures)
         yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Share of KV blocks in use",
                                 value=1 - pool.num_free / pool.num_blocks)
         yield GaugeMetricFamily("loraplex_requests_running", "Requests holding KV blocks", value=len(sched.running))
