@@ -31,14 +31,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
 from loraplex.adapters.local_source import LocalSource
 from loraplex.adapters.ref import AdapterRef
-from loraplex.bench.adapters import ALL_PROJECTIONS, randomize_lora_weights
+from loraplex.bench.adapters import ALL_PROJECTIONS, peft_adapters, randomize_lora_weights
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import SamplingParams
@@ -63,25 +62,15 @@ class RankTimings:
 
 def make_adapters(base_path: Path, ranks: list[int], out_dir: Path) -> dict[int, Path]:
     """One PEFT adapter per rank on every projection, saved under `out_dir/rank<r>` (one base model load)."""
-    # peft is a bench dependency, not a runtime one.
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig  # a bench dependency, not a runtime one
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    model: Any = None
+    configs = [(f"rank{rank}", LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(ALL_PROJECTIONS),
+                                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")) for rank in ranks]
     paths = {}
-    for i, rank in enumerate(ranks):
-        name = f"rank{rank}"
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(ALL_PROJECTIONS), lora_dropout=0.0,
-                            bias="none", task_type="CAUSAL_LM")
+    for rank, (model, name) in zip(ranks, peft_adapters(base_path, configs), strict=True):
+        randomize_lora_weights(model, name, torch.Generator().manual_seed(rank))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if model is None:
-                model = get_peft_model(base, config, adapter_name=name)
-            else:
-                model.add_adapter(name, config)
-                model.delete_adapter(f"rank{ranks[i - 1]}")  # PEFT would otherwise re-walk every adapter
-            randomize_lora_weights(model, name, torch.Generator().manual_seed(rank))
             model.save_pretrained(out_dir, selected_adapters=[name], safe_serialization=True)
         paths[rank] = out_dir / name  # PEFT saves a non-"default" adapter into a subfolder named after it
     return paths

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,29 +94,39 @@ def _spec_hash(base_path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _build(base_path: Path, set_dir: Path, indices: list[int]) -> None:
+def peft_adapters(base_path: Path, configs: Iterable[tuple[str, Any]]) -> Iterator[tuple[Any, str]]:
+    """(PEFT model, adapter name) for each (name, LoraConfig) in turn, on one load of the base model.
+    Only the current adapter is kept: PEFT's injection walks every module of every adapter present."""
     # peft is a test/bench dependency, not a runtime one.
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model: Any = None
-    weight_std: dict[str, float] = {}  # per wrapped module, shared by every adapter on it
-    by_spec: dict[AdapterSpec, list[int]] = {}
-    for i in indices:
-        by_spec.setdefault(adapter_spec(i), []).append(i)
-    for n, (spec, spec_indices) in enumerate(by_spec.items()):
-        name = f"spec{n}"
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                            use_rslora=spec.rslora, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    previous = None
+    for name, config in configs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if model is None:
                 model = get_peft_model(base, config, adapter_name=name)
             else:
                 model.add_adapter(name, config)
-                # PEFT's injection walks every module of every adapter present: keep only the current one.
-                model.delete_adapter(f"spec{n - 1}")
+                model.delete_adapter(previous)
+        previous = name
+        yield model, name
+
+
+def _build(base_path: Path, set_dir: Path, indices: list[int]) -> None:
+    from peft import LoraConfig
+
+    weight_std: dict[str, float] = {}  # per wrapped module, shared by every adapter on it
+    by_spec: dict[AdapterSpec, list[int]] = {}
+    for i in indices:
+        by_spec.setdefault(adapter_spec(i), []).append(i)
+    configs = [(f"spec{n}", LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
+                                       use_rslora=spec.rslora, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+               for n, spec in enumerate(by_spec)]
+    for (model, name), spec_indices in zip(peft_adapters(base_path, configs), by_spec.values(), strict=True):
         for i in spec_indices:
             randomize_lora_weights(model, name, torch.Generator().manual_seed(SEED + i), weight_std=weight_std)
             _save_atomically(model, name, set_dir / str(i))
