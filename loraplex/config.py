@@ -109,9 +109,10 @@ class LoRAConfig:
     """Device slots: distinct adapters that can run in one step. 0 serves the base model only."""
     max_lora_rank: int = 16
     """Largest adapter rank accepted; slot buffers are sized for it."""
-    lora_backend: str = "torch"
-    """LoRA op backend (`torch`: the fast pure-torch path; `reference`: the per-token loop; `triton`: the
-    GPU kernels, CUDA tensors only, needs the triton package)."""
+    lora_backend: str = "auto"
+    """LoRA op backend (`auto`: `native` where it builds, else `torch`; `native`: a C kernel compiled on
+    first use for this CPU, float32 CPU tensors, needs a C compiler; `torch`: the pure-torch path;
+    `reference`: the per-token loop; `triton`: the GPU kernels, CUDA tensors only, needs triton)."""
 
     def __post_init__(self) -> None:
         if self.max_loras < 0:

@@ -35,14 +35,14 @@ def time_op(op: AddLoRA, batch_size: int, slots_of: str, hidden: int, rank: int,
         return torch.randn(*shape, generator=gen, device="cuda", dtype=DTYPE)
 
     a = randn(num_slots, rank, hidden) / hidden**0.5  # [slots, rank, hidden]
-    b = randn(num_slots, hidden, rank) / rank  # [slots, hidden, rank]
+    b = randn(num_slots, rank, hidden) / rank  # [slots, rank, hidden]
     ranks = torch.full((num_slots,), rank, dtype=torch.long, device="cuda")  # [slots]
     scales = torch.ones(num_slots, device="cuda")  # [slots]
     x = randn(batch_size, hidden)  # [batch, hidden]
     out = randn(batch_size, hidden)  # [batch, hidden]
     token_slots = [i % num_slots for i in range(batch_size)] if slots_of == "distinct" else [0] * batch_size
     batch = LoRABatch.from_token_slots(token_slots, "cuda")
-    return float(triton.testing.do_bench(lambda: op(out, x, a, b, ranks, scales, batch), return_mode="median"))
+    return float(triton.testing.do_bench(lambda: op(out, x, a, b, ranks, scales, batch, None), return_mode="median"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,10 +4,11 @@
 
 A wrapped `PackedLinear` (q|k|v, gate|up, o, down) holds ONE pair of slot buffers for all its
 shards: `A[slots, shards·r_max, in]` stacks the shards' A rows (each at its own rank, so a slot's
-packed rank is the sum of its shards' ranks) and `B[slots, out, shards·r_max]` is block-diagonal,
-each shard's B (with its scale folded in) in its own output rows and rank columns. One shrink and
+packed rank is the sum of its shards' ranks) and `B[slots, shards·r_max, out]` is block-diagonal,
+each shard's Bᵀ (with its scale folded in) in its own rank rows and output columns. One shrink and
 one expand per segment then serve every shard: half the matmul calls of a pair per shard, which is
-what decode-sized segments are bound by, for a few percent more expand FLOPs.
+what decode-sized segments are bound by in the torch backend. `blocks` lists each slot's non-zero
+blocks of B, so an op that loops over them itself (the native one) reads no zeros.
 The buffers are allocated once and never move (so CUDA graphs can capture them later); loading an
 adapter copies into a slot. The batch's token → slot mapping is read from the forward context,
 never passed through forward signatures.
@@ -42,7 +43,10 @@ class LoRAPackedLinear(nn.Module):
         packed_rank = len(shard_targets) * max_rank
         out_features = sum(base.shard_sizes)
         self.a = weight.new_zeros(num_slots, packed_rank, base.in_features)  # [slots, shards·r, in]
-        self.b = weight.new_zeros(num_slots, out_features, packed_rank)      # [slots, out, shards·r]
+        self.b = weight.new_zeros(num_slots, packed_rank, out_features)      # [slots, shards·r, out]
+        # Per slot and shard: rank row start, rank rows, output column start, output columns of its
+        # block of B; an absent shard has zero rank rows.
+        self.blocks = torch.zeros(num_slots, len(shard_targets), 4, dtype=torch.long)  # [slots, shards, 4]
         self.ranks = torch.zeros(num_slots, dtype=torch.long, device=weight.device)  # [slots] packed rank
         # Scales are folded into B; a slot with nothing loaded has rank 0, which the ops skip.
         self.scales = torch.ones(num_slots, dtype=torch.float32, device=weight.device)  # [slots]
@@ -57,6 +61,7 @@ class LoRAPackedLinear(nn.Module):
         self.dora_slots.discard(slot)
         self.a[slot].zero_()
         self.b[slot].zero_()
+        self.blocks[slot].zero_()
         offset = 0
         for i, target in enumerate(self.shard_targets):
             module = modules.get(target)
@@ -64,7 +69,8 @@ class LoRAPackedLinear(nn.Module):
                 continue
             r, rows = module.rank, self._shard_rows(i)
             self.a[slot, offset:offset + r] = module.a.to(self.a.dtype)
-            self.b[slot, rows, offset:offset + r] = (module.scale * module.b).to(self.b.dtype)
+            self.b[slot, offset:offset + r, rows] = (module.scale * module.b).T.to(self.b.dtype)
+            self.blocks[slot, i] = torch.tensor([offset, r, rows.start, rows.stop - rows.start])
             offset += r
             if module.magnitude is not None:
                 self.dora[slot, rows] = self._dora_factor(i, module).to(self.dora.dtype)
@@ -89,7 +95,7 @@ class LoRAPackedLinear(nn.Module):
         batch = get_forward_context().lora
         if batch is None or not batch.has_lora:
             return out
-        self.op(out, x, self.a, self.b, self.ranks, self.scales, batch)
+        self.op(out, x, self.a, self.b, self.ranks, self.scales, batch, self.blocks)
         if self.dora_slots:
             self._apply_dora(out, batch)
         return out
@@ -140,7 +146,7 @@ class LoRAHead(nn.Module):
         super().__init__()
         self.op = op
         self.a = torch.zeros(num_slots, max_rank, hidden, dtype=dtype, device=device)  # [slots, r, hidden]
-        self.b = torch.zeros(num_slots, vocab, max_rank, dtype=dtype, device=device)   # [slots, vocab, r]
+        self.b = torch.zeros(num_slots, max_rank, vocab, dtype=dtype, device=device)   # [slots, r, vocab]
         self.ranks = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
 
@@ -151,11 +157,11 @@ class LoRAHead(nn.Module):
         self.scales[slot] = 0.0 if module is None else module.scale
         if module is not None:
             self.a[slot, :module.rank] = module.a.to(self.a.dtype)
-            self.b[slot, :, :module.rank] = module.b.to(self.b.dtype)
+            self.b[slot, :module.rank] = module.b.T.to(self.b.dtype)
 
     def forward(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """logits [rows, vocab] += each row's delta, in place; the rows' slots come from the context."""
         batch = get_forward_context().lora
         if batch is not None and batch.has_lora:
-            self.op(logits, hidden, self.a, self.b, self.ranks, self.scales, batch)
+            self.op(logits, hidden, self.a, self.b, self.ranks, self.scales, batch, None)
         return logits

@@ -8,6 +8,7 @@ import torch
 from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
 from loraplex.lora.ops import AddLoRA, add_lora, add_lora_reference, get_lora_op
 from loraplex.lora.ops.cpu import add_lora_segments, add_lora_sorted
+from loraplex.lora.ops.native import MAX_NATIVE_RUN, add_lora_native, native_available
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # dtype -> (atol, rtol)
     torch.float32: (1e-5, 1e-5),
@@ -17,6 +18,7 @@ FAST_OPS = {
     "add_lora": add_lora,
     "segments": add_lora_segments,
     "sorted": add_lora_sorted,
+    "native": add_lora_native,  # bfloat16 inputs take its torch fallback
 }
 IN_FEATURES = 48
 OUT_FEATURES = 40
@@ -27,14 +29,14 @@ R_MAX = 128
 def make_buffers(
     ranks: tuple[int, ...], dtype: torch.dtype, r_max: int = R_MAX, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random slot buffers whose A rows / B columns past each slot's rank hold NaN garbage."""
+    """Random slot buffers whose A and B rows past each slot's rank hold NaN garbage."""
     gen = torch.Generator().manual_seed(seed)
     num_slots = len(ranks)
     a = torch.randn(num_slots, r_max, IN_FEATURES, generator=gen) / IN_FEATURES**0.5  # [slots, r_max, in]
-    b = torch.randn(num_slots, OUT_FEATURES, r_max, generator=gen) / 4  # [slots, out, r_max]
+    b = torch.randn(num_slots, r_max, OUT_FEATURES, generator=gen) / 4  # [slots, r_max, out]
     for slot, rank in enumerate(ranks):
         a[slot, rank:] = float("nan")
-        b[slot, :, rank:] = float("nan")
+        b[slot, rank:] = float("nan")
     scales = torch.rand(num_slots, generator=gen) + 0.5  # [slots]
     return a.to(dtype), b.to(dtype), torch.tensor(ranks), scales
 
@@ -55,6 +57,8 @@ SLOT_CASES = {
     "all_no_adapter": [-1] * 5,
     "all_ranks_mixed": [5, -1, 0, 4, 1, 3, -1, 2, 5, 0, 4, 4, 1, -1, 3, 2],
     "long_grouped": [0] * 20 + [-1] * 7 + [5] * 30 + [3] * 11,
+    # Runs on both sides of the native kernel's cut: the longest it takes, one more (torch), and short.
+    "runs_around_native_cut": [1] * MAX_NATIVE_RUN + [4] * (MAX_NATIVE_RUN + 1) + [2, 2, -1, 3] + [5] * 3,
 }
 
 
@@ -108,7 +112,7 @@ def test_reference_matches_dense_formula() -> None:
     slot = 3
     rank = RANKS[slot]
     batch = LoRABatch.from_token_slots([slot], "cpu")
-    expected = out[0] + scales[slot] * (b[slot, :, :rank] @ (a[slot, :rank] @ x[0]))
+    expected = out[0] + scales[slot] * (b[slot, :rank].T @ (a[slot, :rank] @ x[0]))
     result = add_lora_reference(out.clone(), x, a, b, ranks, scales, batch)
     torch.testing.assert_close(result[0], expected, atol=1e-5, rtol=1e-5)
 
@@ -162,3 +166,64 @@ def test_lora_batch_segments(
 def test_lora_batch_rejects_bad_slot() -> None:
     with pytest.raises(ValueError, match="-2"):
         LoRABatch.from_token_slots([0, -2], "cpu")
+
+
+@pytest.fixture
+def native_kernel() -> None:
+    reason = native_available()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def block_diagonal_buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed three-shard layer: slot s stacks shard ranks (r_q, r_k, r_v) (0 = shard absent), B is
+    block-diagonal, and NaN fills everything outside the blocks: reading it shows."""
+    shard_cols = ((0, 16), (16, 8), (24, 16))  # (column start, columns): 40 outputs
+    shard_ranks = [(3, 0, 5), (16, 16, 16), (0, 0, 1), (0, 0, 0), (7, 2, 0)]
+    gen = torch.Generator().manual_seed(3)
+    num_slots, r_max = len(shard_ranks), 48
+    a = torch.randn(num_slots, r_max, IN_FEATURES, generator=gen)  # [slots, r_max, in]
+    b = torch.full((num_slots, r_max, OUT_FEATURES), float("nan"))  # [slots, r_max, out]
+    blocks = torch.zeros(num_slots, 3, 4, dtype=torch.long)  # [slots, shards, 4]
+    ranks = torch.zeros(num_slots, dtype=torch.long)
+    for slot, per_shard in enumerate(shard_ranks):
+        b[slot, :sum(per_shard)] = float("nan")
+        offset = 0
+        for i, (r, (col, cols)) in enumerate(zip(per_shard, shard_cols, strict=True)):
+            b[slot, offset:offset + r] = 0.0
+            b[slot, offset:offset + r, col:col + cols] = torch.randn(r, cols, generator=gen)
+            blocks[slot, i] = torch.tensor([offset, r, col, cols])
+            offset += r
+        ranks[slot] = offset
+    return a, b, ranks, torch.rand(num_slots, generator=gen) + 0.5, blocks
+
+
+@pytest.mark.usefixtures("native_kernel")
+@pytest.mark.parametrize("slots", [[0, 1, 1, 2, -1, 4, 3, 0], [1] * 40 + [4] * 3, [4, 0, 4, 2, 1]])
+def test_native_reads_only_the_blocks(slots: list[int]) -> None:
+    a, b, ranks, scales, blocks = block_diagonal_buffers()
+    x, out = make_inputs(len(slots), torch.float32)
+    batch = LoRABatch.from_token_slots(slots, "cpu")
+    # The reference sees the zeros the blocks promise; the native op sees NaN there and must skip it.
+    expected = add_lora_reference(out.clone(), x, a, torch.nan_to_num(b, nan=0.0), ranks, scales, batch)
+    long_runs = any(n > MAX_NATIVE_RUN for n in batch.seg_lens_list)
+    b_for_native = torch.nan_to_num(b, nan=0.0) if long_runs else b  # long runs go to torch: no blocks
+    result = add_lora_native(out.clone(), x, a, b_for_native, ranks, scales, batch, blocks)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("native_kernel")
+def test_native_takes_torch_path_off_its_turf() -> None:
+    """Non-contiguous operands, float64 and bfloat16 still give the reference's answer."""
+    a, b, ranks, scales = make_buffers(RANKS, torch.float32)
+    slots = SLOT_CASES["all_ranks_mixed"]
+    batch = LoRABatch.from_token_slots(slots, "cpu")
+    x_wide = torch.randn(len(slots), IN_FEATURES * 2)
+    x = x_wide[:, ::2]  # [tokens, in] with stride 2
+    _, out = make_inputs(len(slots), torch.float32)
+    expected = add_lora_reference(out.clone(), x, a, b, ranks, scales, batch)
+    torch.testing.assert_close(add_lora_native(out.clone(), x, a, b, ranks, scales, batch), expected,
+                               atol=1e-5, rtol=1e-5)
+    a64, b64, x64, out64 = (t.double() for t in (a, b, x, out))
+    torch.testing.assert_close(add_lora_native(out64.clone(), x64, a64, b64, ranks, scales, batch),
+                               add_lora_reference(out64.clone(), x64, a64, b64, ranks, scales, batch))

@@ -50,14 +50,14 @@ SLOT_CASES = {
 
 
 def make_buffers(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Slot buffers whose A rows / B columns past each slot's rank hold NaN: reading them shows."""
+    """Slot buffers whose A and B rows past each slot's rank hold NaN: reading them shows."""
     gen = torch.Generator().manual_seed(0)
     num_slots = len(RANKS)
     a = torch.randn(num_slots, R_MAX, IN_FEATURES, generator=gen) / IN_FEATURES**0.5  # [slots, r_max, in]
-    b = torch.randn(num_slots, OUT_FEATURES, R_MAX, generator=gen) / 4  # [slots, out, r_max]
+    b = torch.randn(num_slots, R_MAX, OUT_FEATURES, generator=gen) / 4  # [slots, r_max, out]
     for slot, rank in enumerate(RANKS):
         a[slot, rank:] = float("nan")
-        b[slot, :, rank:] = float("nan")
+        b[slot, rank:] = float("nan")
     scales = torch.rand(num_slots, generator=gen) + 0.5  # [slots]
     return (a.to(dtype).to(DEVICE), b.to(dtype).to(DEVICE), torch.tensor(RANKS, device=DEVICE),
             scales.to(DEVICE))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -10,11 +11,14 @@ from loraplex.lora.batch import LoRABatch
 from loraplex.lora.ops.cpu import add_lora
 from loraplex.lora.ops.reference import add_lora_reference
 
+log = logging.getLogger(__name__)
+
 AddLoRA = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch],
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch,
+     torch.Tensor | None],
     torch.Tensor,
 ]
-"""(out, x, a, b, ranks, scales, batch) -> out, with the delta added in place."""
+"""(out, x, a, b, ranks, scales, batch, blocks) -> out, with the delta added in place."""
 
 
 def _triton_op() -> AddLoRA:
@@ -31,7 +35,27 @@ def _triton_op() -> AddLoRA:
     return add_lora_triton
 
 
+def _native_op() -> AddLoRA:
+    from loraplex.lora.ops.native import NativeUnavailable, add_lora_native, load_kernel
+
+    try:
+        load_kernel()
+    except NativeUnavailable as exc:
+        raise ValueError(f"LoRA op backend 'native' is unavailable: {exc}") from exc
+    return add_lora_native
+
+
+def _auto_op() -> AddLoRA:
+    try:
+        return _native_op()
+    except ValueError as exc:
+        log.warning("%s; using the 'torch' backend", exc)
+        return add_lora
+
+
 LORA_OP_BACKENDS: dict[str, Callable[[], AddLoRA]] = {
+    "auto": _auto_op,
+    "native": _native_op,
     "reference": lambda: add_lora_reference,
     "torch": lambda: add_lora,
     "triton": _triton_op,

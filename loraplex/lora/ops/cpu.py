@@ -25,12 +25,13 @@ def add_lora_segments(
     out: torch.Tensor,  # [num_tokens, out_features], updated in place
     x: torch.Tensor,  # [num_tokens, in_features]
     a: torch.Tensor,  # [num_slots, r_max, in_features]
-    b: torch.Tensor,  # [num_slots, out_features, r_max]
+    b: torch.Tensor,  # [num_slots, r_max, out_features]
     ranks: torch.Tensor,  # [num_slots] long
     scales: torch.Tensor,  # [num_slots] float
     batch: LoRABatch,
+    blocks: torch.Tensor | None = None,  # [num_slots, num_blocks, 4]; ignored
 ) -> torch.Tensor:
-    """Segment loop: `out[seg] += scale * (x[seg] @ a[s, :r].T) @ b[s, :, :r].T` per segment."""
+    """Segment loop: `out[seg] += scale * (x[seg] @ a[s, :r].T) @ b[s, :r]` per segment."""
     if not batch.has_lora:
         return out
     ranks_list = ranks.tolist()
@@ -39,7 +40,7 @@ def add_lora_segments(
         batch.seg_starts_list, batch.seg_lens_list, batch.seg_slots_list, strict=True
     ):
         rows = slice(start, start + length)
-        _add_one_slot(out[rows], x[rows], a, b, slot, ranks_list[slot], scales_list[slot])
+        add_segment(out[rows], x[rows], a, b, slot, ranks_list[slot], scales_list[slot])
     return out
 
 
@@ -47,10 +48,11 @@ def add_lora_sorted(
     out: torch.Tensor,  # [num_tokens, out_features], updated in place
     x: torch.Tensor,  # [num_tokens, in_features]
     a: torch.Tensor,  # [num_slots, r_max, in_features]
-    b: torch.Tensor,  # [num_slots, out_features, r_max]
+    b: torch.Tensor,  # [num_slots, r_max, out_features]
     ranks: torch.Tensor,  # [num_slots] long
     scales: torch.Tensor,  # [num_slots] float
     batch: LoRABatch,
+    blocks: torch.Tensor | None = None,  # [num_slots, num_blocks, 4]; ignored
 ) -> torch.Tensor:
     """Sort adapter tokens by slot, one rank-sliced matmul pair per active slot, scatter-add back."""
     if not batch.has_lora:
@@ -65,20 +67,20 @@ def add_lora_sorted(
     start = 0
     for slot, length in zip(batch.active_slots_list, counts, strict=True):
         rows = slice(start, start + length)
-        _add_one_slot(delta[rows], x_sorted[rows], a, b, slot, ranks_list[slot], scales_list[slot])
+        add_segment(delta[rows], x_sorted[rows], a, b, slot, ranks_list[slot], scales_list[slot])
         start += length
     out.index_add_(0, order, delta)
     return out
 
 
-def _add_one_slot(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int, rank: int,
+def add_segment(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int, rank: int,
                   scale: float) -> None:
-    """out [rows, out_features] += scale * (x @ a[slot, :rank].T) @ b[slot, :, :rank].T, in place."""
+    """out [rows, out_features] += scale * (x @ a[slot, :rank].T) @ b[slot, :rank], in place."""
     # A zero delta leaves out unchanged, so its two matmuls are skipped.
     if rank == 0 or scale == 0.0:
         return
     hidden = x @ a[slot, :rank].T  # [rows, rank]
-    out.addmm_(hidden, b[slot, :, :rank].T, alpha=scale)
+    out.addmm_(hidden, b[slot, :rank], alpha=scale)
 
 
 def _tokens_per_active_slot(batch: LoRABatch) -> list[int]:
@@ -103,10 +105,11 @@ def add_lora(
     out: torch.Tensor,  # [num_tokens, out_features], updated in place
     x: torch.Tensor,  # [num_tokens, in_features]
     a: torch.Tensor,  # [num_slots, r_max, in_features]
-    b: torch.Tensor,  # [num_slots, out_features, r_max]
+    b: torch.Tensor,  # [num_slots, r_max, out_features]
     ranks: torch.Tensor,  # [num_slots] long
     scales: torch.Tensor,  # [num_slots] float
     batch: LoRABatch,
+    blocks: torch.Tensor | None = None,  # [num_slots, num_blocks, 4]; ignored
 ) -> torch.Tensor:
     """Add each token's LoRA delta to `out` in place and return it; semantics of `add_lora_reference`."""
     if not batch.has_lora:

@@ -84,7 +84,7 @@ def _expand_segments_kernel(
     stride_ht, stride_hr, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out[rows, n tile] += scale[slot] · h[rows, :rank] · b[slot, n tile, :rank]ᵀ."""
+    """out[rows, n tile] += scale[slot] · h[rows, :rank] · b[slot, :rank, n tile]."""
     seg = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     n0 = tl.program_id(2) * BLOCK_N
@@ -148,7 +148,7 @@ def _expand_gather_kernel(
     stride_ht, stride_hr, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[t, n tile] += scale[slot_t] · b[slot_t, n tile, :rank] · h[t, :rank]."""
+    """out[t, n tile] += scale[slot_t] · h[t, :rank] · b[slot_t, :rank, n tile]."""
     t = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     slot = tl.load(token_slots_ptr + t)
@@ -187,10 +187,11 @@ def add_lora_triton_segments(
     out: torch.Tensor,  # [num_tokens, out_features], updated in place
     x: torch.Tensor,  # [num_tokens, in_features]
     a: torch.Tensor,  # [num_slots, r_max, in_features]
-    b: torch.Tensor,  # [num_slots, out_features, r_max]
+    b: torch.Tensor,  # [num_slots, r_max, out_features]
     ranks: torch.Tensor,  # [num_slots] long
     scales: torch.Tensor,  # [num_slots] float
     batch: LoRABatch,
+    blocks: torch.Tensor | None = None,  # [num_slots, num_blocks, 4]; ignored
 ) -> torch.Tensor:
     """Segment kernels: one tile program per (segment, row tile, rank or output tile)."""
     if not batch.has_lora:
@@ -210,7 +211,7 @@ def add_lora_triton_segments(
     )
     _expand_segments_kernel[(num_segments, row_tiles, triton.cdiv(out_features, BLOCK_N))](
         h, b, out, batch.seg_starts, batch.seg_lens, batch.seg_slots, ranks, scales, out_features,
-        h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+        h.stride(0), h.stride(1), b.stride(0), b.stride(2), b.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, PRECISION=precision,
     )
     return out
@@ -220,10 +221,11 @@ def add_lora_triton_gather(
     out: torch.Tensor,  # [num_tokens, out_features], updated in place
     x: torch.Tensor,  # [num_tokens, in_features]
     a: torch.Tensor,  # [num_slots, r_max, in_features]
-    b: torch.Tensor,  # [num_slots, out_features, r_max]
+    b: torch.Tensor,  # [num_slots, r_max, out_features]
     ranks: torch.Tensor,  # [num_slots] long
     scales: torch.Tensor,  # [num_slots] float
     batch: LoRABatch,
+    blocks: torch.Tensor | None = None,  # [num_slots, num_blocks, 4]; ignored
 ) -> torch.Tensor:
     """Gather kernels: one program per (token, rank or output tile), each token with its own slot."""
     if not batch.has_lora:
@@ -240,7 +242,7 @@ def add_lora_triton_gather(
     )
     _expand_gather_kernel[(num_tokens, triton.cdiv(out_features, GATHER_BLOCK_N))](
         h, b, out, batch.token_slots, ranks, scales, out_features,
-        h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+        h.stride(0), h.stride(1), b.stride(0), b.stride(2), b.stride(1), out.stride(0), out.stride(1),
         BLOCK_R=BLOCK_R, BLOCK_N=GATHER_BLOCK_N,
     )
     return out
@@ -250,10 +252,11 @@ def add_lora_triton(
     out: torch.Tensor,  # [num_tokens, out_features], updated in place
     x: torch.Tensor,  # [num_tokens, in_features]
     a: torch.Tensor,  # [num_slots, r_max, in_features]
-    b: torch.Tensor,  # [num_slots, out_features, r_max]
+    b: torch.Tensor,  # [num_slots, r_max, out_features]
     ranks: torch.Tensor,  # [num_slots] long
     scales: torch.Tensor,  # [num_slots] float
     batch: LoRABatch,
+    blocks: torch.Tensor | None = None,  # [num_slots, num_blocks, 4]; ignored
 ) -> torch.Tensor:
     """Add each token's LoRA delta to `out` in place and return it; semantics of `add_lora_reference`.
 

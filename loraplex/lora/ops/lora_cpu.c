@@ -1,0 +1,192 @@
+/* Segmented LoRA delta on CPU, float32: the native backend's kernel (loraplex/lora/ops/native.py).
+ *
+ * For each segment s (tokens start..start+len, one slot):
+ *     h[t, :rank]     = x[t] . a[slot, :rank]^T                       (shrink)
+ *     out[t, cols_i] += scale[slot] * h[t, rows_i] . b[slot, rows_i, cols_i]   for each block i  (expand)
+ * where a block (rows_i, cols_i) is one shard of a packed layer; B is zero outside its blocks, so
+ * nothing else is read. Without a block table a slot has one block: all its rank rows, all columns.
+ *
+ * Decode-sized segments (a few tokens) make this memory bound: every adapter weight is read once
+ * per call. Work is cut into units (8 A rows of one segment; 256 output columns of one block of one
+ * segment) that the threads of one OpenMP team take dynamically, so mixed ranks balance. The
+ * library links libgomp.so.1, which resolves to the copy torch already loaded: one thread pool.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#define TB 4       /* tokens per register block */
+#define NB 32      /* output columns per register block: 4 tokens x 32 = 8 zmm accumulators */
+#define RB 8       /* A rows per shrink unit */
+#define NU 256     /* output columns per expand unit */
+#define TT 64      /* tokens per shrink tile: their x rows stay in cache while A rows stream */
+#define SERIAL_WORK 65536  /* below this many multiply-adds one thread beats waking a second */
+
+typedef struct { int64_t seg, block, lo, hi; } unit_t;
+
+static void shrink_rows(float *restrict h, int64_t hs, const float *restrict x, int64_t xs,
+                        const float *restrict a, int64_t ars, int64_t in, int64_t start, int64_t len,
+                        int64_t k0, int64_t k1) {
+    for (int64_t t0 = 0; t0 < len; t0 += TT) {
+        int64_t t1 = t0 + TT < len ? t0 + TT : len;
+        for (int64_t k = k0; k < k1; k++) {
+            const float *ar = a + k * ars;
+            int64_t t = t0;
+            for (; t + TB <= t1; t += TB) {
+                const float *x0 = x + (start + t) * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+                for (int64_t i = 0; i < in; i++) {
+                    float av = ar[i];
+                    s0 += x0[i] * av;
+                    s1 += x1[i] * av;
+                    s2 += x2[i] * av;
+                    s3 += x3[i] * av;
+                }
+                float *hr = h + (start + t) * hs + k;
+                hr[0] = s0;
+                hr[hs] = s1;
+                hr[2 * hs] = s2;
+                hr[3 * hs] = s3;
+            }
+            for (; t < t1; t++) {
+                const float *x0 = x + (start + t) * xs;
+                float s0 = 0.f;
+#pragma omp simd reduction(+ : s0)
+                for (int64_t i = 0; i < in; i++) s0 += x0[i] * ar[i];
+                h[(start + t) * hs + k] = s0;
+            }
+        }
+    }
+}
+
+/* out[t0..t0+4, j..j+NB] += scale * h[4 tokens, r0:r1] . b[r0:r1, j..j+NB]: 4 x NB accumulators in
+ * registers, each B row loaded once for the 4 tokens. */
+static inline void expand_full(float *restrict out, int64_t os, const float *restrict h, int64_t hs,
+                               const float *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale) {
+    float acc0[NB] = {0}, acc1[NB] = {0}, acc2[NB] = {0}, acc3[NB] = {0};
+    for (int64_t k = r0; k < r1; k++) {
+        const float *br = b + k * brs;
+        float h0 = h[k], h1 = h[hs + k], h2 = h[2 * hs + k], h3 = h[3 * hs + k];
+#pragma omp simd
+        for (int c = 0; c < NB; c++) {
+            float bv = br[c];
+            acc0[c] += h0 * bv;
+            acc1[c] += h1 * bv;
+            acc2[c] += h2 * bv;
+            acc3[c] += h3 * bv;
+        }
+    }
+#pragma omp simd
+    for (int c = 0; c < NB; c++) {
+        out[c] += scale * acc0[c];
+        out[os + c] += scale * acc1[c];
+        out[2 * os + c] += scale * acc2[c];
+        out[3 * os + c] += scale * acc3[c];
+    }
+}
+
+static void expand_cols(float *restrict out, int64_t os, const float *restrict h, int64_t hs,
+                        const float *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale,
+                        int64_t start, int64_t len, int64_t j0, int64_t j1) {
+    for (int64_t t = 0; t < len; t += TB) {
+        int64_t nt = len - t < TB ? len - t : TB;
+        for (int64_t j = j0; j < j1; j += NB) {
+            int64_t nj = j1 - j < NB ? j1 - j : NB;
+            if (nt == TB && nj == NB) {
+                expand_full(out + (start + t) * os + j, os, h + (start + t) * hs, hs, b + j, brs, r0, r1, scale);
+                continue;
+            }
+            for (int64_t u = 0; u < nt; u++) {
+                float *o = out + (start + t + u) * os + j;
+                const float *hr = h + (start + t + u) * hs;
+                for (int64_t k = r0; k < r1; k++) {
+                    const float *br = b + k * brs + j;
+                    float hv = scale * hr[k];
+#pragma omp simd
+                    for (int64_t c = 0; c < nj; c++) o[c] += hv * br[c];
+                }
+            }
+        }
+    }
+}
+
+/* Returns 0, or -1 when scratch memory could not be allocated (out is then untouched). */
+int loraplex_add_lora_f32(
+    float *out, int64_t out_stride, const float *x, int64_t x_stride,
+    const float *a, int64_t a_slot_stride, int64_t a_row_stride,
+    const float *b, int64_t b_slot_stride, int64_t b_row_stride,
+    const int64_t *ranks, const float *scales, int64_t in_features, int64_t out_features,
+    const int64_t *blocks, int64_t num_blocks, /* [slots, num_blocks, 4] or NULL */
+    const int64_t *seg_starts, const int64_t *seg_lens, const int64_t *seg_slots, int64_t num_segments,
+    int64_t num_tokens, int64_t r_max, int num_threads) {
+    int64_t n_shrink = 0, n_expand = 0, work = 0;
+    for (int64_t s = 0; s < num_segments; s++) {
+        int64_t slot = seg_slots[s], r = ranks[slot];
+        if (r == 0 || scales[slot] == 0.f) continue;
+        n_shrink += (r + RB - 1) / RB;
+        work += seg_lens[s] * r * (in_features + out_features);
+        if (blocks == NULL) {
+            n_expand += (out_features + NU - 1) / NU;
+            continue;
+        }
+        for (int64_t i = 0; i < num_blocks; i++) {
+            const int64_t *blk = blocks + (slot * num_blocks + i) * 4;
+            if (blk[1] > 0) n_expand += (blk[3] + NU - 1) / NU;
+        }
+    }
+    if (n_shrink == 0) return 0;
+    float *h = (float *)malloc(sizeof(float) * (size_t)(num_tokens * r_max));
+    unit_t *units = (unit_t *)malloc(sizeof(unit_t) * (size_t)(n_shrink + n_expand));
+    if (h == NULL || units == NULL) {
+        free(h);
+        free(units);
+        return -1;
+    }
+    int64_t u = 0;
+    for (int64_t s = 0; s < num_segments; s++) {
+        int64_t slot = seg_slots[s], r = ranks[slot];
+        if (r == 0 || scales[slot] == 0.f) continue;
+        for (int64_t k = 0; k < r; k += RB) units[u++] = (unit_t){s, -1, k, k + RB < r ? k + RB : r};
+    }
+    for (int64_t s = 0; s < num_segments; s++) {
+        int64_t slot = seg_slots[s], r = ranks[slot];
+        if (r == 0 || scales[slot] == 0.f) continue;
+        int64_t nb = blocks == NULL ? 1 : num_blocks;
+        for (int64_t i = 0; i < nb; i++) {
+            int64_t c0 = 0, nc = out_features;
+            if (blocks != NULL) {
+                const int64_t *blk = blocks + (slot * num_blocks + i) * 4;
+                if (blk[1] == 0) continue;
+                c0 = blk[2];
+                nc = blk[3];
+            }
+            for (int64_t j = c0; j < c0 + nc; j += NU)
+                units[u++] = (unit_t){s, i, j, j + NU < c0 + nc ? j + NU : c0 + nc};
+        }
+    }
+    if (work < SERIAL_WORK) num_threads = 1;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_shrink; i++) {
+            int64_t s = units[i].seg, slot = seg_slots[s];
+            shrink_rows(h, r_max, x, x_stride, a + slot * a_slot_stride, a_row_stride, in_features,
+                        seg_starts[s], seg_lens[s], units[i].lo, units[i].hi);
+        }
+        /* the implicit barrier above: every h row is written before any expand reads it */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = n_shrink; i < n_shrink + n_expand; i++) {
+            int64_t s = units[i].seg, slot = seg_slots[s], r0 = 0, r1 = ranks[slot];
+            if (blocks != NULL) {
+                const int64_t *blk = blocks + (slot * num_blocks + units[i].block) * 4;
+                r0 = blk[0];
+                r1 = blk[0] + blk[1];
+            }
+            expand_cols(out, out_stride, h, r_max, b + slot * b_slot_stride, b_row_stride, r0, r1,
+                        scales[slot], seg_starts[s], seg_lens[s], units[i].lo, units[i].hi);
+        }
+    }
+    free(h);
+    free(units);
+    return 0;
+}
