@@ -76,8 +76,9 @@ class SchedulerConfig:
     """Longest prompt + max_new_tokens accepted for one request; None = the model's and the KV cache's limits."""
     max_active_adapters: int | None = None
     """Most distinct adapters with running requests at once; None = every device slot (capped at max_loras)."""
-    adapter_cycle_steps: int = 32
-    """While adapters wait for a device slot, a slot holder admits no new requests after this many steps."""
+    adapter_cycle_steps: int = 16
+    """While adapters wait for a device slot, a slot holder admits no new requests after this many steps
+    (and one running no more requests than the next waiting adapter is preempted to pass its slot on)."""
     adapter_cycle_time_s: float = 2.0
     """The same slot rotation after this many seconds holding the slot, whichever comes first."""
 

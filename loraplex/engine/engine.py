@@ -88,7 +88,7 @@ class Engine:
         if params.json_schema is not None:
             seq.grammar = self._grammar_compiler().matcher(params.json_schema)
         if adapter_id or merge is not None:
-            if self.adapters is None:
+            if self.adapters is None or self.lora is None:
                 raise ValueError(f"adapter {adapter_id or merge!r} requested, but this engine runs with max_loras=0")
             if adapter_id and merge is not None:
                 raise ValueError("give at most one of adapter_id and merge")
@@ -101,7 +101,8 @@ class Engine:
             parts = [self.adapters.request(ref, adapter_token) for ref in refs]
             self._seqs[request_id] = seq
             self._loading[request_id] = (seq, parts[0] if merge is None else
-                                         merged_future(merge, parts, self.config.lora.max_lora_rank))
+                                         merged_future(merge, parts, self.config.lora.max_lora_rank,
+                                                                       self.lora.prepare))
             return
         self._seqs[request_id] = seq
         self.scheduler.add(seq)

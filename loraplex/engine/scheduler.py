@@ -17,7 +17,11 @@ takes the next slot that frees. A request whose adapter has no slot waits withou
 So that slots rotate, a slot holder admits no new requests once it has held its slot for
 `adapter_cycle_steps` steps (C) or `adapter_cycle_time_s` seconds while the slot line is non-empty and
 no slot is free; its running requests finish and its slot passes to the head of the line (the holder,
-if it still has waiting requests, joins the back of the line).
+if it still has waiting requests, joins the back of the line). A holder that has held its slot for
+max(C, block size) steps, is only decoding, and runs no more requests than the adapter next in line
+has waiting is preempted whole instead (with prefix caching on): the swap keeps the batch as large,
+costs each preempted request less than a block of recompute, and keeps a tail of adapters that found
+no slot from running alone after everyone else has finished.
 
 Starvation bound. Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
 absent preemption). From any step on, every slot holder stops admitting within C steps and finishes
@@ -123,6 +127,8 @@ class Scheduler:
         self.enable_prefix_caching = enable_prefix_caching
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_rotations = 0
+        """Slot holders preempted whole to pass their slot on (their requests count as preemptions too)."""
         self.prefix_cache_queries = 0
         """Tokens admitted sequences needed in the KV cache (each admission, resumptions included)."""
         self.prefix_cache_hits = 0
@@ -164,6 +170,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = _StepBudget(self.config.max_num_batched_tokens, self.config.prefill_token_budget,
                              sum(s.num_computed_tokens for s in self.running), self.config.max_batch_total_tokens)
+        self._rotate(out, budget)
+        rotated = len(out.preempted)
         for decodes in (True, False):
             for seq in list(self.running):
                 if seq.status is not SequenceStatus.RUNNING or seq.is_decode is not decodes:
@@ -172,12 +180,30 @@ class Scheduler:
                 if n > 0 and self._reserve(seq, n, out, budget):
                     out.chunks.append(ScheduledChunk(seq, n))
                     budget.take(seq, n)
-        if not out.preempted:  # after a preemption there is no room to spare for newcomers
+        if len(out.preempted) == rotated:  # after a KV preemption there is no room to spare for newcomers
             self._admit(out, budget)
         # Single-token decodes first (the runner attends to them in one batched call), grouped by
         # adapter slot so each adapter's tokens form one segment for the LoRA ops.
         out.chunks.sort(key=lambda c: (c.num_new_tokens != 1, c.seq.lora_slot))
         return out
+
+    def _rotate(self, out: SchedulerOutput, budget: _StepBudget) -> None:
+        """Hand the slots of expired holders to adapters in the slot line where that does not shrink the
+        batch: a holder running no more requests than the line member waiting for its slot has queued is
+        preempted whole (its requests recompute later, mostly from the prefix cache)."""
+        limit = self.max_active_adapters
+        if limit is None or not self._slot_line:
+            return
+        free_slots = max(limit - len(self._tenure), 0)
+        unseated = list(itertools.islice(self._slot_line, free_slots, None))  # waiting with no free slot
+        holders = sorted((k for k in self._tenure if self._may_preempt(k)),
+                         key=lambda k: (self._num_running[k], self._tenure[k][0]))
+        for head, holder in zip(unseated, holders, strict=False):
+            if self._num_running[holder] > len(self._queues[head]):
+                return  # holders are sorted by running count: every later one would shrink the batch more
+            for seq in [s for s in self.running if s.adapter == holder]:
+                self._preempt(seq, out, budget)
+            self.num_rotations += 1
 
     def _chunk_size(self, seq: Sequence, remaining: int, budget: _StepBudget) -> int:
         n = min(remaining, budget.tokens)
@@ -248,6 +274,16 @@ class Scheduler:
             return None
         key = min(allowed, key=lambda k: (self._num_running[k], self._queues[k][0].arrival))
         return self._queues[key][0]
+
+    def _may_preempt(self, key: AdapterIdentity) -> bool:
+        """Whether rotation may preempt this holder: it has held its slot `adapter_cycle_steps` steps and
+        at least a block's worth, and every request of it is decoding, so the full blocks it computed are in
+        the prefix cache and a resumption recomputes less than one block per request: no livelock."""
+        if not self.enable_prefix_caching:
+            return False
+        held = self._step - self._tenure[key][0]
+        return (held >= max(self.config.adapter_cycle_steps, self.block_size)
+                and all(s.is_decode for s in self.running if s.adapter == key))
 
     def _expired(self, key: AdapterIdentity) -> bool:
         step, start = self._tenure[key]

@@ -111,7 +111,9 @@ class AdapterWeights:
     use_dora: bool
     layers: Mapping[tuple[int, str], LoRAModule]  # (layer index, target in LAYER_TARGETS) → weights
     lm_head: LoRAModule | None
-    size_bytes: int                               # bytes of the float32 tensors held
+    size_bytes: int                               # bytes of the tensors held (packed slot rows included)
+    packed: Any = field(default=None, compare=False, repr=False)
+    """The slot rows of each wrapped layer (`LoRAManager.prepare`), built once off the step loop."""
     targets: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,9 @@ weight, so it is computed when the slot is loaded and applied per segment after 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -28,6 +31,24 @@ from loraplex.lora.batch import LoRABatch
 from loraplex.lora.ops import AddLoRA
 from loraplex.model.context import get_forward_context
 from loraplex.model.layers import PackedLinear
+
+
+@dataclass(frozen=True)
+class SlotContents:
+    """One packed layer's share of an adapter, as the rows its slot holds (see `LoRAPackedLinear.pack`)."""
+
+    a: torch.Tensor  # [packed_rank, in] the shards' A rows stacked
+    b: torch.Tensor  # [packed_rank, out] each shard's scale·Bᵀ in its rows and columns, zero elsewhere
+    blocks: torch.Tensor  # [shards, 4] long: rank row start, rank rows, column start, columns
+    dora: torch.Tensor | None  # [out] DoRA row factors, 1 outside DoRA shards; None without DoRA
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.blocks, self.dora) if t is not None)
 
 
 class LoRAPackedLinear(nn.Module):
@@ -54,31 +75,55 @@ class LoRAPackedLinear(nn.Module):
         self.dora = weight.new_ones(num_slots, out_features)  # [slots, out]
         self.dora_slots: set[int] = set()
 
-    def load_slot(self, slot: int, modules: dict[str, LoRAModule]) -> None:
-        """Copy an adapter's modules for this layer (target name → weights) into `slot`; absent targets
-        get rank 0, which the ops skip."""
-        self.dora[slot] = 1.0
-        self.dora_slots.discard(slot)
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.blocks[slot].zero_()
+    def pack(self, modules: Mapping[str, LoRAModule]) -> SlotContents | None:
+        """An adapter's modules for this layer (target name → weights) laid out as slot rows: the work
+        of a slot load except the copies, done where the adapter is parsed (a loader thread) rather than
+        in the step loop. None when the adapter targets none of this layer's shards."""
+        a_rows, b_blocks, blocks, dora = [], [], [], None
         offset = 0
         for i, target in enumerate(self.shard_targets):
             module = modules.get(target)
+            rows = self._shard_rows(i)
             if module is None:
+                blocks.append((offset, 0, rows.start, rows.stop - rows.start))
                 continue
-            r, rows = module.rank, self._shard_rows(i)
-            self.a[slot, offset:offset + r] = module.a.to(self.a.dtype)
-            self.b[slot, offset:offset + r, rows] = (module.scale * module.b).T.to(self.b.dtype)
-            self.blocks[slot, i] = torch.tensor([offset, r, rows.start, rows.stop - rows.start])
-            offset += r
+            a_rows.append(module.a)
+            b_blocks.append((offset, rows, module.scale * module.b.T))  # [r, out_shard]
+            blocks.append((offset, module.rank, rows.start, rows.stop - rows.start))
+            offset += module.rank
             if module.magnitude is not None:
-                self.dora[slot, rows] = self._dora_factor(i, module).to(self.dora.dtype)
-                self.dora_slots.add(slot)
-        self.ranks[slot] = offset
+                if dora is None:
+                    dora = torch.ones(self.b.shape[2])
+                dora[rows] = self._dora_factor(i, module).cpu()
+        if offset == 0:
+            return None
+        b = torch.zeros(offset, self.b.shape[2], dtype=self.b.dtype)  # [packed_rank, out]
+        for row, cols, block in b_blocks:
+            b[row:row + block.shape[0], cols] = block
+        return SlotContents(a=torch.cat(a_rows).to(self.a.dtype), b=b,
+                            blocks=torch.tensor(blocks, dtype=torch.long),
+                            dora=None if dora is None else dora.to(self.dora.dtype))
+
+    def load_slot(self, slot: int, contents: SlotContents | None) -> None:
+        """Copy packed contents into `slot` (None empties it: rank 0, which the ops skip). Rows past the
+        new rank keep whatever they held: the ops never read them."""
+        rank = 0 if contents is None else contents.rank
+        if contents is not None:
+            self.a[slot, :rank].copy_(contents.a)
+            self.b[slot, :rank].copy_(contents.b)
+            self.blocks[slot].copy_(contents.blocks)
+        else:
+            self.blocks[slot].zero_()
+        if contents is not None and contents.dora is not None:
+            self.dora[slot].copy_(contents.dora)
+            self.dora_slots.add(slot)
+        elif slot in self.dora_slots:
+            self.dora[slot] = 1.0
+            self.dora_slots.discard(slot)
+        self.ranks[slot] = rank
 
     def clear_slot(self, slot: int) -> None:
-        self.load_slot(slot, {})
+        self.load_slot(slot, None)
 
     def _shard_rows(self, i: int) -> slice:
         start = self.base.shard_offsets[i]

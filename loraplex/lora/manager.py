@@ -9,6 +9,7 @@ overwritten. Pinned adapters keep a reference on their slot, so they stay reside
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 
@@ -43,11 +44,25 @@ class LoRAManager:
         self.loads = 0
 
     def parse(self, path: Path) -> AdapterWeights:
-        """Read and validate an adapter folder for this base model (the exchange's parse step)."""
+        """Read and validate an adapter folder for this base model and pack its slot rows (the exchange's
+        parse step, on a loader thread)."""
         weights = load_adapter(path, self.base_config, self.config.max_lora_rank)
         if weights.lm_head is not None and weights.lm_head.magnitude is not None:
             raise AdapterInvalid(f"{path}: DoRA on lm_head is not supported")
-        return weights
+        return self.prepare(weights)
+
+    def prepare(self, weights: AdapterWeights) -> AdapterWeights:
+        """`weights` with every wrapped layer's slot rows packed, so loading a slot is a few copies per
+        layer; the packed bytes count in `size_bytes` (the host tier's budget)."""
+        if weights.packed is not None:
+            return weights
+        per_layer: dict[int, dict[str, LoRAModule]] = {}
+        for (layer, target), module in weights.layers.items():
+            per_layer.setdefault(layer, {})[target] = module
+        packed = tuple(tuple(wrapper.pack(per_layer.get(layer, {})) for wrapper in wrappers)
+                       for layer, wrappers in enumerate(self._wrapped))
+        extra = sum(c.nbytes for layer in packed for c in layer if c is not None)
+        return dataclasses.replace(weights, packed=packed, size_bytes=weights.size_bytes + extra)
 
     def hold(self, identity: AdapterIdentity, weights: AdapterWeights) -> None:
         """Keep `weights` for `identity` while a request (or a pin) needs them."""
@@ -163,13 +178,10 @@ class LoRAManager:
 
     def _load(self, slot: int, key: AdapterIdentity) -> None:
         assert self._slot_refs[slot] == 0, f"slot {slot} is in use and cannot be overwritten"
-        weights = self._weights[key]
-        per_layer: dict[int, dict[str, LoRAModule]] = {}
-        for (layer, target), module in weights.layers.items():
-            per_layer.setdefault(layer, {})[target] = module
-        for layer, wrappers in enumerate(self._wrapped):
-            for wrapper in wrappers:  # each takes the targets of its own shards
-                wrapper.load_slot(slot, per_layer.get(layer, {}))
+        weights = self._weights[key] = self.prepare(self._weights[key])  # merged adapters come unpacked
+        for wrappers, contents in zip(self._wrapped, weights.packed, strict=True):
+            for wrapper, layer_contents in zip(wrappers, contents, strict=True):
+                wrapper.load_slot(slot, layer_contents)
         if weights.lm_head is not None and self._head is None:
             self._head = self._install_head()
         if self._head is not None:

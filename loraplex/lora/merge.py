@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +68,11 @@ def _stack(modules: list[tuple[LoRAModule, float]]) -> LoRAModule:
     return LoRAModule(a, b, 1.0, None)
 
 
-def merged_future(spec: MergeSpec, parts: list[Future[LoadedAdapter]], max_rank: int) -> Future[LoadedAdapter]:
+def merged_future(spec: MergeSpec, parts: list[Future[LoadedAdapter]], max_rank: int,
+                  prepare: Callable[[AdapterWeights], AdapterWeights] = lambda w: w) -> Future[LoadedAdapter]:
     """A Future of the merged adapter, done when every part's load is. The merge (a few tensor
-    concatenations) runs on the loader thread that finishes the last part, or on the caller's thread
-    when every part was already in the host tier."""
+    concatenations, then `prepare`, e.g. packing its slot rows) runs on the loader thread that finishes
+    the last part, or on the caller's thread when every part was already in the host tier."""
     result: Future[LoadedAdapter] = Future()
     remaining = [len(parts)]
     lock = threading.Lock()  # parts finish on different loader threads
@@ -83,7 +84,8 @@ def merged_future(spec: MergeSpec, parts: list[Future[LoadedAdapter]], max_rank:
                 return
         try:
             loaded = [p.result() for p in parts]
-            weights = merge_linear([(part.weights, w) for part, w in zip(loaded, spec.weights, strict=True)], max_rank)
+            weights = prepare(merge_linear([(part.weights, w) for part, w in zip(loaded, spec.weights, strict=True)],
+                                           max_rank))
         except AdapterError as e:
             result.set_exception(e)
             return

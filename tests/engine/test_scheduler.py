@@ -287,6 +287,49 @@ def test_slots_rotate_while_hot_adapters_keep_them_busy(rotate):
         assert started.get(seq.request_id, 10**9) <= bound, (seq.request_id, started.get(seq.request_id), bound)
 
 
+def run_rotation_workload(num_slots: int, prefix_caching: bool = True) -> tuple[Scheduler, dict[str, int],
+                                                                                set[str], dict[str, list[int]]]:
+    """2 slots (or more): a busy adapter with 5 requests, two single-request adapters; 40 new tokens each.
+    Returns the scheduler, each request's first step, who was preempted, and every output."""
+    cycle = 8
+    config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, adapter_cycle_steps=cycle,
+                             adapter_cycle_time_s=1e9)
+    sched, _ = make_scheduler(config, num_blocks=256, num_slots=num_slots, prefix_caching=prefix_caching)
+    runner = FakeRunner(sched)
+    seqs = [make_seq(f"busy{i}", [1, 2, i], 40, key("busy")) for i in range(5)]
+    seqs += [make_seq(f"solo{i}", [5, 6, 7, i], 40, key(f"solo{i}")) for i in range(2)]
+    for seq in seqs:
+        sched.add(seq)
+    started: dict[str, int] = {}
+    preempted: set[str] = set()
+    for step in range(500):
+        out = sched.schedule()
+        for chunk in out.chunks:
+            started.setdefault(chunk.seq.request_id, step)
+        preempted |= {seq.request_id for seq in out.preempted}
+        runner.step(out)
+        if not sched.has_work():
+            break
+    assert len(runner.finished) == 7
+    return sched, started, preempted, {seq.request_id: seq.output_token_ids for seq in seqs}
+
+
+def test_rotation_preempts_a_holder_no_busier_than_the_waiting_adapter():
+    sched, started, preempted, outputs = run_rotation_workload(num_slots=2)
+    # busy and solo0 take the two slots; solo1 waits. After the cycle (8 steps), solo0 (1 running, no
+    # more than solo1's 1 waiting) is preempted for it; busy (5 running) never is: that would shrink
+    # the batch. Then the two solos take turns.
+    assert started["solo1"] == 8
+    assert preempted and not any(r.startswith("busy") for r in preempted)
+    assert sched.num_rotations >= 2
+    # Preempted requests resume from the prefix cache with the output of an unconstrained run.
+    *_, unconstrained = run_rotation_workload(num_slots=3)
+    assert outputs == unconstrained
+    # Without the prefix cache a preemption would recompute everything: no rotation by preemption.
+    sched, started, preempted, _ = run_rotation_workload(num_slots=2, prefix_caching=False)
+    assert sched.num_rotations == 0 and not preempted and started["solo1"] >= 40
+
+
 def test_preemption_requeues_in_arrival_order_and_resumes_from_the_cache():
     # A pool for ~2 requests: later ones get preempted and come back; every request still completes
     # with the same tokens as in a roomy pool (the fake model's tokens depend on the KV it reads).
