@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         llm = LLM(model, device="cpu")
-        llm.generate(prompts[:2], params)  # warm-up, both sides
-        asyncio.run(http_run(url, prompts[:2], args.new_tokens, args.stream))
+        # Warm-up, both sides, on the whole workload: the first batch of its size allocates (KV blocks,
+        # batch tensors, connections) on either side, and that is not the steady state being compared.
+        llm.generate(prompts, reference_params(4))
+        asyncio.run(http_run(url, prompts, 4, args.stream))
         rates: dict[str, list[float]] = {"offline": [], "http": []}
         for _ in range(args.repeats):  # alternate, so drift on a shared machine hits both alike
             start = time.perf_counter()
