@@ -88,10 +88,11 @@ static inline void expand_full(float *restrict out, int64_t os, const float *res
 static void expand_cols(float *restrict out, int64_t os, const float *restrict h, int64_t hs,
                         const float *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale,
                         int64_t start, int64_t len, int64_t j0, int64_t j1) {
-    for (int64_t t = 0; t < len; t += TB) {
-        int64_t nt = len - t < TB ? len - t : TB;
-        for (int64_t j = j0; j < j1; j += NB) {
-            int64_t nj = j1 - j < NB ? j1 - j : NB;
+    /* Column strips outer, token blocks inner: a strip of B (rank x NB) stays in L1 for every token. */
+    for (int64_t j = j0; j < j1; j += NB) {
+        int64_t nj = j1 - j < NB ? j1 - j : NB;
+        for (int64_t t = 0; t < len; t += TB) {
+            int64_t nt = len - t < TB ? len - t : TB;
             if (nt == TB && nj == NB) {
                 expand_full(out + (start + t) * os + j, os, h + (start + t) * hs, hs, b + j, brs, r0, r1, scale);
                 continue;
