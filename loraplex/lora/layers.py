@@ -15,7 +15,7 @@ never passed through forward signatures.
 
 DoRA (PEFT's `use_dora`): the adapted output row j is `m_j · (W x + scale · B A x)_j / ‖W + scale · B A‖_j`
 plus the bias. The per-row factor `m / ‖W + scale · BA‖` depends only on the adapter and the base
-weight, so it is computed when the slot is loaded and applied per segment after the delta.
+weight, so it is computed when the adapter is packed and applied per segment after the delta.
 """
 
 from __future__ import annotations
@@ -121,9 +121,6 @@ class LoRAPackedLinear(nn.Module):
             self.dora[slot] = 1.0
             self.dora_slots.discard(slot)
         self.ranks[slot] = rank
-
-    def clear_slot(self, slot: int) -> None:
-        self.load_slot(slot, None)
 
     def _shard_rows(self, i: int) -> slice:
         start = self.base.shard_offsets[i]
