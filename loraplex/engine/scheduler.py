@@ -18,8 +18,9 @@ So that slots rotate, a slot holder admits no new requests once it has held its 
 `adapter_cycle_steps` steps (C) or `adapter_cycle_time_s` seconds while the slot line is non-empty and
 no slot is free; its running requests finish and its slot passes to the head of the line (the holder,
 if it still has waiting requests, joins the back of the line). A holder that has held its slot for
-max(C, block size) steps, is only decoding, and runs no more requests than the adapter next in line
-has waiting is preempted whole instead (with prefix caching on): the swap keeps the batch as large,
+max(C, block size) steps, is only decoding with more than C tokens still to go, and runs no more
+requests than the adapter next in line has waiting is preempted whole instead (with prefix caching
+on): the swap keeps the batch as large,
 costs each preempted request less than a block of recompute, and keeps a tail of adapters that found
 no slot from running alone after everyone else has finished.
 
@@ -282,8 +283,13 @@ class Scheduler:
         if not self.enable_prefix_caching:
             return False
         held = self._step - self._tenure[key][0]
-        return (held >= max(self.config.adapter_cycle_steps, self.block_size)
-                and all(s.is_decode for s in self.running if s.adapter == key))
+        if held < max(self.config.adapter_cycle_steps, self.block_size):
+            return False
+        mine = [s for s in self.running if s.adapter == key]
+        # One about to finish frees its slot within a cycle anyway: preempting it would only add recompute.
+        return (all(s.is_decode for s in mine)
+                and max(s.params.max_new_tokens - len(s.output_token_ids) for s in mine)
+                > self.config.adapter_cycle_steps)
 
     def _expired(self, key: AdapterIdentity) -> bool:
         step, start = self._tenure[key]
