@@ -20,9 +20,9 @@ no slot is free; its running requests finish and its slot passes to the head of 
 if it still has waiting requests, joins the back of the line). A holder that has held its slot for
 max(C, block size) steps, is only decoding with more than C tokens still to go, and runs no more
 requests than the adapter next in line has waiting is preempted whole instead (with prefix caching
-on): the swap keeps the batch as large,
-costs each preempted request less than a block of recompute, and keeps a tail of adapters that found
-no slot from running alone after everyone else has finished.
+on): the swap keeps the batch as large and costs each preempted request less than a block of
+recompute, and a waiting adapter then gets a slot within about C steps instead of whenever the
+holder's longest request ends.
 
 Starvation bound. Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
 absent preemption). From any step on, every slot holder stops admitting within C steps and finishes
