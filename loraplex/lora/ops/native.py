@@ -159,10 +159,12 @@ def _runs(batch: LoRABatch) -> _Runs:
 
 def _fits(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
           scales: torch.Tensor) -> bool:
-    tensors = (out, x, a, b)
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
-            and ranks.dtype == torch.long and ranks.is_contiguous() and ranks.device.type == "cpu"
-            and scales.dtype == torch.float32 and scales.is_contiguous() and scales.device.type == "cpu")
+    """Whether the C kernel can take these operands (checked every call, so kept to cheap attributes)."""
+    f32 = torch.float32
+    return (out.dtype is f32 and x.dtype is f32 and a.dtype is f32 and b.dtype is f32 and scales.dtype is f32
+            and ranks.dtype is torch.long and out.is_cpu and x.is_cpu and a.is_cpu and b.is_cpu
+            and ranks.is_cpu and scales.is_cpu and out.stride(1) == 1 and x.stride(1) == 1
+            and a.stride(2) == 1 and b.stride(2) == 1 and ranks.is_contiguous() and scales.is_contiguous())
 
 
 def add_lora_native(
