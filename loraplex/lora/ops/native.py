@@ -1,6 +1,6 @@
 """Native CPU LoRA delta op (the `native` backend); same contract as `add_lora_reference`.
 
-The torch backend pays a Python-dispatched matmul pair per adapter segment per layer, ~10 µs each
+The torch backend pays a Python-dispatched matmul pair per adapter segment per layer, 10-25 µs a pair
 however few tokens the segment holds; with 8 adapters in a decode step that is most of the LoRA cost.
 This backend hands all of a layer's short segments to one C call (`lora_cpu.c`), which is bound by
 reading the adapters' weights once, and reads only the non-zero blocks of a packed layer's B.
