@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.lora.ops import add_lora, get_lora_op
+from loraplex.lora.ops import add_lora, get_lora_op, native
 from loraplex.lora.ops.native import add_lora_native, load_kernel, native_available
 
 
@@ -72,3 +72,14 @@ def test_native_selected_where_it_builds() -> None:
     if native_available() is not None:
         pytest.skip(native_available() or "")
     assert get_lora_op("auto") is add_lora_native
+
+
+def test_damaged_build_is_rebuilt(fresh_build: Path) -> None:
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    # The build this process would load, damaged before it is loaded (e.g. truncated by a full disk).
+    target = native._kernel_dir() / f"lora_cpu-{native._build_key(cc)}.so"
+    target.write_bytes(b"not a shared library")
+    assert native_available() is None
+    assert target.read_bytes()[:4] == b"\x7fELF"

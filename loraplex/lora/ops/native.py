@@ -105,8 +105,14 @@ def load_kernel() -> Callable[..., int]:
         _build(cc, target)
     try:
         library = ctypes.CDLL(str(target))
-    except OSError as exc:
-        raise NativeUnavailable(f"could not load {target}: {exc}") from exc
+    except OSError:
+        # A damaged build (a full disk, a copied cache folder) is rebuilt once, not trusted forever.
+        log.warning("could not load %s; rebuilding it", target)
+        _build(cc, target)
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError as exc:
+            raise NativeUnavailable(f"could not load {target}: {exc}") from exc
     fn = library.loraplex_add_lora_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, ptr, i64,  # out, x
