@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from loraplex.bench.workload import reference_params, reference_prompts
+from loraplex.bench.workload import add_workload_arguments, reference_params, reference_prompts
 
 
 def start_server(model: str, port: int) -> subprocess.Popen[bytes]:
@@ -67,10 +67,7 @@ async def http_run(url: str, prompts: list[str], new_tokens: int, stream: bool) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_workload_arguments(ap)
     ap.add_argument("--stream", action="store_true", help="use /generate_stream (one SSE event per token)")
     args = ap.parse_args(argv)
 

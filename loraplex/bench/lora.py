@@ -36,7 +36,7 @@ import torch
 
 from loraplex.bench.adapters import make_bench_adapters
 from loraplex.bench.offline import _time
-from loraplex.bench.workload import reference_params, reference_prompts
+from loraplex.bench.workload import add_workload_arguments, reference_params, reference_prompts
 
 MAX_LORA_RANK = 64
 # shared/BENCHMARKS.md
@@ -88,11 +88,8 @@ def run_hf_peft(model_path: str, adapters: list[Path], prompts: list[str], new_t
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo")
+    add_workload_arguments(ap)
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters N; request i uses adapter i %% N")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true", help="time loraplex only (HF+PEFT is the slow part)")
     args = ap.parse_args(argv)
     if args.adapters < 1:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from loraplex.bench.workload import reference_params, reference_prompts
+from loraplex.bench.workload import add_workload_arguments, reference_params, reference_prompts
 
 
 def _time(fn: Callable[[], int], repeats: int) -> tuple[float, list[float]]:
@@ -61,10 +61,7 @@ def run_hf(model_path: str, prompts: list[str], new_tokens: int, dtype: str) -> 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_workload_arguments(ap)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="both systems run in this dtype on the CPU (bfloat16 is fast on CPUs with AMX)")
     args = ap.parse_args(argv)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from loraplex.engine.request import SamplingParams
 
 TOPICS = [
@@ -25,3 +27,11 @@ def reference_prompts(n: int = 32) -> list[str]:
 
 def reference_params(max_new_tokens: int = 64) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+
+
+def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags every benchmark of the reference workload takes, with its defaults."""
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
