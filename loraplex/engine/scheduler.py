@@ -193,16 +193,21 @@ class Scheduler:
         batch: a holder running no more requests than the line member waiting for its slot has queued is
         preempted whole (its requests recompute later, mostly from the prefix cache)."""
         limit = self.max_active_adapters
-        if limit is None or not self._slot_line:
+        if limit is None or not self._slot_line or not self.enable_prefix_caching:
             return
         free_slots = max(limit - len(self._tenure), 0)
         unseated = list(itertools.islice(self._slot_line, free_slots, None))  # waiting with no free slot
-        holders = sorted((k for k in self._tenure if self._may_preempt(k)),
+        if not unseated:
+            return
+        running: dict[AdapterIdentity | None, list[Sequence]] = {}
+        for seq in self.running:
+            running.setdefault(seq.adapter, []).append(seq)
+        holders = sorted((k for k in self._tenure if self._may_preempt(k, running[k])),
                          key=lambda k: (self._num_running[k], self._tenure[k][0]))
         for head, holder in zip(unseated, holders, strict=False):
             if self._num_running[holder] > len(self._queues[head]):
                 return  # holders are sorted by running count: every later one would shrink the batch more
-            for seq in [s for s in self.running if s.adapter == holder]:
+            for seq in running[holder]:
                 self._preempt(seq, out, budget)
             self.num_rotations += 1
 
@@ -276,16 +281,13 @@ class Scheduler:
         key = min(allowed, key=lambda k: (self._num_running[k], self._queues[k][0].arrival))
         return self._queues[key][0]
 
-    def _may_preempt(self, key: AdapterIdentity) -> bool:
-        """Whether rotation may preempt this holder: it has held its slot `adapter_cycle_steps` steps and
-        at least a block's worth, and every request of it is decoding, so the full blocks it computed are in
-        the prefix cache and a resumption recomputes less than one block per request: no livelock."""
-        if not self.enable_prefix_caching:
+    def _may_preempt(self, key: AdapterIdentity, mine: list[Sequence]) -> bool:
+        """Whether rotation may preempt this holder (running `mine`): it has held its slot
+        `adapter_cycle_steps` steps and at least a block's worth, and every request of it is decoding, so
+        the full blocks it computed are in the prefix cache and a resumption recomputes less than one
+        block per request: no livelock."""
+        if self._step - self._tenure[key][0] < max(self.config.adapter_cycle_steps, self.block_size):
             return False
-        held = self._step - self._tenure[key][0]
-        if held < max(self.config.adapter_cycle_steps, self.block_size):
-            return False
-        mine = [s for s in self.running if s.adapter == key]
         # One about to finish frees its slot within a cycle anyway: preempting it would only add recompute.
         return (all(s.is_decode for s in mine)
                 and max(s.params.max_new_tokens - len(s.output_token_ids) for s in mine)
