@@ -178,7 +178,8 @@ class LoRAManager:
 
     def _load(self, slot: int, key: AdapterIdentity) -> None:
         assert self._slot_refs[slot] == 0, f"slot {slot} is in use and cannot be overwritten"
-        weights = self._weights[key] = self.prepare(self._weights[key])  # merged adapters come unpacked
+        # Weights from `parse` and merges come packed; ones built another way are packed here, once.
+        weights = self._weights[key] = self.prepare(self._weights[key])
         for wrappers, contents in zip(self._wrapped, weights.packed, strict=True):
             for wrapper, layer_contents in zip(wrappers, contents, strict=True):
                 wrapper.load_slot(slot, layer_contents)

@@ -191,8 +191,7 @@ def add_lora_native(
     runs = _runs(batch)
     if runs.num_short:
         block_table, num_blocks = None, 0
-        if blocks is not None and blocks.dtype == torch.long and blocks.is_contiguous() \
-                and blocks.device.type == "cpu":
+        if blocks is not None and blocks.dtype is torch.long and blocks.is_cpu and blocks.is_contiguous():
             block_table, num_blocks = blocks.data_ptr(), blocks.shape[1]
         rc = load_kernel()(
             out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0),
