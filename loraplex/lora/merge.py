@@ -69,7 +69,7 @@ def _stack(modules: list[tuple[LoRAModule, float]]) -> LoRAModule:
 
 
 def merged_future(spec: MergeSpec, parts: list[Future[LoadedAdapter]], max_rank: int,
-                  prepare: Callable[[AdapterWeights], AdapterWeights] = lambda w: w) -> Future[LoadedAdapter]:
+                  prepare: Callable[[AdapterWeights], AdapterWeights]) -> Future[LoadedAdapter]:
     """A Future of the merged adapter, done when every part's load is. The merge (a few tensor
     concatenations, then `prepare`, e.g. packing its slot rows) runs on the loader thread that finishes
     the last part, or on the caller's thread when every part was already in the host tier."""
