@@ -35,6 +35,7 @@ from loraplex.adapters.sources import AdapterSource, build_sources
 from loraplex.config import AdapterSourceConfig
 from loraplex.lora.adapter import AdapterError, AdapterNotFound, AdapterWeights
 from loraplex.paths import loraplex_home
+from loraplex.runtime import use_one_torch_thread
 
 _T = TypeVar("_T")
 _FlightKey = tuple[AdapterRef, str | None]  # (ref, token digest)
@@ -94,7 +95,9 @@ class AdapterLoader:
         self.negative_ttl_s = negative_ttl_s
         self.revalidate_s = revalidate_s
         self._clock = clock
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-loader")
+        # Loader threads parse and pack tensors on their own thread, leaving OpenMP to the model's thread.
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-loader",
+                                        initializer=use_one_torch_thread)
         # One lock for all the state below; it is never held across I/O, so request() never waits on I/O.
         self._lock = threading.Lock()
         self._host: OrderedDict[AdapterIdentity, LoadedAdapter] = OrderedDict()

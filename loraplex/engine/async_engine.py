@@ -1,6 +1,8 @@
 """AsyncEngine: the engine's step loop on its own thread, behind an asyncio facade.
 
-The engine is single-threaded by design: only the loop thread touches it. Callers on the event loop
+The engine is single-threaded by design: only the loop thread touches it (given a factory, the loop
+thread also builds it, so the model's torch work all runs on one thread: see `loraplex.runtime`).
+Callers on the event loop
 hand it work through a thread-safe inbox (new requests, aborts, admin calls) and receive each
 request's outputs on an asyncio queue of their own. torch releases the GIL inside its kernels, so the
 event loop stays responsive while a step runs.
@@ -79,10 +81,17 @@ class _Call:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_concurrent_requests: int = 128) -> None:
+    def __init__(self, engine: Engine | Callable[[], Engine], max_concurrent_requests: int = 128) -> None:
+        """`engine`: the engine, or a function that builds it, which `start()` then runs on the loop thread."""
         if max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
-        self.engine = engine
+        self.engine: Engine
+        self._make_engine: Callable[[], Engine] | None = None
+        if isinstance(engine, Engine):
+            self.engine = engine
+        else:
+            self._make_engine = engine
+        self._built: Future[None] = Future()
         self.max_concurrent_requests = max_concurrent_requests
         self.on_step: Callable[[list[RequestOutput], float], None] | None = None
         """Called on the loop thread after each step with its outputs and duration (metrics)."""
@@ -97,7 +106,11 @@ class AsyncEngine:
     # ---- caller side (event loop) ----
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the loop thread (once; later calls do nothing). With a factory, return when the engine is
+        built, raising the factory's error if it fails."""
+        if self._thread.ident is None:
+            self._thread.start()
+        self._built.result()
 
     def stop(self, timeout: float | None = 10.0) -> None:
         self._stopping.set()
@@ -167,6 +180,14 @@ class AsyncEngine:
     # ---- loop thread ----
 
     def _run(self) -> None:
+        if self._make_engine is not None:
+            try:
+                self.engine = self._make_engine()
+            except BaseException as e:
+                self.dead = e
+                self._built.set_exception(e)
+                return
+        self._built.set_result(None)
         failures = 0
         try:
             while not self._stopping.is_set():

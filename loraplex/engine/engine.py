@@ -23,6 +23,7 @@ from loraplex.lora.merge import MergeSpec, merged_future
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.runner import ModelRunner
 from loraplex.paths import resolve_model
+from loraplex.runtime import keep_freed_memory
 from loraplex.sampling import SamplerOutput
 from loraplex.sampling.structured import GrammarCompiler
 
@@ -34,6 +35,8 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         device, dtype = config.model.torch_device(), config.model.torch_dtype()
+        if device.type == "cpu":
+            keep_freed_memory()  # per-step tensors live in host memory: reuse them, don't fault them in again
         ckpt = open_checkpoint(resolve_model(config.model.model))
         self.tokenizer = ckpt.tokenizer
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)

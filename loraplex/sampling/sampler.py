@@ -141,8 +141,10 @@ def watermark_greenlist(previous_token: int, vocab: int, device: torch.device) -
 
 def apply_temperature(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Divide each row by its temperature (HF `TemperatureLogitsWarper`); greedy rows are left as they are."""
-    temperature = _column([p.temperature if not p.greedy else 1.0 for p in params], logits.device)
-    return logits / temperature  # [batch, vocab]
+    temperatures = [p.temperature if not p.greedy else 1.0 for p in params]
+    if all(t == 1.0 for t in temperatures):
+        return logits  # the callers never write to it; a copy would be a batch × vocab allocation per step
+    return logits / _column(temperatures, logits.device)  # [batch, vocab]
 
 
 def apply_filters(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -195,13 +197,15 @@ def _logprobs(
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not wanted:
         return out
-    rows = torch.tensor(wanted, device=scaled.device)
-    log_probs = scaled[rows].log_softmax(dim=-1)  # [n, vocab]
-    chosen = log_probs.gather(1, token_ids[rows].unsqueeze(1)).squeeze(1).tolist()  # [n]
+    if len(wanted) < len(params):
+        rows = torch.tensor(wanted, device=scaled.device)
+        scaled, token_ids = scaled[rows], token_ids[rows]
+    log_probs = scaled.log_softmax(dim=-1)  # [n, vocab]
+    chosen = log_probs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [n]
     k_max = min(max(params[i].logprobs or 0 for i in wanted), log_probs.shape[-1])
     top_values, top_ids = log_probs.topk(k_max, dim=-1)  # [n, k_max], most likely first
     # One transfer per tensor: per-row .tolist() would sync with the device once per row.
-    picked, top_ids_rows, top_values_rows = token_ids[rows].tolist(), top_ids.tolist(), top_values.tolist()
+    picked, top_ids_rows, top_values_rows = token_ids.tolist(), top_ids.tolist(), top_values.tolist()
     for j, i in enumerate(wanted):
         k = params[i].logprobs or 0
         top = tuple(zip(top_ids_rows[j][:k], top_values_rows[j][:k], strict=True))

@@ -18,6 +18,7 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.request import MAX_STOP_SEQUENCES
 from loraplex.examples import ADAPTERS_DIR
 from loraplex.lora.adapter import AdapterError
+from loraplex.runtime import keep_freed_memory
 from loraplex.server import admin, native, openai
 from loraplex.server.errors import install_error_handlers
 from loraplex.server.generation import Generation
@@ -26,7 +27,7 @@ from loraplex.server.state import ServerState, get_state
 
 
 def build_state(engine_config: EngineConfig, server_config: ServerConfig) -> ServerState:
-    """Load the model and wire the engine facade (the engine loop starts with the app).
+    """Start the engine loop thread, which loads the model, and wire the facade around it.
 
     A server serves local adapters only from its adapter roots (the bundled examples are always one),
     never from any folder a request names.
@@ -35,8 +36,14 @@ def build_state(engine_config: EngineConfig, server_config: ServerConfig) -> Ser
     for root in roots:
         if not Path(root).is_dir():
             raise ValueError(f"adapter root {root!r} is not a folder")
-    engine = Engine(replace(engine_config, adapters=replace(engine_config.adapters, adapter_roots=roots)))
-    async_engine = AsyncEngine(engine, server_config.max_concurrent_requests)
+    config = replace(engine_config, adapters=replace(engine_config.adapters, adapter_roots=roots))
+    # The model is built on the engine's loop thread, the one that will run it: a thread that has run
+    # torch ops keeps an OpenMP team, and two teams on a small machine slow every step. malloc is tuned
+    # before that thread starts so it shares the main heap (loraplex.runtime).
+    keep_freed_memory()
+    async_engine = AsyncEngine(lambda: Engine(config), server_config.max_concurrent_requests)
+    async_engine.start()
+    engine = async_engine.engine
     metrics = Metrics()
     metrics.watch(async_engine)
     generation = Generation(async_engine, engine.tokenizer, metrics)
@@ -44,7 +51,8 @@ def build_state(engine_config: EngineConfig, server_config: ServerConfig) -> Ser
 
 
 def preload(state: ServerState) -> None:
-    """Fetch `--preloaded-adapter-ids` and put them in device slots; others still load on demand."""
+    """Fetch `--preloaded-adapter-ids` and put them in device slots; others still load on demand.
+    Runs on the engine's loop thread."""
     engine = state.engine.engine
     if not state.config.preloaded_adapter_ids:
         return
@@ -62,8 +70,7 @@ def preload(state: ServerState) -> None:
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        preload(state)  # before the engine thread starts: the engine is still ours to touch
-        state.engine.start()
+        await state.engine.call(lambda _: preload(state))  # before the first request is accepted
         try:
             yield
         finally:

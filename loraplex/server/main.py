@@ -8,6 +8,7 @@ from types import FrameType
 import uvicorn
 
 from loraplex.config import EngineConfig, ServerConfig
+from loraplex.runtime import use_one_torch_thread
 from loraplex.server.app import build_state, create_app
 from loraplex.server.state import ServerState
 
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    use_one_torch_thread()  # this thread runs the event loop; the model runs on the engine's thread
     state = build_state(engine_config, server_config)
     app = create_app(state)
     # uvicorn handles SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests (streams

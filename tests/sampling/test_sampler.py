@@ -256,6 +256,22 @@ def test_logprobs_values_and_alternatives() -> None:
     assert out.logprobs[3] is None
 
 
+def test_logprobs_on_every_greedy_row_leave_the_logits_alone() -> None:
+    # The common served case (greedy, token logprobs on every row) takes no copy of the logits.
+    logits = _logits(3, seed=11)
+    before = logits.clone()
+    params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0, logprobs=0),
+              SamplingParams(temperature=1.0, top_k=1, logprobs=1)]
+    out = Sampler()(logits, params, [torch.Generator().manual_seed(i) for i in range(3)], [[1]] * 3, [[]] * 3)
+    assert torch.equal(logits, before)
+    reference = logits.log_softmax(-1)
+    for row, k in enumerate((2, 0, 1)):
+        lp = out.logprobs[row]
+        assert lp is not None and lp.token_id == out.token_ids[row] == int(logits[row].argmax())
+        assert lp.logprob == pytest.approx(float(reference[row, lp.token_id]), abs=1e-6)
+        assert [t for t, _ in lp.top] == reference[row].topk(k).indices.tolist()
+
+
 def test_mixed_greedy_and_sampled_batch() -> None:
     logits = _logits(6, seed=10)
     params = [
