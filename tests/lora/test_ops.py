@@ -22,18 +22,22 @@ FAST_OPS = {
 }
 IN_FEATURES = 48
 OUT_FEATURES = 40
+# (in, out) features: odd widths, and widths the native kernel's AVX-512 paths take (in a multiple of
+# 32, out of 64) where the machine has them.
+FEATURES = {"narrow": (IN_FEATURES, OUT_FEATURES), "vector": (96, 192)}
 RANKS = (1, 2, 7, 16, 64, 128)
 R_MAX = 128
 
 
 def make_buffers(
-    ranks: tuple[int, ...], dtype: torch.dtype, r_max: int = R_MAX, seed: int = 0
+    ranks: tuple[int, ...], dtype: torch.dtype, r_max: int = R_MAX, seed: int = 0,
+    features: tuple[int, int] = (IN_FEATURES, OUT_FEATURES),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random slot buffers whose A and B rows past each slot's rank hold NaN garbage."""
     gen = torch.Generator().manual_seed(seed)
-    num_slots = len(ranks)
-    a = torch.randn(num_slots, r_max, IN_FEATURES, generator=gen) / IN_FEATURES**0.5  # [slots, r_max, in]
-    b = torch.randn(num_slots, r_max, OUT_FEATURES, generator=gen) / 4  # [slots, r_max, out]
+    num_slots, (in_features, out_features) = len(ranks), features
+    a = torch.randn(num_slots, r_max, in_features, generator=gen) / in_features**0.5  # [slots, r_max, in]
+    b = torch.randn(num_slots, r_max, out_features, generator=gen) / 4  # [slots, r_max, out]
     for slot, rank in enumerate(ranks):
         a[slot, rank:] = float("nan")
         b[slot, rank:] = float("nan")
@@ -41,10 +45,11 @@ def make_buffers(
     return a.to(dtype), b.to(dtype), torch.tensor(ranks), scales
 
 
-def make_inputs(num_tokens: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(num_tokens: int, dtype: torch.dtype, seed: int = 1,
+                features: tuple[int, int] = (IN_FEATURES, OUT_FEATURES)) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_tokens, IN_FEATURES, generator=gen).to(dtype)  # [tokens, in]
-    out = torch.randn(num_tokens, OUT_FEATURES, generator=gen).to(dtype)  # [tokens, out]
+    x = torch.randn(num_tokens, features[0], generator=gen).to(dtype)  # [tokens, in]
+    out = torch.randn(num_tokens, features[1], generator=gen).to(dtype)  # [tokens, out]
     return x, out
 
 
@@ -63,13 +68,14 @@ SLOT_CASES = {
 
 
 def run_case(
-    op: AddLoRA, slots: list[int], dtype: torch.dtype, scales_override: dict[int, float] | None = None
+    op: AddLoRA, slots: list[int], dtype: torch.dtype, scales_override: dict[int, float] | None = None,
+    features: tuple[int, int] = (IN_FEATURES, OUT_FEATURES),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out before, reference result, fast result, what the fast op returned)."""
-    a, b, ranks, scales = make_buffers(RANKS, dtype)
+    a, b, ranks, scales = make_buffers(RANKS, dtype, features=features)
     for slot, scale in (scales_override or {}).items():
         scales[slot] = scale
-    x, out = make_inputs(len(slots), dtype)
+    x, out = make_inputs(len(slots), dtype, features=features)
     batch = LoRABatch.from_token_slots(slots, "cpu")
     expected = add_lora_reference(out.clone(), x, a, b, ranks, scales, batch)
     result = out.clone()
@@ -77,12 +83,13 @@ def run_case(
     return out, expected, result, returned
 
 
+@pytest.mark.parametrize("features", list(FEATURES))
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("case", list(SLOT_CASES))
 @pytest.mark.parametrize("op_name", list(FAST_OPS))
-def test_fast_op_matches_reference(op_name: str, case: str, dtype: torch.dtype) -> None:
+def test_fast_op_matches_reference(op_name: str, case: str, dtype: torch.dtype, features: str) -> None:
     slots = SLOT_CASES[case]
-    out, expected, result, returned = run_case(FAST_OPS[op_name], slots, dtype)
+    out, expected, result, returned = run_case(FAST_OPS[op_name], slots, dtype, features=FEATURES[features])
     assert returned is result
     assert torch.isfinite(expected).all(), "reference read a slot's padding past its rank"
     atol, rtol = TOLERANCES[dtype]
@@ -175,15 +182,21 @@ def native_kernel() -> None:
         pytest.skip(reason)
 
 
-def block_diagonal_buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+SHARD_COLUMNS = {  # (column start, columns) of the three shards, and the layer's (in, out) features
+    "narrow": (((0, 16), (16, 8), (24, 16)), (IN_FEATURES, OUT_FEATURES)),
+    "vector": (((0, 320), (320, 64), (384, 128)), (96, 512)),  # the AVX-512 paths, units across shards
+}
+
+
+def block_diagonal_buffers(layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A packed three-shard layer: slot s stacks shard ranks (r_q, r_k, r_v) (0 = shard absent), B is
     block-diagonal, and NaN fills everything outside the blocks: reading it shows."""
-    shard_cols = ((0, 16), (16, 8), (24, 16))  # (column start, columns): 40 outputs
+    shard_cols, (in_features, out_features) = SHARD_COLUMNS[layout]
     shard_ranks = [(3, 0, 5), (16, 16, 16), (0, 0, 1), (0, 0, 0), (7, 2, 0)]
     gen = torch.Generator().manual_seed(3)
     num_slots, r_max = len(shard_ranks), 48
-    a = torch.randn(num_slots, r_max, IN_FEATURES, generator=gen)  # [slots, r_max, in]
-    b = torch.full((num_slots, r_max, OUT_FEATURES), float("nan"))  # [slots, r_max, out]
+    a = torch.randn(num_slots, r_max, in_features, generator=gen) / in_features**0.5  # [slots, r_max, in]
+    b = torch.full((num_slots, r_max, out_features), float("nan"))  # [slots, r_max, out]
     blocks = torch.zeros(num_slots, 3, 4, dtype=torch.long)  # [slots, shards, 4]
     ranks = torch.zeros(num_slots, dtype=torch.long)
     for slot, per_shard in enumerate(shard_ranks):
@@ -199,10 +212,12 @@ def block_diagonal_buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 @pytest.mark.usefixtures("native_kernel")
-@pytest.mark.parametrize("slots", [[0, 1, 1, 2, -1, 4, 3, 0], [1] * 40 + [4] * 3, [4, 0, 4, 2, 1]])
-def test_native_reads_only_the_blocks(slots: list[int]) -> None:
-    a, b, ranks, scales, blocks = block_diagonal_buffers()
-    x, out = make_inputs(len(slots), torch.float32)
+@pytest.mark.parametrize("layout", list(SHARD_COLUMNS))
+@pytest.mark.parametrize("slots", [[0, 1, 1, 2, -1, 4, 3, 0], [1] * 40 + [4] * 3, [4, 0, 4, 2, 1],
+                                   [1] * 4 + [4] * 4 + [0] * 5 + [2] * 4])
+def test_native_reads_only_the_blocks(slots: list[int], layout: str) -> None:
+    a, b, ranks, scales, blocks = block_diagonal_buffers(layout)
+    x, out = make_inputs(len(slots), torch.float32, features=SHARD_COLUMNS[layout][1])
     batch = LoRABatch.from_token_slots(slots, "cpu")
     # The reference sees the zeros the blocks promise; the native op sees NaN there and must skip it.
     expected = add_lora_reference(out.clone(), x, a, torch.nan_to_num(b, nan=0.0), ranks, scales, batch)
