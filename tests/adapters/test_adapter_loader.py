@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraplex.adapters.disk_store import DiskStore
 from loraplex.adapters.loader import AdapterLoader
@@ -19,6 +20,7 @@ from loraplex.lora.adapter import (
     AdapterAccessDenied,
     AdapterInvalid,
     AdapterNotFound,
+    AdapterWeights,
 )
 from tests.adapters.adapter_files import adapter_files, parse, write_adapter
 
@@ -242,3 +244,21 @@ def test_from_config_keeps_fetched_adapters_under_loraplex_home(monkeypatch: pyt
         with pytest.raises(AdapterNotFound, match="unknown adapter source 'hub'"):
             loader.request(AdapterRef("hub", "org/name")).result(timeout=30)
     assert (tmp_path / "home" / "adapters" / "entries").is_dir()
+
+
+def test_loader_threads_parse_on_one_torch_thread(source: CountingSource, tmp_path: Path) -> None:
+    # A loader thread with an OpenMP team of its own would slow every step of the model (loraplex.runtime).
+    seen: list[int] = []
+
+    def parse_and_count(path: Path) -> AdapterWeights:
+        seen.append(torch.get_num_threads())
+        return parse(path)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a new thread starts with; the suite itself runs on one
+    try:
+        with AdapterLoader({"mem": source}, parse_and_count, disk=DiskStore(tmp_path / "disk", 1 << 30)) as loader:
+            loader.request(ref("a")).result(timeout=30)
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(threads)
