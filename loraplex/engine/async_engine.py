@@ -2,10 +2,9 @@
 
 The engine is single-threaded by design: only the loop thread touches it (given a factory, the loop
 thread also builds it, so the model's torch work all runs on one thread: see `loraplex.runtime`).
-Callers on the event loop
-hand it work through a thread-safe inbox (new requests, aborts, admin calls) and receive each
-request's outputs on an asyncio queue of their own. torch releases the GIL inside its kernels, so the
-event loop stays responsive while a step runs.
+Callers on the event loop hand it work through a thread-safe inbox (new requests, aborts, admin
+calls) and receive each request's outputs on an asyncio queue of their own. torch releases the GIL
+inside its kernels, so the event loop stays responsive while a step runs.
 
 One bad request never takes the loop down: an error while adding a request fails that request only,
 and an error inside a step fails the requests in flight and the loop goes on. Only repeated step
