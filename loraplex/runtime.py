@@ -66,12 +66,16 @@ def use_one_torch_thread() -> None:
         fn(1)
 
 
+def keep_freed_memory(device: torch.device) -> bool:
+    """For an engine on `device`: tune glibc malloc (once per process) so per-step buffers are reused,
+    not unmapped and faulted back in. Call it before starting the thread that will run the model: a
+    thread that has already allocated keeps its own arena. Returns whether it applied: only a CPU
+    engine's step tensors live in malloc'd memory, and elsewhere (musl, macOS, Windows) it does nothing."""
+    return device.type == "cpu" and _tune_malloc()
+
+
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Tune glibc malloc (once per process) so per-step buffers are reused, not unmapped and faulted
-    back in. Call it before starting the thread that will run the model: a thread that has already
-    allocated keeps its own arena. Returns whether it applied: elsewhere (musl, macOS, Windows) it
-    does nothing."""
+def _tune_malloc() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -2,23 +2,15 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from loraplex.runtime import use_one_torch_thread
+from loraplex.runtime import keep_freed_memory, use_one_torch_thread
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc malloc")
-
-
-@pytest.fixture
-def two_torch_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the suite runs on one; a team needs two
-    yield
-    torch.set_num_threads(threads)
 
 
 def _in_thread(fn: Callable[[], object]) -> object:
@@ -53,14 +45,15 @@ def test_a_helper_thread_runs_torch_without_a_team_of_its_own(two_torch_threads:
 
 _FAULTS_SCRIPT = """
 import sys, threading
+import torch
 import loraplex.engine.engine as engine_module
 from loraplex.config import EngineConfig
 from loraplex.engine.request import SamplingParams
 
 if sys.argv[2] == "untuned":
-    engine_module.keep_freed_memory = lambda: False
+    engine_module.keep_freed_memory = lambda device: False
 else:
-    engine_module.keep_freed_memory()  # as the server does, before its engine thread starts
+    engine_module.keep_freed_memory(torch.device("cpu"))  # as the server does, before its engine thread starts
 
 def minor_faults():
     return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[7])
@@ -97,3 +90,7 @@ def test_decode_steps_reuse_freed_memory_instead_of_faulting_it_in(demo_model_pa
     # Untuned glibc unmaps the 6 MB per-step buffers and faults them in again (2,000-6,500 per step here);
     # what is left tuned is first touches of KV blocks as the sequences grow.
     assert tuned < untuned / 4, (tuned, untuned)
+
+
+def test_only_a_cpu_engine_tunes_malloc() -> None:
+    assert not keep_freed_memory(torch.device("meta"))  # its step tensors are not malloc'd

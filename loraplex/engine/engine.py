@@ -35,8 +35,7 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         device, dtype = config.model.torch_device(), config.model.torch_dtype()
-        if device.type == "cpu":
-            keep_freed_memory()  # per-step tensors live in host memory: reuse them, don't fault them in again
+        keep_freed_memory(device)  # reuse per-step host buffers rather than fault them in again each step
         ckpt = open_checkpoint(resolve_model(config.model.model))
         self.tokenizer = ckpt.tokenizer
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)

@@ -94,8 +94,8 @@ def apply_penalties(
     output_token_ids: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """Repetition penalty (HF definition, prompt + output), then OpenAI frequency / presence penalties
-    (output only), then the watermark bias. Returns a new tensor (never the caller's); token ids outside
-    the logits' vocab are ignored, as in HF."""
+    (output only), then the watermark bias. Never writes to `logits`: returns it as is when no row has a
+    penalty, else a new tensor; token ids outside the logits' vocab are ignored, as in HF."""
     batch, vocab = logits.shape
     rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if rep_rows:
@@ -140,10 +140,11 @@ def watermark_greenlist(previous_token: int, vocab: int, device: torch.device) -
 
 
 def apply_temperature(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Divide each row by its temperature (HF `TemperatureLogitsWarper`); greedy rows are left as they are."""
+    """Divide each row by its temperature (HF `TemperatureLogitsWarper`); greedy rows are left as they are.
+    Never writes to `logits`: returns it as is when every temperature is 1, else a new tensor."""
     temperatures = [p.temperature if not p.greedy else 1.0 for p in params]
     if all(t == 1.0 for t in temperatures):
-        return logits  # the callers never write to it; a copy would be a batch × vocab allocation per step
+        return logits  # a copy would be a batch × vocab allocation per step
     return logits / _column(temperatures, logits.device)  # [batch, vocab]
 
 

@@ -40,7 +40,7 @@ def build_state(engine_config: EngineConfig, server_config: ServerConfig) -> Ser
     # The model is built on the engine's loop thread, the one that will run it: a thread that has run
     # torch ops keeps an OpenMP team, and two teams on a small machine slow every step. malloc is tuned
     # before that thread starts so it shares the main heap (loraplex.runtime).
-    keep_freed_memory()
+    keep_freed_memory(config.model.torch_device())
     async_engine = AsyncEngine(lambda: Engine(config), server_config.max_concurrent_requests)
     async_engine.start()
     engine = async_engine.engine

@@ -246,6 +246,7 @@ def test_from_config_keeps_fetched_adapters_under_loraplex_home(monkeypatch: pyt
     assert (tmp_path / "home" / "adapters" / "entries").is_dir()
 
 
+@pytest.mark.usefixtures("two_torch_threads")
 def test_loader_threads_parse_on_one_torch_thread(source: CountingSource, tmp_path: Path) -> None:
     # A loader thread with an OpenMP team of its own would slow every step of the model (loraplex.runtime).
     seen: list[int] = []
@@ -254,11 +255,6 @@ def test_loader_threads_parse_on_one_torch_thread(source: CountingSource, tmp_pa
         seen.append(torch.get_num_threads())
         return parse(path)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # what a new thread starts with; the suite itself runs on one
-    try:
-        with AdapterLoader({"mem": source}, parse_and_count, disk=DiskStore(tmp_path / "disk", 1 << 30)) as loader:
-            loader.request(ref("a")).result(timeout=30)
-        assert seen == [1]
-    finally:
-        torch.set_num_threads(threads)
+    with AdapterLoader({"mem": source}, parse_and_count, disk=DiskStore(tmp_path / "disk", 1 << 30)) as loader:
+        loader.request(ref("a")).result(timeout=30)
+    assert seen == [1]

@@ -257,7 +257,8 @@ def test_logprobs_values_and_alternatives() -> None:
 
 
 def test_logprobs_on_every_greedy_row_leave_the_logits_alone() -> None:
-    # The common served case (greedy, token logprobs on every row) takes no copy of the logits.
+    # The common served case (greedy, token logprobs on every row) skips the temperature and row copies:
+    # the caller's logits must still come back unchanged, and the logprobs be the plain log_softmax.
     logits = _logits(3, seed=11)
     before = logits.clone()
     params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0, logprobs=0),
