@@ -17,20 +17,34 @@ takes the next slot that frees. A request whose adapter has no slot waits withou
 So that slots rotate, a slot holder admits no new requests once it has held its slot for
 `adapter_cycle_steps` steps (C) or `adapter_cycle_time_s` seconds while the slot line is non-empty and
 no slot is free; its running requests finish and its slot passes to the head of the line (the holder,
-if it still has waiting requests, joins the back of the line). A holder that has held its slot for
-max(C, block size) steps, is only decoding with more than C tokens still to go, and runs no more
-requests than the adapter next in line has waiting is preempted whole instead (with prefix caching
-on): the swap keeps the batch as large and costs each preempted request less than a block of
-recompute, and a waiting adapter then gets a slot within about C steps instead of whenever the
-holder's longest request ends.
+if it still has waiting requests, joins the back of the line).
+
+Slots change hands sooner in two ways, both only in favour of the head of the line and only when it can
+run at once (it is parked, or it has a request waiting and a seat is free):
+- *Parking* (the usual way). An expired holder whose remaining work, the most steps its requests still
+  need (its running requests' longest remaining output, plus its oldest waiting request's), is no more
+  than the head's and more than C / 2, is parked: its requests keep their KV blocks and seats but skip steps,
+  its slot passes to the head, and it joins the back of the line; it resumes, with its adapter loaded
+  into a slot again, when it reaches the head. Parking the holder with the least remaining work keeps
+  the adapters with the most work running (longest remaining processing time first), which finishes
+  a fixed set of requests in the fewest steps: when more adapters have work than there are slots, the
+  slots time-share among them every C steps and the batch stays large, where waiting for whole
+  holders to finish would leave a tail of small batches. A holder with more work than the head (a hot
+  adapter with a backlog) is never parked for it, and one about to finish (C / 2 steps or fewer) just
+  finishes.
+- *Rotation by preemption* (with prefix caching on, when the head cannot be served by parking). A holder
+  that has held its slot for max(C, block size) steps, is only decoding with more than C tokens still to
+  go, and runs no more requests than the head has waiting is preempted whole: that frees seats as well,
+  keeps the batch as large, and costs each preempted request less than a block of recompute.
 
 Starvation bound. Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
-absent preemption). From any step on, every slot holder stops admitting within C steps and finishes
-within C + R, so in every window of C + R steps each of the S slots changes hands at least once. An
-adapter p-th in the slot line (0-based) therefore gets a slot within ceil((p + 1) / S)·(C + R) steps;
-with no running requests of its own it is then first in the fewest-running order, so its oldest request
-is admitted at the next free seat (within R more steps when all `max_num_seqs` seats are busy), given
-KV blocks for it. Base-model requests need no slot and only wait for a seat.
+absent preemption and parking). From any step on, every slot holder stops admitting within C steps and
+either is parked then or finishes within C + R, so in every window of C + R steps each of the S slots
+changes hands at least once; slots only ever pass to the head of the line, so an adapter p-th in the
+line (0-based) gets a slot within ceil((p + 1) / S)·(C + R) steps. With no running requests of its own
+it is then first in the fewest-running order, so its oldest request is admitted at the next free seat
+(within R more steps when all `max_num_seqs` seats are busy with unparked requests), given KV blocks for
+it. Base-model requests need no slot and only wait for a seat.
 """
 
 from __future__ import annotations
@@ -130,6 +144,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_rotations = 0
         """Slot holders preempted whole to pass their slot on (their requests count as preemptions too)."""
+        self.num_parks = 0
+        """Slot holders parked to pass their slot on (module docstring)."""
         self.prefix_cache_queries = 0
         """Tokens admitted sequences needed in the KV cache (each admission, resumptions included)."""
         self.prefix_cache_hits = 0
@@ -137,6 +153,7 @@ class Scheduler:
         self._queues: dict[AdapterIdentity | None, deque[Sequence]] = {}  # non-empty ones only
         self._num_running: Counter[AdapterIdentity | None] = Counter()
         self._tenure: dict[AdapterIdentity, tuple[int, float]] = {}  # slot holders: (step, time) they got it
+        self._parked: set[AdapterIdentity] = set()  # adapters whose running requests wait for a slot
         self._slot_line: OrderedDict[AdapterIdentity, None] = OrderedDict()
         self._arrivals = itertools.count()
         self._step = 0
@@ -189,27 +206,93 @@ class Scheduler:
         return out
 
     def _rotate(self, out: SchedulerOutput, budget: _StepBudget) -> None:
-        """Hand the slots of expired holders to adapters in the slot line where that does not shrink the
-        batch: a holder running no more requests than the line member waiting for its slot has queued is
-        preempted whole (its requests recompute later, mostly from the prefix cache)."""
+        """Pass slots along the slot line: parked adapters the free slots reach resume; then expired
+        holders are parked (or, failing that, preempted whole) for the line's head while that helps it
+        (module docstring)."""
         limit = self.max_active_adapters
-        if limit is None or not self._slot_line or not self.enable_prefix_caching:
+        if limit is None or not self._slot_line:
             return
-        free_slots = max(limit - len(self._tenure), 0)
-        unseated = list(itertools.islice(self._slot_line, free_slots, None))  # waiting with no free slot
+        for key in list(itertools.islice(self._slot_line, max(limit - len(self._tenure), 0))):
+            if key in self._parked:
+                self._resume(key)
+        if not self._tenure and self._parked:  # only parked requests could run: never let the line stall
+            next(k for k in self._slot_line if k in self._parked and self._resume(k))
+        unseated = list(itertools.islice(self._slot_line, max(limit - len(self._tenure), 0), None))
         if not unseated:
             return
+        running = self._running_by_adapter()
+        remaining = {k: self._remaining(k, running.get(k, [])) for k in (*self._tenure, *unseated)}
+        cycle = self.config.adapter_cycle_steps
+        parkable = sorted((k for k in self._tenure if self._expired(k) and remaining[k] > cycle // 2),
+                          key=lambda k: (remaining[k], self._num_running[k], self._tenure[k][0]))
+        preemptable = sorted((k for k in self._tenure if self.enable_prefix_caching
+                              and self._may_preempt(k, running[k])),
+                             key=lambda k: (self._num_running[k], self._tenure[k][0]))
+        seats = self.config.max_num_seqs - len(self.running)
+        for head in unseated:
+            parked = head in self._parked
+            can_start = parked or seats > 0  # a waiting request of the head also needs a seat
+            holder = next((k for k in parkable if remaining[k] <= remaining[head]), None) if can_start else None
+            if holder is not None:
+                parkable.remove(holder)
+                if holder in preemptable:
+                    preemptable.remove(holder)
+                self._park(holder)
+                if not parked:
+                    seats -= 1
+                elif not self._resume(head):
+                    return
+                continue
+            if parked or not preemptable or self._num_running[preemptable[0]] > len(self._queues[head]):
+                return  # preempting would shrink the batch (holders are sorted by running count)
+            holder = preemptable.pop(0)
+            if holder in parkable:
+                parkable.remove(holder)
+            for seq in running[holder]:
+                self._preempt(seq, out, budget)
+            seats += len(running[holder])
+            self.num_rotations += 1
+
+    def _running_by_adapter(self) -> dict[AdapterIdentity | None, list[Sequence]]:
         running: dict[AdapterIdentity | None, list[Sequence]] = {}
         for seq in self.running:
             running.setdefault(seq.adapter, []).append(seq)
-        holders = sorted((k for k in self._tenure if self._may_preempt(k, running[k])),
-                         key=lambda k: (self._num_running[k], self._tenure[k][0]))
-        for head, holder in zip(unseated, holders, strict=False):
-            if self._num_running[holder] > len(self._queues[head]):
-                return  # holders are sorted by running count: every later one would shrink the batch more
-            for seq in running[holder]:
-                self._preempt(seq, out, budget)
-            self.num_rotations += 1
+        return running
+
+    def _remaining(self, key: AdapterIdentity, mine: list[Sequence]) -> int:
+        """The most steps `key` still needs a slot for: its running (or parked) requests' longest remaining
+        output, plus its oldest waiting request's."""
+        left = max((s.params.max_new_tokens - len(s.output_token_ids) for s in mine), default=0)
+        queue = self._queues.get(key)
+        return left + (queue[0].params.max_new_tokens if queue else 0)
+
+    def _park(self, key: AdapterIdentity) -> None:
+        """Take `key`'s slot and pause its running requests (they keep KV blocks and seats); it joins the
+        back of the slot line."""
+        for seq in self.running:
+            if seq.adapter == key:
+                self.adapters.release(seq)
+                seq.status = SequenceStatus.PARKED
+        del self._tenure[key]
+        self._parked.add(key)
+        self._slot_line[key] = None
+        self.num_parks += 1
+
+    def _resume(self, key: AdapterIdentity) -> bool:
+        """Give a parked adapter a free slot again, its requests running from this step on; False (still
+        parked) when no slot could be had (one may be pinned)."""
+        mine = [seq for seq in self.running if seq.adapter == key]
+        for i, seq in enumerate(mine):
+            if not self.adapters.acquire(seq):
+                for got in mine[:i]:
+                    self.adapters.release(got)
+                return False
+        for seq in mine:
+            seq.status = SequenceStatus.RUNNING
+        self._parked.discard(key)
+        self._slot_line.pop(key, None)
+        self._tenure[key] = (self._step, time.monotonic())
+        return True
 
     def _chunk_size(self, seq: Sequence, remaining: int, budget: _StepBudget) -> int:
         n = min(remaining, budget.tokens)
@@ -272,7 +355,7 @@ class Scheduler:
         rotating = bool(self._slot_line) and free_slots <= 0
         allowed: list[AdapterIdentity | None] = [k for k in self._tenure if k in self._queues
                                             and not (rotating and self._expired(k))]
-        allowed += itertools.islice(self._slot_line, max(free_slots, 0))
+        allowed += (k for k in itertools.islice(self._slot_line, max(free_slots, 0)) if k not in self._parked)
         if None in self._queues:
             allowed.append(None)
         allowed = [k for k in allowed if k not in refused]
@@ -347,7 +430,8 @@ class Scheduler:
         back to the pool, and its adapter's slot is released (the slot passes on when it was the last)."""
         self._cache_computed_blocks(seq)
         self.running.remove(seq)
-        self.adapters.release(seq)
+        if seq.status is not SequenceStatus.PARKED:  # a parked one gave its slot back when parked
+            self.adapters.release(seq)
         self.pool.free(reversed(seq.block_table))
         seq.block_table = []
         seq.num_computed_tokens = 0
@@ -357,12 +441,16 @@ class Scheduler:
         if self._num_running[key] == 0:
             del self._num_running[key]
             if key is not None:
-                del self._tenure[key]
+                self._tenure.pop(key, None)
+                self._parked.discard(key)
                 if key in self._queues:
                     self._slot_line[key] = None
+                else:
+                    self._slot_line.pop(key, None)
 
     def _on_start(self, key: AdapterIdentity | None) -> None:
-        if key is not None and self._num_running[key] == 0:
+        if key is not None and key not in self._tenure:
+            assert key not in self._parked, "a parked adapter resumes before it admits"
             self._tenure[key] = (self._step, time.monotonic())
             self._slot_line.pop(key, None)
         self._num_running[key] += 1
@@ -386,5 +474,5 @@ class Scheduler:
         queue.remove(seq)
         if not queue:
             del self._queues[key]
-            if key is not None:
+            if key is not None and key not in self._parked:
                 self._slot_line.pop(key, None)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PARKED = "parked"
+    """Admitted (it keeps its KV blocks and seat) while its adapter waits for a device slot."""
     FINISHED = "finished"
 
 

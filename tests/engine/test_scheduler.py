@@ -106,8 +106,13 @@ def check_step(sched: Scheduler, slots: FakeSlots, out: SchedulerOutput) -> None
     held = sum(s.num_computed_tokens for s in sched.running) + out.num_tokens
     if cfg.max_batch_total_tokens is not None:
         assert held <= cfg.max_batch_total_tokens
-    active = {s.adapter for s in sched.running if s.adapter is not None}
+    running = [s for s in sched.running if s.status is SequenceStatus.RUNNING]
+    active = {s.adapter for s in running if s.adapter is not None}
     assert len(active) <= sched.max_active_adapters and len(slots.refs) <= sched.max_active_adapters
+    # Running adapter requests hold a slot with their adapter; parked ones hold none (but keep their KV).
+    assert all(s.lora_slot >= 0 for s in running if s.adapter is not None)
+    parked = [s for s in sched.running if s.status is SequenceStatus.PARKED]
+    assert all(s.lora_slot == -1 for s in parked) and not {s.adapter for s in parked} & active
     assert len({id(c.seq) for c in out.chunks}) == len(out.chunks)
     for chunk in out.chunks:
         assert chunk.seq.status is SequenceStatus.RUNNING and chunk.num_new_tokens > 0
@@ -287,47 +292,72 @@ def test_slots_rotate_while_hot_adapters_keep_them_busy(rotate):
         assert started.get(seq.request_id, 10**9) <= bound, (seq.request_id, started.get(seq.request_id), bound)
 
 
-def run_rotation_workload(num_slots: int, prefix_caching: bool = True) -> tuple[Scheduler, dict[str, int],
-                                                                                set[str], dict[str, list[int]]]:
-    """2 slots (or more): a busy adapter with 5 requests, two single-request adapters; 40 new tokens each.
-    Returns the scheduler, each request's first step, who was preempted, and every output."""
+@dataclass
+class RotationRun:
+    sched: Scheduler
+    steps: int
+    started: dict[str, int]
+    """Each request's first scheduled step."""
+    preempted: set[str]
+    outputs: dict[str, list[int]]
+
+
+def run_rotation_workload(num_slots: int, prefix_caching: bool = True, max_num_seqs: int = 16) -> RotationRun:
+    """2 slots (or more): a busy adapter with 5 requests, two single-request adapters; 40 new tokens each."""
     cycle = 8
-    config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, adapter_cycle_steps=cycle,
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256, adapter_cycle_steps=cycle,
                              adapter_cycle_time_s=1e9)
-    sched, _ = make_scheduler(config, num_blocks=256, num_slots=num_slots, prefix_caching=prefix_caching)
+    sched, slots = make_scheduler(config, num_blocks=256, num_slots=num_slots, prefix_caching=prefix_caching)
     runner = FakeRunner(sched)
     seqs = [make_seq(f"busy{i}", [1, 2, i], 40, key("busy")) for i in range(5)]
     seqs += [make_seq(f"solo{i}", [5, 6, 7, i], 40, key(f"solo{i}")) for i in range(2)]
     for seq in seqs:
         sched.add(seq)
-    started: dict[str, int] = {}
-    preempted: set[str] = set()
-    for step in range(500):
+    run = RotationRun(sched, 0, {}, set(), {})
+    while sched.has_work():
         out = sched.schedule()
+        check_step(sched, slots, out)
         for chunk in out.chunks:
-            started.setdefault(chunk.seq.request_id, step)
-        preempted |= {seq.request_id for seq in out.preempted}
+            run.started.setdefault(chunk.seq.request_id, run.steps)
+        run.preempted |= {seq.request_id for seq in out.preempted}
         runner.step(out)
-        if not sched.has_work():
-            break
+        run.steps += 1
+        assert run.steps < 500
     assert len(runner.finished) == 7
-    return sched, started, preempted, {seq.request_id: seq.output_token_ids for seq in seqs}
+    run.outputs = {seq.request_id: seq.output_token_ids for seq in seqs}
+    return run
 
 
-def test_rotation_preempts_a_holder_no_busier_than_the_waiting_adapter():
-    sched, started, preempted, outputs = run_rotation_workload(num_slots=2)
-    # busy and solo0 take the two slots; solo1 waits. After the cycle (8 steps), solo0 (1 running, no
-    # more than solo1's 1 waiting) is preempted for it; busy (5 running) never is: that would shrink
-    # the batch. Then the two solos take turns.
-    assert started["solo1"] == 8
-    assert preempted and not any(r.startswith("busy") for r in preempted)
-    assert sched.num_rotations >= 2
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_rotation_parks_the_holder_with_the_least_work_left(prefix_caching):
+    run = run_rotation_workload(num_slots=2, prefix_caching=prefix_caching)
+    # busy and solo0 take the two slots; solo1 waits. After the cycle (8 steps) both holders have 32
+    # steps to go, as much as solo1: solo0, running fewer requests, is parked and solo1 takes its slot.
+    # Later busy is parked too (least work left), so the three adapters share the two slots and all
+    # finish by the 3 × 40 / 2 = 60 steps of slot time they need, plus a cycle; waiting for holders to
+    # finish would take 80 (busy and solo0 for 40 steps, then solo1 for 40).
+    assert run.started["solo1"] == 8
+    assert run.sched.num_parks >= 3 and run.sched.num_rotations == 0 and not run.preempted
+    assert run.steps <= 60 + 8, run.steps
+    # Parked requests keep their KV and go on where they stopped: the output of an unconstrained run.
+    unconstrained = run_rotation_workload(num_slots=3)
+    assert unconstrained.sched.num_parks == 0 and unconstrained.steps == 40
+    assert run.outputs == unconstrained.outputs
+
+
+def test_rotation_preempts_a_holder_when_every_seat_is_taken():
+    # Six seats: busy's 5 requests and solo0 fill them, so parking cannot start solo1 (it needs a seat).
+    # After max(cycle, block size) = 8 steps, solo0 (1 running, no more than solo1's 1 waiting) is
+    # preempted for it, freeing a seat; busy (5 running) never is: that would shrink the batch.
+    run = run_rotation_workload(num_slots=2, max_num_seqs=6)
+    assert run.started["solo1"] == 8
+    assert run.preempted and not any(r.startswith("busy") for r in run.preempted)
+    assert run.sched.num_rotations >= 2 and run.sched.num_parks == 0
     # Preempted requests resume from the prefix cache with the output of an unconstrained run.
-    *_, unconstrained = run_rotation_workload(num_slots=3)
-    assert outputs == unconstrained
+    assert run.outputs == run_rotation_workload(num_slots=3).outputs
     # Without the prefix cache a preemption would recompute everything: no rotation by preemption.
-    sched, started, preempted, _ = run_rotation_workload(num_slots=2, prefix_caching=False)
-    assert sched.num_rotations == 0 and not preempted and started["solo1"] >= 40
+    run = run_rotation_workload(num_slots=2, prefix_caching=False, max_num_seqs=6)
+    assert run.sched.num_rotations == 0 and not run.preempted and run.started["solo1"] >= 40
 
 
 def test_preemption_requeues_in_arrival_order_and_resumes_from_the_cache():
@@ -362,3 +392,40 @@ def test_total_token_cap_preempts_instead_of_overflowing():
         check_step(sched, slots, out)
         runner.step(out)
     assert len(runner.finished) == 5 and sched.num_preemptions > 0
+
+
+def test_more_adapters_than_slots_share_the_slots_and_finish_in_the_slot_time_they_need():
+    # 24 adapters with Zipf-like popularity (2 to 13 requests, or 1) over 8 slots, every request 24 new
+    # tokens. Each adapter needs a slot for 24 steps (its requests run side by side; the prefill step
+    # samples the first token), so the whole set needs 24 adapters × 24 steps / 8 slots = 72 steps.
+    # Handing slots over only when holders finish takes 3 waves of 24 steps only if every wave starts
+    # full; time-sharing finishes within a cycle of the bound whatever the sizes.
+    cycle, new_tokens, num_slots = 8, 24, 8
+    config = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096, adapter_cycle_steps=cycle,
+                             adapter_cycle_time_s=1e9)
+    sched, slots = make_scheduler(config, num_blocks=4096, num_slots=num_slots)
+    runner = FakeRunner(sched)
+    sizes = [13, 9, 6, 5, 4, 3, 3, 2, 2, 2] + [1] * 14
+    rng = random.Random(0)
+    seqs = [make_seq(f"a{a}-{j}", [a, j, 5, 6], new_tokens, key(f"a{a}")) for a, n in enumerate(sizes) for j in range(n)]
+    rng.shuffle(seqs)
+    for seq in seqs:
+        sched.add(seq)
+    steps = 0
+    while sched.has_work():
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        runner.step(out)
+        steps += 1
+    assert len(runner.finished) == len(seqs) and not sched.num_preemptions
+    bound = len(sizes) * new_tokens // num_slots
+    assert bound <= steps <= bound + cycle, (steps, bound)
+    # Parked requests go on where they stopped: every output equals an unconstrained run's.
+    roomy, _ = make_scheduler(config, num_blocks=4096, num_slots=len(sizes))
+    runner = FakeRunner(roomy)
+    fresh = [make_seq(s.request_id, s.prompt_token_ids, new_tokens, s.adapter) for s in seqs]
+    for seq in fresh:
+        roomy.add(seq)
+    while roomy.has_work():
+        runner.step(roomy.schedule())
+    assert {s.request_id: s.output_token_ids for s in fresh} == {s.request_id: s.output_token_ids for s in seqs}
