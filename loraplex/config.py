@@ -77,8 +77,9 @@ class SchedulerConfig:
     max_active_adapters: int | None = None
     """Most distinct adapters with running requests at once; None = every device slot (capped at max_loras)."""
     adapter_cycle_steps: int = 16
-    """While adapters wait for a device slot, a slot holder admits no new requests after this many steps
-    (and one running no more requests than the next waiting adapter is preempted to pass its slot on)."""
+    """While adapters wait for a device slot, a slot holder admits no new requests after this many steps,
+    and one with no more work left than the next waiting adapter is parked (its requests keep their KV and
+    skip steps) to pass its slot on (loraplex/engine/scheduler.py)."""
     adapter_cycle_time_s: float = 2.0
     """The same slot rotation after this many seconds holding the slot, whichever comes first."""
 
