@@ -85,6 +85,14 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("loraplex_requests_waiting", "Requests queued for admission", value=len(sched.waiting))
         yield GaugeMetricFamily("loraplex_requests_in_flight", "Requests submitted and not finished",
                                 value=self.engine.num_in_flight)
+        yield CounterMetricFamily("loraplex_preemptions", "Requests preempted (KV freed, recomputed later)",
+                                  value=sched.num_preemptions)
+        yield CounterMetricFamily("loraplex_adapter_slot_parks",
+                                  "Slot holders parked to pass a device slot to a waiting adapter", value=sched.num_parks)
+        yield CounterMetricFamily("loraplex_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                  value=sched.prefix_cache_queries)
+        yield CounterMetricFamily("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                                  value=sched.prefix_cache_hits)
         if core.lora is not None:
             resident = GaugeMetricFamily("loraplex_adapter_resident", "1 for each adapter in a tier",
                                          labels=["adapter", "tier"])
