@@ -74,6 +74,7 @@ class LoRAPackedLinear(nn.Module):
         # DoRA row factors over the whole packed output, 1 where a shard has no DoRA module.
         self.dora = weight.new_ones(num_slots, out_features)  # [slots, out]
         self.dora_slots: set[int] = set()
+        self._slot_ranks = [0] * num_slots  # `ranks` on the host: an empty slot needs no emptying
 
     def pack(self, modules: Mapping[str, LoRAModule]) -> SlotContents | None:
         """An adapter's modules for this layer (target name → weights) laid out as slot rows: the work
@@ -108,6 +109,8 @@ class LoRAPackedLinear(nn.Module):
         """Copy packed contents into `slot` (None empties it: rank 0, which the ops skip). Rows past the
         new rank keep whatever they held: the ops never read them."""
         rank = 0 if contents is None else contents.rank
+        if rank == 0 and self._slot_ranks[slot] == 0 and slot not in self.dora_slots:
+            return  # empty already (an adapter that does not target this layer, loaded over another)
         if contents is not None:
             self.a[slot, :rank].copy_(contents.a)
             self.b[slot, :rank].copy_(contents.b)
@@ -121,6 +124,7 @@ class LoRAPackedLinear(nn.Module):
             self.dora[slot] = 1.0
             self.dora_slots.discard(slot)
         self.ranks[slot] = rank
+        self._slot_ranks[slot] = rank
 
     def _shard_rows(self, i: int) -> slice:
         start = self.base.shard_offsets[i]
