@@ -25,7 +25,7 @@ OUT_FEATURES = 40
 # (in, out) features: odd widths, and widths the native kernel's AVX-512 paths take (in a multiple of
 # 32, out of 64) where the machine has them.
 FEATURES = {"narrow": (IN_FEATURES, OUT_FEATURES), "vector": (96, 192)}
-RANKS = (1, 2, 7, 16, 64, 128)
+RANKS = (1, 2, 7, 40, 64, 128)  # 40: a whole and a partial unit of the native kernel's 32 A rows
 R_MAX = 128
 
 
