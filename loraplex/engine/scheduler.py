@@ -174,6 +174,11 @@ class Scheduler:
         return sum(len(q) for q in list(self._queues.values()))
 
     @property
+    def num_parked(self) -> int:
+        """Admitted requests skipping steps while their adapter waits for a slot (module docstring)."""
+        return sum(1 for s in list(self.running) if s.status is SequenceStatus.PARKED)
+
+    @property
     def active_adapters(self) -> list[AdapterIdentity]:
         """Adapters with running requests, each holding a device slot."""
         return list(self._tenure)

@@ -83,6 +83,8 @@ class _EngineCollector(Collector):
                                 value=1 - pool.num_free / pool.num_blocks)
         yield GaugeMetricFamily("loraplex_requests_running", "Requests holding KV blocks", value=len(sched.running))
         yield GaugeMetricFamily("loraplex_requests_waiting", "Requests queued for admission", value=len(sched.waiting))
+        yield GaugeMetricFamily("loraplex_requests_parked",
+                                "Running requests whose adapter waits for a device slot", value=sched.num_parked)
         yield GaugeMetricFamily("loraplex_requests_in_flight", "Requests submitted and not finished",
                                 value=self.engine.num_in_flight)
         yield CounterMetricFamily("loraplex_preemptions", "Requests preempted (KV freed, recomputed later)",

@@ -159,6 +159,7 @@ def test_health_info_metrics(server):
     assert "loraplex_kv_cache_usage_ratio" in text and "loraplex_batch_size_bucket" in text
     assert "loraplex_engine_step_failures_total 0.0" in text
     assert "loraplex_adapter_slot_parks_total 0.0" in text and "loraplex_preemptions_total 0.0" in text
+    assert "loraplex_requests_parked 0.0" in text
     assert "loraplex_prefix_cache_query_tokens_total" in text and "loraplex_prefix_cache_hit_tokens_total" in text
     assert 'loraplex_adapter_resident{adapter="all16",tier="device"} 1.0' in text
     docs = httpx.get(server.url + "/openapi.json").json()

@@ -300,6 +300,7 @@ class RotationRun:
     """Each request's first scheduled step."""
     preempted: set[str]
     outputs: dict[str, list[int]]
+    max_parked: int = 0
 
 
 def run_rotation_workload(num_slots: int, prefix_caching: bool = True, max_num_seqs: int = 16) -> RotationRun:
@@ -320,6 +321,7 @@ def run_rotation_workload(num_slots: int, prefix_caching: bool = True, max_num_s
         for chunk in out.chunks:
             run.started.setdefault(chunk.seq.request_id, run.steps)
         run.preempted |= {seq.request_id for seq in out.preempted}
+        run.max_parked = max(run.max_parked, sched.num_parked)
         runner.step(out)
         run.steps += 1
         assert run.steps < 500
@@ -338,6 +340,7 @@ def test_rotation_parks_the_holder_with_the_least_work_left(prefix_caching):
     # finish would take 80 (busy and solo0 for 40 steps, then solo1 for 40).
     assert run.started["solo1"] == 8
     assert run.sched.num_parks >= 3 and run.sched.num_rotations == 0 and not run.preempted
+    assert run.max_parked == 5  # busy's five requests at once, each keeping its KV
     assert run.steps <= 60 + 8, run.steps
     # Parked requests keep their KV and go on where they stopped: the output of an unconstrained run.
     unconstrained = run_rotation_workload(num_slots=3)

@@ -32,8 +32,11 @@ def adapters(base, tmp_path_factory):
     return [str(make_adapter(base, root / f"a{i}", c, seed=i)) for i, c in enumerate(configs)]
 
 
-def test_adapters_rotate_through_few_slots(base, adapters):
-    llm = LLM(str(base), num_blocks=256, block_size=4, max_loras=2, max_lora_rank=32)
+@pytest.mark.parametrize("cycle_steps", [16, 2])
+def test_adapters_rotate_through_few_slots(base, adapters, cycle_steps):
+    # With a 2-step cycle, slot holders are parked mid-request and resume with their adapter reloaded.
+    llm = LLM(str(base), num_blocks=256, block_size=4, max_loras=2, max_lora_rank=32,
+              adapter_cycle_steps=cycle_steps)
     manager = llm.engine.lora
     overwrites_in_use = []
     load = manager._load
@@ -48,6 +51,8 @@ def test_adapters_rotate_through_few_slots(base, adapters):
     ids = [adapters[i % 5] if i % 3 else None for i in range(15)]
     batched = llm.generate(prompts, PARAMS, adapter_id=ids)
     assert manager.loads > 2  # five adapters through two slots: they had to take turns
+    if cycle_steps == 2:
+        assert llm.engine.scheduler.num_parks > 0
     assert not any(overwrites_in_use)
     assert manager.slot_refs() == [0, 0]
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
