@@ -68,17 +68,23 @@ def zipf_assignment(num_requests: int, num_adapters: int, exponent: float, seed:
     return random.Random(seed).choices(range(num_adapters), weights=weights, k=num_requests)
 
 
-def timed_run(model: str, slots: int, prompts: list[str], adapter_ids: list[str], new_tokens: int) -> float:
-    """Tokens per second of one generate() over every prompt on a fresh engine (built before the clock)."""
+def timed_run(model: str, slots: int, prompts: list[str], adapter_ids: list[str], new_tokens: int) -> tuple[float, str]:
+    """Tokens per second of one generate() over every prompt on a fresh engine (built before the clock),
+    and what the scheduler did."""
     from loraplex import LLM
 
     llm = LLM(model, dtype="float32", device="cpu", max_loras=slots, max_lora_rank=8)
     llm.generate(prompts[:2], reference_params(2))  # warm-up without adapters: they stay cold
+    sched, lora = llm.engine.scheduler, llm.engine.lora
+    assert lora is not None
+    steps, loads = sched.num_steps, lora.loads
     start = time.perf_counter()
     outs = llm.generate(prompts, reference_params(new_tokens), adapter_id=adapter_ids)
     elapsed = time.perf_counter() - start
     assert all(len(o.token_ids) == new_tokens for o in outs)
-    return sum(len(o.token_ids) for o in outs) / elapsed
+    stats = (f"{sched.num_steps - steps} steps, {lora.loads - loads} slot loads, {sched.num_parks} parks, "
+             f"{sched.num_preemptions} preemptions")
+    return sum(len(o.token_ids) for o in outs) / elapsed, stats
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,14 +118,18 @@ def main(argv: list[str] | None = None) -> None:
         systems = {"one adapter": [str(adapters[0])] * args.requests,
                    "many adapters": [str(adapters[k]) for k in assignment]}
         rates: dict[str, list[float]] = {name: [] for name in systems}
+        stats: dict[str, str] = {}
         for _ in range(args.repeats):
             for name, ids in systems.items():
-                rates[name].append(timed_run(path, args.slots, prompts, ids, args.new_tokens))
+                rate, stats[name] = timed_run(path, args.slots, prompts, ids, args.new_tokens)
+                rates[name].append(rate)
     results = {name: statistics.median(r) for name, r in rates.items()}
     for name, r in rates.items():
-        print(f"{name:14s} {results[name]:8.1f} tokens/s   (runs: {', '.join(f'{x:.1f}' for x in r)})")
+        print(f"{name:14s} {results[name]:8.1f} tokens/s   (runs: {', '.join(f'{x:.1f}' for x in r)}; "
+              f"last: {stats[name]})")
     ratio = results["many adapters"] / results["one adapter"]
-    print(f"ratio many / one {ratio:6.2f}x   (target >= {TARGET:g})")
+    pairs = [m / o for m, o in zip(rates["many adapters"], rates["one adapter"], strict=True)]
+    print(f"ratio many / one {ratio:6.2f}x   (target >= {TARGET:g}; pairs {', '.join(f'{x:.2f}' for x in pairs)})")
     print(f"load average (1 min): {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
           f"on {os.cpu_count()} cores")
 

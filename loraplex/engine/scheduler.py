@@ -174,6 +174,11 @@ class Scheduler:
         return sum(len(q) for q in list(self._queues.values()))
 
     @property
+    def num_steps(self) -> int:
+        """Steps scheduled so far (empty ones included)."""
+        return self._step
+
+    @property
     def num_parked(self) -> int:
         """Admitted requests skipping steps while their adapter waits for a slot (module docstring)."""
         return sum(1 for s in list(self.running) if s.status is SequenceStatus.PARKED)
