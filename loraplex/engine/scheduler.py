@@ -12,39 +12,40 @@ Admission across adapters. Waiting requests sit in one FIFO queue per adapter (F
 adapter). Each admission picks, among the queues allowed to admit, the one with the fewest running
 requests (ties: the oldest head request), so a hot adapter's backlog never delays another adapter's
 requests for a seat. Only `max_active_adapters` distinct adapters (S, at most the device slots) run at
-once; an adapter with waiting requests and no slot stands in the *slot line*, a FIFO of adapters, and
-takes the next slot that frees. A request whose adapter has no slot waits without holding anyone back.
-So that slots rotate, a slot holder admits no new requests once it has held its slot for
-`adapter_cycle_steps` steps (C) or `adapter_cycle_time_s` seconds while the slot line is non-empty and
-no slot is free; its running requests finish and its slot passes to the head of the line (the holder,
-if it still has waiting requests, joins the back of the line).
+once; an adapter with waiting (or parked) requests and no slot stands in the *slot line*, a FIFO of
+adapters, and slots only ever pass to the head of the line. A request whose adapter has no slot waits
+without holding anyone back. A holder *expires* once it has held its slot for `adapter_cycle_steps`
+steps (C) or `adapter_cycle_time_s` seconds. Slots pass on in three ways, all in favour of the head:
 
-Slots change hands sooner in two ways, both only in favour of the head of the line and only when it can
-run at once (it is parked, or it has a request waiting and a seat is free):
-- *Parking* (the usual way). An expired holder whose remaining work, the most steps its requests still
-  need (its running requests' longest remaining output, plus its oldest waiting request's), is no more
-  than the head's and more than C / 2, is parked: its requests keep their KV blocks and seats but skip steps,
-  its slot passes to the head, and it joins the back of the line; it resumes, with its adapter loaded
-  into a slot again, when it reaches the head. Parking the holder with the least remaining work keeps
-  the adapters with the most work running (longest remaining processing time first), which finishes
-  a fixed set of requests in the fewest steps: when more adapters have work than there are slots, the
-  slots time-share among them every C steps and the batch stays large, where waiting for whole
-  holders to finish would leave a tail of small batches. A holder with more work than the head (a hot
-  adapter with a backlog) is never parked for it, and one about to finish (C / 2 steps or fewer) just
-  finishes.
+- *Parking* (the usual way). The head can start at once (it is parked, or it has a request waiting
+  and a seat is free), and an expired holder *fits* it: its remaining work, the most steps its requests
+  still need (its running requests' longest remaining output, plus its oldest waiting request's), is no
+  more than the head's and more than C / 2. The fitting holder with the least remaining work is
+  parked: its requests keep their KV blocks and seats but skip steps, its slot passes to the head, and
+  it joins the back of the line; it resumes, with its adapter loaded into a slot again, when it reaches
+  the head. Running the adapters with the most work left (longest remaining processing time first)
+  finishes a fixed set of requests in the fewest steps: when more adapters have work than there are
+  slots, the slots time-share among them every C steps and the batch stays large, where waiting for
+  whole holders to finish leaves a tail of small batches. A holder with more work than the head (a
+  hot adapter with a backlog) is never parked for it, and one about to finish (C / 2 steps or fewer)
+  just finishes.
 - *Rotation by preemption* (with prefix caching on, when the head cannot be served by parking). A holder
   that has held its slot for max(C, block size) steps, is only decoding with more than C tokens still to
   go, and runs no more requests than the head has waiting is preempted whole: that frees seats as well,
   keeps the batch as large, and costs each preempted request less than a block of recompute.
+- *Draining*. When no holder fits the head (or the head has no seat), expired holders admit no new
+  requests; their running requests finish and the first slot that frees passes to the head. While
+  parking serves the line, holders go on admitting: stopping them would only leave their waiting
+  requests for a second wave.
 
 Starvation bound. Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
-absent preemption and parking). From any step on, every slot holder stops admitting within C steps and
-either is parked then or finishes within C + R, so in every window of C + R steps each of the S slots
-changes hands at least once; slots only ever pass to the head of the line, so an adapter p-th in the
-line (0-based) gets a slot within ceil((p + 1) / S)·(C + R) steps. With no running requests of its own
-it is then first in the fewest-running order, so its oldest request is admitted at the next free seat
-(within R more steps when all `max_num_seqs` seats are busy with unparked requests), given KV blocks for
-it. Base-model requests need no slot and only wait for a seat.
+absent preemption and parking). While an adapter stands in the line, every window of C + R steps passes
+each of the S slots to the head at least once: within C steps every holder has expired, and then either
+one that fits the head is parked, or, none fitting, all drain and finish within R. So an adapter p-th in
+the line (0-based) gets a slot within ceil((p + 1) / S)·(C + R) steps. With no running requests of its
+own it is then first in the fewest-running order, so its oldest request is admitted at the next free
+seat (within R more steps when all `max_num_seqs` seats are busy with unparked requests), given KV
+blocks for it. Base-model requests need no slot and only wait for a seat.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Scheduler:
         self._num_running: Counter[AdapterIdentity | None] = Counter()
         self._tenure: dict[AdapterIdentity, tuple[int, float]] = {}  # slot holders: (step, time) they got it
         self._parked: set[AdapterIdentity] = set()  # adapters whose running requests wait for a slot
+        self._draining = False  # this step, expired holders admit nothing (so that a slot frees)
         self._slot_line: OrderedDict[AdapterIdentity, None] = OrderedDict()
         self._arrivals = itertools.count()
         self._step = 0
@@ -217,8 +219,9 @@ class Scheduler:
 
     def _rotate(self, out: SchedulerOutput, budget: _StepBudget) -> None:
         """Pass slots along the slot line: parked adapters the free slots reach resume; then expired
-        holders are parked (or, failing that, preempted whole) for the line's head while that helps it
-        (module docstring)."""
+        holders are parked (or, failing that, preempted whole) for the line's head while that helps it.
+        Sets `_draining` when the head can get a slot only by a holder finishing (module docstring)."""
+        self._draining = False
         limit = self.max_active_adapters
         if limit is None or not self._slot_line:
             return
@@ -233,8 +236,9 @@ class Scheduler:
         running = self._running_by_adapter()
         remaining = {k: self._remaining(k, running.get(k, [])) for k in (*self._tenure, *unseated)}
         cycle = self.config.adapter_cycle_steps
-        parkable = sorted((k for k in self._tenure if self._expired(k) and remaining[k] > cycle // 2),
-                          key=lambda k: (remaining[k], self._num_running[k], self._tenure[k][0]))
+        # Holders that may be parked, expired or not yet: least work left first, then fewest running.
+        candidates = sorted((k for k in self._tenure if remaining[k] > cycle // 2),
+                            key=lambda k: (remaining[k], self._num_running[k], self._tenure[k][0]))
         preemptable = sorted((k for k in self._tenure if self.enable_prefix_caching
                               and self._may_preempt(k, running[k])),
                              key=lambda k: (self._num_running[k], self._tenure[k][0]))
@@ -242,9 +246,10 @@ class Scheduler:
         for head in unseated:
             parked = head in self._parked
             can_start = parked or seats > 0  # a waiting request of the head also needs a seat
-            holder = next((k for k in parkable if remaining[k] <= remaining[head]), None) if can_start else None
+            fits = [k for k in candidates if remaining[k] <= remaining[head]] if can_start else []
+            holder = next((k for k in fits if self._expired(k)), None)
             if holder is not None:
-                parkable.remove(holder)
+                candidates.remove(holder)
                 if holder in preemptable:
                     preemptable.remove(holder)
                 self._park(holder)
@@ -253,15 +258,19 @@ class Scheduler:
                 elif not self._resume(head):
                     return
                 continue
-            if parked or not preemptable or self._num_running[preemptable[0]] > len(self._queues[head]):
-                return  # preempting would shrink the batch (holders are sorted by running count)
-            holder = preemptable.pop(0)
-            if holder in parkable:
-                parkable.remove(holder)
-            for seq in running[holder]:
-                self._preempt(seq, out, budget)
-            seats += len(running[holder])
-            self.num_rotations += 1
+            if not parked and preemptable and self._num_running[preemptable[0]] <= len(self._queues[head]):
+                holder = preemptable.pop(0)  # holders are sorted by running count: the least shrinking
+                if holder in candidates:
+                    candidates.remove(holder)
+                for seq in running[holder]:
+                    self._preempt(seq, out, budget)
+                seats += len(running[holder])
+                self.num_rotations += 1
+                continue
+            # Not served this step. A holder that fits expires within a cycle and is parked then; if
+            # none does, the head waits for a holder to finish: expired holders stop admitting.
+            self._draining = not fits
+            return
 
     def _running_by_adapter(self) -> dict[AdapterIdentity | None, list[Sequence]]:
         running: dict[AdapterIdentity | None, list[Sequence]] = {}
@@ -362,7 +371,7 @@ class Scheduler:
         """The head of the queue allowed to admit with the fewest running requests (then the oldest)."""
         limit = self.max_active_adapters
         free_slots = len(self._slot_line) if limit is None else limit - len(self._tenure)
-        rotating = bool(self._slot_line) and free_slots <= 0
+        rotating = bool(self._slot_line) and free_slots <= 0 and self._draining
         allowed: list[AdapterIdentity | None] = [k for k in self._tenure if k in self._queues
                                             and not (rotating and self._expired(k))]
         allowed += (k for k in itertools.islice(self._slot_line, max(free_slots, 0)) if k not in self._parked)

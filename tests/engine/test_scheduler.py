@@ -432,3 +432,26 @@ def test_more_adapters_than_slots_share_the_slots_and_finish_in_the_slot_time_th
     while roomy.has_work():
         runner.step(roomy.schedule())
     assert {s.request_id: s.output_token_ids for s in fresh} == {s.request_id: s.output_token_ids for s in seqs}
+
+
+def test_holders_keep_admitting_while_parking_serves_the_line():
+    # A 1-step cycle: every holder is expired from its second step on. busy has 8 requests but the first
+    # step's token budget admits only some; solo1 waits for a slot. Parking solo0 serves solo1, so busy
+    # need not stop admitting (its queued requests would otherwise wait for all its running ones to
+    # finish, a second wave of 30 steps): every request starts within the first steps.
+    config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=16, adapter_cycle_steps=1,
+                             adapter_cycle_time_s=1e9)
+    sched, slots = make_scheduler(config, num_blocks=256, num_slots=2)
+    runner = FakeRunner(sched)
+    seqs = [make_seq(f"busy{i}", [1, 2, 3, i], 30, key("busy")) for i in range(8)]
+    seqs += [make_seq(f"solo{i}", [5, 6, 7, i], 30, key(f"solo{i}")) for i in range(2)]
+    for seq in seqs:
+        sched.add(seq)
+    started = run_until_started(sched, runner, seqs, max_steps=200)
+    assert max(started[f"busy{i}"] for i in range(8)) <= 4, started
+    assert started["solo1"] <= 4 and sched.num_parks > 0
+    while sched.has_work():
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        runner.step(out)
+    assert len(runner.finished) == 10
