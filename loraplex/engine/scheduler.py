@@ -4,9 +4,10 @@ Every sequence is handled the same way: it has `num_tokens` known tokens of whic
 `num_computed_tokens` are in the KV cache, and a step computes the next `num_new_tokens` of them.
 A prompt is therefore a run of steps of bounded chunks (chunked prefill), and a decode is a step of
 one token. Running decodes are scheduled first, then running prompts' next chunks, then new requests,
-so a long prompt never stalls the decodes. When the KV pool (or `max_batch_total_tokens`) runs dry, the
-most recently admitted running sequences are preempted: their blocks are freed and they are
-recomputed later (mostly from the prefix cache).
+so a long prompt never stalls the decodes. When the KV pool (or `max_batch_total_tokens`) runs dry,
+sequences are preempted, parked ones first (their KV sits idle; see below), then the most recently
+admitted running ones: their blocks are freed and they are recomputed later (mostly from the prefix
+cache).
 
 Admission across adapters. Waiting requests sit in one FIFO queue per adapter (FCFS within an
 adapter). Each admission picks, among the queues allowed to admit, the one with the fewest running
@@ -18,7 +19,7 @@ without holding anyone back. A holder *expires* once it has held its slot for `a
 steps (C) or `adapter_cycle_time_s` seconds. Slots pass on in three ways, all in favour of the head:
 
 - *Parking* (the usual way). The head can start at once (it is parked, or it has a request waiting
-  and a seat is free), and an expired holder *fits* it: its remaining work, the most steps its requests
+  and a seat and KV blocks for its first chunk are free), and an expired holder *fits* it: its remaining work, the most steps its requests
   still need (its running requests' longest remaining output, plus its oldest waiting request's), is no
   more than the head's and more than C / 2. The fitting holder with the least remaining work is
   parked: its requests keep their KV blocks and seats but skip steps, its slot passes to the head, and
@@ -33,7 +34,7 @@ steps (C) or `adapter_cycle_time_s` seconds. Slots pass on in three ways, all in
   that has held its slot for max(C, block size) steps, is only decoding with more than C tokens still to
   go, and runs no more requests than the head has waiting is preempted whole: that frees seats as well,
   keeps the batch as large, and costs each preempted request less than a block of recompute.
-- *Draining*. When no holder fits the head (or the head has no seat), expired holders admit no new
+- *Draining*. When no holder fits the head (or the head has no room to start), expired holders admit no new
   requests; their running requests finish and the first slot that frees passes to the head. While
   parking serves the line, holders go on admitting: stopping them would only leave their waiting
   requests for a second wave.
@@ -243,9 +244,13 @@ class Scheduler:
                               and self._may_preempt(k, running[k])),
                              key=lambda k: (self._num_running[k], self._tenure[k][0]))
         seats = self.config.max_num_seqs - len(self.running)
+        free_blocks = self.pool.num_free
         for head in unseated:
             parked = head in self._parked
-            can_start = parked or seats > 0  # a waiting request of the head also needs a seat
+            # A waiting request of the head also needs a seat and KV blocks for its first chunk.
+            first = 0 if parked else blocks_needed(min(self._queues[head][0].num_tokens,
+                                                       self.config.prefill_token_budget), self.block_size)
+            can_start = parked or (seats > 0 and first <= free_blocks)
             fits = [k for k in candidates if remaining[k] <= remaining[head]] if can_start else []
             holder = next((k for k in fits if self._expired(k)), None)
             if holder is not None:
@@ -255,6 +260,7 @@ class Scheduler:
                 self._park(holder)
                 if not parked:
                     seats -= 1
+                    free_blocks -= first
                 elif not self._resume(head):
                     return
                 continue
@@ -265,6 +271,7 @@ class Scheduler:
                 for seq in running[holder]:
                     self._preempt(seq, out, budget)
                 seats += len(running[holder])
+                free_blocks = self.pool.num_free
                 self.num_rotations += 1
                 continue
             # Not served this step. A holder that fits expires within a cycle and is parked then; if
@@ -322,13 +329,14 @@ class Scheduler:
         return n
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput, budget: _StepBudget) -> bool:
-        """Make room for `n` more tokens of `seq`, preempting the newest running sequences if needed."""
+        """Make room for `n` more tokens of `seq`, preempting if needed: the newest parked sequence (its
+        KV sits idle), else the newest running one."""
         while True:
             need = blocks_needed(seq.num_computed_tokens + n, self.block_size) - len(seq.block_table)
             over_cap = budget.held_cap is not None and budget.held + n > budget.held_cap
             if need <= self.pool.num_free and not over_cap:
                 break
-            victim = self.running[-1]
+            victim = next((s for s in reversed(self.running) if s.status is SequenceStatus.PARKED), self.running[-1])
             self._preempt(victim, out, budget)
             if victim is seq:
                 return False
@@ -371,9 +379,9 @@ class Scheduler:
         """The head of the queue allowed to admit with the fewest running requests (then the oldest)."""
         limit = self.max_active_adapters
         free_slots = len(self._slot_line) if limit is None else limit - len(self._tenure)
-        rotating = bool(self._slot_line) and free_slots <= 0 and self._draining
+        draining = self._draining and free_slots <= 0
         allowed: list[AdapterIdentity | None] = [k for k in self._tenure if k in self._queues
-                                            and not (rotating and self._expired(k))]
+                                            and not (draining and self._expired(k))]
         allowed += (k for k in itertools.islice(self._slot_line, max(free_slots, 0)) if k not in self._parked)
         if None in self._queues:
             allowed.append(None)

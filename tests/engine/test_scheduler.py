@@ -455,3 +455,60 @@ def test_holders_keep_admitting_while_parking_serves_the_line():
         check_step(sched, slots, out)
         runner.step(out)
     assert len(runner.finished) == 10
+
+
+def test_parking_under_kv_pressure_never_stalls():
+    # One slot, a 12-block pool: a and b (4-token prompts, 30 new tokens) take turns through parking
+    # while q's 40-token prompt needs 10 blocks. Parked requests hold KV, so the pool runs dry: the
+    # newest parked one is preempted first (its KV sits idle), no holder is parked for a head the pool
+    # cannot take, and when only parked requests are left one resumes. Everything finishes, with the
+    # outputs of a roomy run.
+    def run(num_blocks: int, num_slots: int) -> tuple[Scheduler, dict[str, list[int]], int]:
+        config = SchedulerConfig(adapter_cycle_steps=1, adapter_cycle_time_s=1e9)
+        sched, slots = make_scheduler(config, num_blocks=num_blocks, num_slots=num_slots)
+        runner = FakeRunner(sched)
+        seqs = [make_seq("a", [1, 2, 3, 4], 30, key("a")), make_seq("b", [5, 6, 7, 8], 30, key("b")),
+                make_seq("q", list(range(10, 50)), 4, key("q"))]
+        for seq in seqs:
+            sched.add(seq)
+        idle = 0
+        for _ in range(500):
+            if not sched.has_work():
+                break
+            out = sched.schedule()
+            check_step(sched, slots, out)
+            idle += not out.chunks
+            runner.step(out)
+        assert len(runner.finished) == 3
+        return sched, {s.request_id: s.output_token_ids for s in seqs}, idle
+
+    sched, outputs, idle = run(num_blocks=12, num_slots=1)
+    assert sched.num_parks > 0 and sched.num_preemptions > 0 and idle <= 2
+    assert outputs == run(num_blocks=256, num_slots=3)[1]
+
+
+def test_kv_preemption_takes_a_parked_request_first():
+    # One slot, 7 blocks of 4 tokens. a is parked for b after its cycle, holding 2 blocks; b grows to
+    # 24 tokens (6 blocks) and the pool runs dry. The victim is the parked a, whose KV sits idle, not
+    # b, the newest running request, which would stop the only work in progress.
+    config = SchedulerConfig(adapter_cycle_steps=4, adapter_cycle_time_s=1e9)
+    sched, slots = make_scheduler(config, num_blocks=7, num_slots=1)
+    runner = FakeRunner(sched)
+    for name in ("a", "b"):
+        sched.add(make_seq(name, [1, 2, 3, 4], 20, key(name)))
+    victims: list[tuple[str, bool, bool]] = []  # (request, it was parked, any request was parked)
+    preempt = sched._preempt
+
+    def watched(seq, out, budget):
+        any_parked = any(s.status is SequenceStatus.PARKED for s in sched.running)
+        victims.append((seq.request_id, seq.status is SequenceStatus.PARKED, any_parked))
+        preempt(seq, out, budget)
+
+    sched._preempt = watched
+    while sched.has_work():
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        runner.step(out)
+    assert sched.num_parks > 0 and any(was for _, was, _ in victims), victims
+    assert all(was or not any_parked for _, was, any_parked in victims), victims
+    assert len(runner.finished) == 2
