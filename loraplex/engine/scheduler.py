@@ -155,7 +155,6 @@ class Scheduler:
         self._queues: dict[AdapterIdentity | None, deque[Sequence]] = {}  # non-empty ones only
         self._num_running: Counter[AdapterIdentity | None] = Counter()
         self._tenure: dict[AdapterIdentity, tuple[int, float]] = {}  # slot holders: (step, time) they got it
-        self._parked: set[AdapterIdentity] = set()  # adapters whose running requests wait for a slot
         self._draining = False  # this step, expired holders admit nothing (so that a slot frees)
         self._slot_line: OrderedDict[AdapterIdentity, None] = OrderedDict()
         self._arrivals = itertools.count()
@@ -226,15 +225,15 @@ class Scheduler:
         limit = self.max_active_adapters
         if limit is None or not self._slot_line:
             return
+        running = self._running_by_adapter()
         for key in list(itertools.islice(self._slot_line, max(limit - len(self._tenure), 0))):
-            if key in self._parked:
-                self._resume(key)
-        if not self._tenure and self._parked:  # only parked requests could run: never let the line stall
-            next(k for k in self._slot_line if k in self._parked and self._resume(k))
+            if self._is_parked(key):
+                self._resume(key, running[key])
+        if not self._tenure:  # only parked requests could run: never let the line stall
+            next((k for k in self._slot_line if self._is_parked(k) and self._resume(k, running[k])), None)
         unseated = list(itertools.islice(self._slot_line, max(limit - len(self._tenure), 0), None))
         if not unseated:
             return
-        running = self._running_by_adapter()
         remaining = {k: self._remaining(k, running.get(k, [])) for k in (*self._tenure, *unseated)}
         cycle = self.config.adapter_cycle_steps
         # Holders that may be parked, expired or not yet: least work left first, then fewest running.
@@ -246,7 +245,7 @@ class Scheduler:
         seats = self.config.max_num_seqs - len(self.running)
         free_blocks = self.pool.num_free
         for head in unseated:
-            parked = head in self._parked
+            parked = self._is_parked(head)
             # A waiting request of the head also needs a seat and KV blocks for its first chunk.
             first = 0 if parked else blocks_needed(min(self._queues[head][0].num_tokens,
                                                        self.config.prefill_token_budget), self.block_size)
@@ -257,11 +256,11 @@ class Scheduler:
                 candidates.remove(holder)
                 if holder in preemptable:
                     preemptable.remove(holder)
-                self._park(holder)
+                self._park(holder, running[holder])
                 if not parked:
                     seats -= 1
                     free_blocks -= first
-                elif not self._resume(head):
+                elif not self._resume(head, running[head]):
                     return
                 continue
             if not parked and preemptable and self._num_running[preemptable[0]] <= len(self._queues[head]):
@@ -292,22 +291,23 @@ class Scheduler:
         queue = self._queues.get(key)
         return left + (queue[0].params.max_new_tokens if queue else 0)
 
-    def _park(self, key: AdapterIdentity) -> None:
-        """Take `key`'s slot and pause its running requests (they keep KV blocks and seats); it joins the
-        back of the slot line."""
-        for seq in self.running:
-            if seq.adapter == key:
-                self.adapters.release(seq)
-                seq.status = SequenceStatus.PARKED
+    def _is_parked(self, key: AdapterIdentity | None) -> bool:
+        """Whether `key` has admitted requests but no slot: they are parked."""
+        return key is not None and key in self._num_running and key not in self._tenure
+
+    def _park(self, key: AdapterIdentity, mine: list[Sequence]) -> None:
+        """Take `key`'s slot and pause its running requests `mine` (they keep KV blocks and seats); it joins
+        the back of the slot line."""
+        for seq in mine:
+            self.adapters.release(seq)
+            seq.status = SequenceStatus.PARKED
         del self._tenure[key]
-        self._parked.add(key)
         self._slot_line[key] = None
         self.num_parks += 1
 
-    def _resume(self, key: AdapterIdentity) -> bool:
-        """Give a parked adapter a free slot again, its requests running from this step on; False (still
-        parked) when no slot could be had (one may be pinned)."""
-        mine = [seq for seq in self.running if seq.adapter == key]
+    def _resume(self, key: AdapterIdentity, mine: list[Sequence]) -> bool:
+        """Give a parked adapter (its requests `mine`) a free slot again, its requests running from this step
+        on; False (still parked) when no slot could be had (one may be pinned)."""
         for i, seq in enumerate(mine):
             if not self.adapters.acquire(seq):
                 for got in mine[:i]:
@@ -315,7 +315,6 @@ class Scheduler:
                 return False
         for seq in mine:
             seq.status = SequenceStatus.RUNNING
-        self._parked.discard(key)
         self._slot_line.pop(key, None)
         self._tenure[key] = (self._step, time.monotonic())
         return True
@@ -382,7 +381,7 @@ class Scheduler:
         draining = self._draining and free_slots <= 0
         allowed: list[AdapterIdentity | None] = [k for k in self._tenure if k in self._queues
                                             and not (draining and self._expired(k))]
-        allowed += (k for k in itertools.islice(self._slot_line, max(free_slots, 0)) if k not in self._parked)
+        allowed += (k for k in itertools.islice(self._slot_line, max(free_slots, 0)) if not self._is_parked(k))
         if None in self._queues:
             allowed.append(None)
         allowed = [k for k in allowed if k not in refused]
@@ -469,7 +468,6 @@ class Scheduler:
             del self._num_running[key]
             if key is not None:
                 self._tenure.pop(key, None)
-                self._parked.discard(key)
                 if key in self._queues:
                     self._slot_line[key] = None
                 else:
@@ -477,7 +475,7 @@ class Scheduler:
 
     def _on_start(self, key: AdapterIdentity | None) -> None:
         if key is not None and key not in self._tenure:
-            assert key not in self._parked, "a parked adapter resumes before it admits"
+            assert not self._is_parked(key), "a parked adapter resumes before it admits"
             self._tenure[key] = (self._step, time.monotonic())
             self._slot_line.pop(key, None)
         self._num_running[key] += 1
@@ -501,5 +499,5 @@ class Scheduler:
         queue.remove(seq)
         if not queue:
             del self._queues[key]
-            if key is not None and key not in self._parked:
+            if key is not None and not self._is_parked(key):
                 self._slot_line.pop(key, None)

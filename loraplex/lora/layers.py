@@ -109,7 +109,7 @@ class LoRAPackedLinear(nn.Module):
         """Copy packed contents into `slot` (None empties it: rank 0, which the ops skip). Rows past the
         new rank keep whatever they held: the ops never read them."""
         rank = 0 if contents is None else contents.rank
-        if rank == 0 and self._slot_ranks[slot] == 0 and slot not in self.dora_slots:
+        if rank == 0 and self._slot_ranks[slot] == 0:
             return  # empty already (an adapter that does not target this layer, loaded over another)
         if contents is not None:
             self.a[slot, :rank].copy_(contents.a)
