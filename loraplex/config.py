@@ -137,7 +137,11 @@ class ServerConfig:
     max_best_of: int = 4
     """Largest `best_of` a request may ask for."""
     adapter_source: str = "local"
-    """Source of an `adapter_id` when a request names none (`local`, `hub` or `s3`)."""
+    """Source of an `adapter_id` when a request names none (`local`, `hub` or `s3`); always allowed."""
+    allow_request_sources: tuple[str, ...] = ("local",)
+    """Sources a request may name besides adapter_source (`adapter_source` field, `s3://` ids), e.g.
+    `local,hub,s3`. Default `local`: fetching from the hub or S3 spends the server's credentials,
+    network and disk on whatever an anonymous client names, so the operator opts in."""
     preloaded_adapter_ids: tuple[str, ...] = ()
     """Adapters loaded at startup (comma-separated); others still load on demand."""
     admin_token: str | None = None
@@ -147,6 +151,10 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preloaded_adapter_ids", tuple(self.preloaded_adapter_ids))
+        object.__setattr__(self, "allow_request_sources", tuple(self.allow_request_sources))
+        bad = [s for s in (self.adapter_source, *self.allow_request_sources) if not s.isidentifier()]
+        if bad:
+            raise ValueError(f"adapter_source and allow_request_sources must name adapter sources, got {bad}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_concurrent_requests < 1:

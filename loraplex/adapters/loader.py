@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import tempfile
 import threading
 import time
@@ -33,10 +34,11 @@ from loraplex.adapters.disk_store import DiskStore
 from loraplex.adapters.ref import AdapterIdentity, AdapterRef
 from loraplex.adapters.sources import AdapterSource, build_sources
 from loraplex.config import AdapterSourceConfig
-from loraplex.lora.adapter import AdapterError, AdapterNotFound, AdapterWeights
+from loraplex.lora.adapter import AdapterError, AdapterFetchError, AdapterNotFound, AdapterWeights
 from loraplex.paths import loraplex_home
 from loraplex.runtime import use_one_torch_thread
 
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _FlightKey = tuple[AdapterRef, str | None]  # (ref, token digest)
 
@@ -187,14 +189,22 @@ class AdapterLoader:
     def _load(self, ref: AdapterRef, token: str | None, key: _FlightKey) -> LoadedAdapter:
         try:
             return self._load_uncached(ref, token)
-        except AdapterError as e:
+        except Exception as e:
+            # Whatever went wrong, it is this adapter's failure: waiters get an AdapterError (HTTP 424),
+            # not a bare OSError that would look like the server's; the details go to the log only.
+            error = e if isinstance(e, AdapterError) else AdapterFetchError(
+                f"adapter {ref}: loading failed ({type(e).__name__}); the server log has the details")
+            if error is not e:
+                log.error("loading adapter %s failed", ref, exc_info=e)
             with self._lock:
                 self._counts["failures"] += 1
                 now = self._clock()
                 self._failed = {k: v for k, v in self._failed.items() if now < v[1]}
                 if self.negative_ttl_s > 0:
-                    self._failed[key] = (e, now + self.negative_ttl_s)
-            raise
+                    self._failed[key] = (error, now + self.negative_ttl_s)
+            if error is e:
+                raise
+            raise error from e
         finally:
             # After the host tier or the failure memory is updated, so a request arriving now finds either.
             with self._lock:
@@ -207,7 +217,7 @@ class AdapterLoader:
                                   f"this server has {sorted(self._sources)}")
         start = time.perf_counter()
         resolved = source.resolve(ref, token)
-        identity = AdapterIdentity(ref.source, ref.id, resolved.version)
+        identity = AdapterIdentity(ref.source, resolved.id or ref.id, resolved.version)
         ttl = self.revalidate_s if resolved.ttl_s is None else resolved.ttl_s
         with self._lock:
             self._counts["resolves"] += 1
@@ -247,7 +257,8 @@ class AdapterLoader:
         except AdapterError as e:
             if from_disk and self._disk is not None:
                 self._disk.discard(identity)  # so a later attempt fetches it again rather than trusting it
-            raise type(e)(f"adapter {ref}: {e}") from e
+            # The parser names files by path; a client is told the adapter's id, never where it lives.
+            raise type(e)(f"adapter {ref}: {str(e).replace(str(path), ref.id)}") from e
         loaded = LoadedAdapter(identity, weights, path)
         with self._lock:
             self._counts["parses"] += 1

@@ -1,9 +1,13 @@
 """The `local` source: adapter folders on this machine, confined to the configured roots.
 
-An id is a folder name relative to a root (the first root holding it wins) or an absolute path inside
-one. Confinement is checked on the fully resolved path, so neither `..` nor a symlink can reach a
-folder outside every root; the error does not say whether such a folder exists. With no roots
-configured (None) any folder is accepted, which suits the offline Python API, not a server.
+With roots, an id is a folder name relative to a root (the first root holding it wins); an absolute
+path is refused, so one folder has one name. Confinement is checked on the fully resolved path, as a
+path (never a string prefix: root `/a` does not hold `/a-evil`), so no symlink reaches a folder outside
+every root, and no file of an adapter may link outside them either. The identity's id is the folder's
+resolved name under its root, so every spelling of one folder (`upper`, `./upper`, a symlink to it) is
+one adapter. Errors name the id, never a host path, and do not say whether a folder outside exists.
+With no roots configured (None) any folder is accepted, named by its resolved path, which suits the
+offline Python API, not a server.
 
 The version is a digest of the folder's file names, sizes and mtimes: a stat, cheap enough to redo
 on every request, and any rewrite of a file changes it.
@@ -27,43 +31,72 @@ class LocalSource:
     def resolve(self, ref: AdapterRef, token: str | None) -> Resolved:
         if ref.revision is not None:
             raise AdapterInvalid(f"adapter {ref}: local adapters have no revisions")
-        folder = self.locate(ref.id)
-        stamp = file_stamp(folder)
-        if stamp is None:
-            raise AdapterNotFound(f"adapter {ref.id!r}: folder {folder} cannot be listed")
-        return Resolved(version=stamp, path=folder, ttl_s=0.0)
+        folder, name = self.locate(ref.id)
+        stamp = self._stamp(folder, ref.id)
+        return Resolved(version=stamp, path=folder, ttl_s=0.0, id=name)
 
     def fetch(self, ref: AdapterRef, resolved: Resolved, token: str | None, dest: Path) -> None:
         assert resolved.path is not None, "a local adapter always resolves to its folder"
         shutil.copytree(resolved.path, dest, dirs_exist_ok=True)
 
-    def locate(self, adapter_id: str) -> Path:
-        """The resolved folder `adapter_id` names; AdapterNotFound when it is missing or outside every root."""
+    def locate(self, adapter_id: str) -> tuple[Path, str]:
+        """The resolved folder `adapter_id` names and its canonical id; AdapterNotFound when it is missing
+        or outside every root."""
         path = Path(adapter_id).expanduser()
         if not adapter_id or ".." in path.parts:
             raise AdapterNotFound(f"local adapter id {adapter_id!r} is refused: it may not be empty or contain '..'")
         if self.roots is None:
             folder = _real(path, adapter_id)
-            if not folder.is_dir():
-                raise AdapterNotFound(f"local adapter {adapter_id!r}: folder {folder} does not exist")
-            return folder
-        candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
-        for candidate in candidates:
-            folder = _real(candidate, adapter_id)
-            if not any(folder.is_relative_to(root) for root in self.roots):
-                raise AdapterNotFound(f"local adapter {adapter_id!r} is outside the adapter roots "
-                                      f"{[str(r) for r in self.roots]}")
-            if folder.is_dir():
-                return folder
-        raise AdapterNotFound(f"local adapter {adapter_id!r} is not a folder under the adapter roots "
-                              f"{[str(r) for r in self.roots]}")
+            if not _is_dir(folder):
+                raise AdapterNotFound(f"local adapter {adapter_id!r}: no such folder")
+            return folder, str(folder)
+        if path.is_absolute():
+            raise AdapterNotFound(f"local adapter {adapter_id!r}: local adapters are named relative to the "
+                                  f"adapter roots, not by path")
+        for root in self.roots:
+            folder = _real(root / path, adapter_id)
+            holder = self.root_of(folder)
+            if holder is None:
+                raise AdapterNotFound(f"local adapter {adapter_id!r} is outside the adapter roots")
+            if _is_dir(folder):
+                return folder, folder.relative_to(holder).as_posix()
+        raise AdapterNotFound(f"local adapter {adapter_id!r} is not a folder under the adapter roots")
+
+    def root_of(self, path: Path) -> Path | None:
+        """The root holding the resolved `path`: a whole-component test, so root /a does not hold /a-evil."""
+        return next((root for root in self.roots or () if path.is_relative_to(root)), None)
+
+    def _stamp(self, folder: Path, adapter_id: str) -> str:
+        if self.roots is not None:
+            for file in _files(folder):
+                if self.root_of(_real(file, adapter_id)) is None:
+                    raise AdapterNotFound(f"local adapter {adapter_id!r}: its file {file.name!r} links outside "
+                                          f"the adapter roots")
+        stamp = file_stamp(folder)
+        if stamp is None:
+            raise AdapterNotFound(f"local adapter {adapter_id!r}: its folder cannot be listed")
+        return stamp
 
 
 def _real(path: Path, adapter_id: str) -> Path:
     try:
         return path.resolve()
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
-        raise AdapterNotFound(f"local adapter {adapter_id!r} cannot be resolved: {e}") from None
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+        raise AdapterNotFound(f"local adapter {adapter_id!r} cannot be resolved ({type(e).__name__})") from None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, say
+        return False
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return [f for f in folder.iterdir() if f.is_file()]
+    except OSError:
+        return []
 
 
 def file_stamp(folder: Path) -> str | None:

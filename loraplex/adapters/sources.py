@@ -30,6 +30,9 @@ class Resolved:
     ttl_s: float | None = None
     """How long this answer may be reused before asking again: None, the loader's revalidate_s; 0 for a
     cheap check (a stat); math.inf when the ref can never name another version (a pinned commit)."""
+    id: str | None = None
+    """The adapter's canonical id when several spellings reach one adapter (a local folder through a
+    symlink, say), so they share one identity; None: the ref's id."""
 
 
 class AdapterSource(Protocol):

@@ -22,7 +22,7 @@ import torch
 
 from loraplex.adapters.loader import LoadedAdapter
 from loraplex.adapters.ref import AdapterIdentity
-from loraplex.lora.adapter import AdapterError, AdapterInvalid, AdapterWeights, LoRAModule
+from loraplex.lora.adapter import AdapterInvalid, AdapterWeights, LoRAModule
 
 MAX_MERGED = 8
 
@@ -86,7 +86,7 @@ def merged_future(spec: MergeSpec, parts: list[Future[LoadedAdapter]], max_rank:
             loaded = [p.result() for p in parts]
             weights = prepare(merge_linear([(part.weights, w) for part, w in zip(loaded, spec.weights, strict=True)],
                                            max_rank))
-        except AdapterError as e:
+        except Exception as e:  # any failure fails the merge: an exception escaping a callback would hang it
             result.set_exception(e)
             return
         versions = [(str(part.identity), w) for part, w in zip(loaded, spec.weights, strict=True)]

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
 from loraplex.adapters.loader import LoadedAdapter
-from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
+from loraplex.adapters.ref import AdapterIdentity, AdapterRef
 from loraplex.engine.engine import Engine
 from loraplex.lora.adapter import AdapterNotFound
 from loraplex.server.errors import Unauthorized
@@ -79,7 +79,7 @@ async def unload(body: AdapterAdminRequest, request: Request) -> JSONResponse:
 
 
 def _ref(state: ServerState, body: AdapterAdminRequest) -> AdapterRef:
-    return parse_ref(body.adapter_id, body.adapter_source or state.config.adapter_source)
+    return state.adapter_ref(body.adapter_id, body.adapter_source)  # the check every client's id passes
 
 
 async def _fetch_into_slot(state: ServerState, body: AdapterAdminRequest, pin: bool) -> JSONResponse:

@@ -29,14 +29,19 @@ from loraplex.server.state import ServerState, get_state
 def build_state(engine_config: EngineConfig, server_config: ServerConfig) -> ServerState:
     """Start the engine loop thread, which loads the model, and wire the facade around it.
 
-    A server serves local adapters only from its adapter roots (the bundled examples are always one),
-    never from any folder a request names.
+    A server serves local adapters by name from its adapter roots only, never from any folder a request
+    names; with no `--adapter-root` (the demo) the one root is the bundled examples' folder.
     """
-    roots = (str(ADAPTERS_DIR), *(engine_config.adapters.adapter_roots or ()))
+    roots = engine_config.adapters.adapter_roots or (str(ADAPTERS_DIR),)
     for root in roots:
         if not Path(root).is_dir():
             raise ValueError(f"adapter root {root!r} is not a folder")
     config = replace(engine_config, adapters=replace(engine_config.adapters, adapter_roots=roots))
+    missing = [s for s in (server_config.adapter_source, *server_config.allow_request_sources)
+               if s not in config.adapters.sources]
+    if missing:
+        raise ValueError(f"adapter sources {missing} (adapter_source, allow_request_sources) are not among the "
+                         f"engine's sources {list(config.adapters.sources)}")
     # The model is built on the engine's loop thread, the one that will run it: a thread that has run
     # torch ops keeps an OpenMP team, and two teams on a small machine slow every step. malloc is tuned
     # before that thread starts so it shares the main heap (loraplex.runtime).
@@ -59,8 +64,8 @@ def preload(state: ServerState) -> None:
     if engine.adapters is None or engine.lora is None:
         raise ValueError("preloaded_adapter_ids needs max_loras > 0")
     for adapter_id in state.config.preloaded_adapter_ids:
-        ref = parse_ref(adapter_id, state.config.adapter_source)
-        try:
+        try:  # the operator's own ids: any source the engine has, but local ones by name like a client's
+            ref = parse_ref(adapter_id, None, state.config.adapter_source, local_paths=False)
             loaded = engine.adapters.request(ref).result()
         except AdapterError as e:
             raise ValueError(f"preloaded adapter {adapter_id!r} could not be loaded: {e}") from e

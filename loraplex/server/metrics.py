@@ -1,8 +1,9 @@
 """Prometheus metrics of the server: requests, latencies, batches, KV and adapter state.
 
 Each app has its own registry (several servers can live in one process, e.g. in tests). Request
-metrics are observed as requests end; engine state (KV usage, queue lengths, resident adapters) is
-read at scrape time by a collector, so the step loop pays nothing for it.
+metrics are observed as requests end, labelled by adapter from a bounded set (Metrics.adapter_label);
+engine state (KV usage, queue lengths, resident adapters) is read at scrape time by a collector, so the
+step loop pays nothing for it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from loraplex.engine.async_engine import AsyncEngine
     from loraplex.engine.request import RequestOutput
 
+MAX_ADAPTER_LABELS = 64
+"""Adapters with their own label value; requests of any other adapter count under OTHER_ADAPTERS."""
+OTHER_ADAPTERS = "(other)"  # no adapter id can be spelled so (server.adapters.request_ref)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -26,6 +30,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._labels = {""}  # adapter label values in use; "" is the base model
         r = self.registry
         self.requests = Counter("loraplex_requests", "Finished requests by adapter and outcome",
                                 ["adapter", "status"], registry=r)
@@ -45,6 +50,7 @@ class Metrics:
 
     def observe_request(self, adapter: str, status: str, duration: float, ttft: float | None,
                         tpot: float | None, prompt_tokens: int, generated_tokens: int) -> None:
+        adapter = self.adapter_label(adapter, loaded=status == "ok")
         self.requests.labels(adapter, status).inc()
         self.prompt_tokens.labels(adapter).inc(prompt_tokens)
         self.generated_tokens.labels(adapter).inc(generated_tokens)
@@ -55,6 +61,17 @@ class Metrics:
             self.ttft.labels(adapter).observe(ttft)
         if tpot is not None and generated_tokens > 1:
             self.tpot.labels(adapter).observe(tpot)
+
+    def adapter_label(self, adapter: str, loaded: bool) -> str:
+        """`adapter`'s label value. A label series lives as long as the process, so only adapters that
+        served a request (`loaded`) get one, the first MAX_ADAPTER_LABELS of them: ids a client merely
+        names (unknown, broken, refused) share OTHER_ADAPTERS, and /metrics stays bounded."""
+        if adapter in self._labels:
+            return adapter
+        if loaded and len(self._labels) < MAX_ADAPTER_LABELS + 1:  # + 1: the base model's ""
+            self._labels.add(adapter)
+            return adapter
+        return OTHER_ADAPTERS
 
     def observe_step(self, outputs: list[RequestOutput], seconds: float) -> None:
         self.batch_size.observe(len(outputs))

@@ -9,9 +9,10 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from loraplex.adapters.ref import AdapterRef
 from loraplex.config import ServerConfig
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.server.adapters import AdapterSpec
+from loraplex.server.adapters import AdapterSpec, request_ref
 from loraplex.server.generation import Generation
 from loraplex.server.metrics import Metrics
 
@@ -32,11 +33,21 @@ class ServerState:
     model_id: str
     draining: bool = False
 
+    def adapter_ref(self, adapter_id: str, source: str | None) -> AdapterRef:
+        """The checked, canonically spelled adapter a client names (server.adapters.request_ref)."""
+        return request_ref(adapter_id, source, self.config.adapter_source, self.config.allow_request_sources)
+
     def adapter_spec(self, adapter_id: str | None, source: str | None, token: str | None) -> AdapterSpec | None:
         """The adapter a request names; None or "" (or the base model's id) means the base model."""
         if not adapter_id or adapter_id == self.model_id:
             return None
-        return AdapterSpec(adapter_id, source or self.config.adapter_source, token)
+        ref = self.adapter_ref(adapter_id, source)
+        return AdapterSpec(ref.request_id, ref.source, token)
+
+    def merge_ids(self, ids: list[str], source: str | None) -> tuple[str, ...]:
+        """The parts of a merge, checked and canonically spelled; the engine reads them all with one source."""
+        one_source = source or self.config.adapter_source
+        return tuple(self.adapter_ref(i, one_source).request_id for i in ids)
 
 
 def get_state(request: Request) -> ServerState:

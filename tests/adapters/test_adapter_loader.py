@@ -12,12 +12,13 @@ import torch
 from loraplex.adapters.disk_store import DiskStore
 from loraplex.adapters.loader import AdapterLoader
 from loraplex.adapters.local_source import LocalSource
-from loraplex.adapters.ref import AdapterIdentity, AdapterRef
+from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
 from loraplex.adapters.sources import Resolved
 from loraplex.config import AdapterSourceConfig
 from loraplex.lora.adapter import (
     SAFETENSORS_FILE,
     AdapterAccessDenied,
+    AdapterFetchError,
     AdapterInvalid,
     AdapterNotFound,
     AdapterWeights,
@@ -239,7 +240,7 @@ def test_from_config_keeps_fetched_adapters_under_loraplex_home(monkeypatch: pyt
                                  negative_ttl_s=0.0)
     with AdapterLoader.from_config(config, parse) as loader:
         assert loader.request(AdapterRef("local", "mine")).result(timeout=30).weights.rank == 4
-        with pytest.raises(AdapterNotFound, match="outside the adapter roots"):
+        with pytest.raises(AdapterNotFound, match="not by path"):
             loader.request(AdapterRef("local", str(tmp_path))).result(timeout=30)
         with pytest.raises(AdapterNotFound, match="unknown adapter source 'hub'"):
             loader.request(AdapterRef("hub", "org/name")).result(timeout=30)
@@ -258,3 +259,69 @@ def test_loader_threads_parse_on_one_torch_thread(source: CountingSource, tmp_pa
     with AdapterLoader({"mem": source}, parse_and_count, disk=DiskStore(tmp_path / "disk", 1 << 30)) as loader:
         loader.request(ref("a")).result(timeout=30)
     assert seen == [1]
+
+
+def test_a_load_in_flight_is_joined_only_with_the_same_token(tmp_path: Path, clock: Clock) -> None:
+    # A request without the token must not ride on a load started with it (nor the other way round).
+    private = CountingSource(token="good")
+    private.publish("p", seed=0, version="v1")
+    private.gate.clear()
+    with AdapterLoader({"mem": private}, parse, negative_ttl_s=5.0, clock=clock) as loader:
+        authorised = loader.request(ref("p"), token="good")
+        anonymous = loader.request(ref("p"))
+        wrong = loader.request(ref("p"), token="bad")
+        assert len({id(authorised), id(anonymous), id(wrong)}) == 3
+        assert loader.request(ref("p"), token="good") is authorised  # the same token joins
+        private.gate.set()
+        assert authorised.result(timeout=30).identity.version == "v1"
+        for future in (anonymous, wrong):
+            with pytest.raises(AdapterAccessDenied):
+                future.result(timeout=30)
+
+
+class BrokenSource:
+    """A source whose library raises something outside the AdapterError family."""
+
+    def __init__(self) -> None:
+        self.resolves = 0
+
+    def resolve(self, ref: AdapterRef, token: str | None) -> Resolved:
+        self.resolves += 1
+        raise OSError(36, "File name too long", "/srv/secret/root/" + ref.id)
+
+    def fetch(self, ref: AdapterRef, resolved: Resolved, token: str | None, dest: Path) -> None:
+        raise AssertionError("never fetched")
+
+
+def test_an_unexpected_error_fails_the_load_as_an_adapter_error(clock: Clock) -> None:
+    # The waiter gets an AdapterError naming the adapter (HTTP 424), without the library's host path,
+    # and the failure is remembered like any other.
+    broken = BrokenSource()
+    with AdapterLoader({"mem": broken}, parse, negative_ttl_s=5.0, clock=clock) as loader:
+        for _ in range(2):
+            with pytest.raises(AdapterFetchError, match="mem:x") as info:
+                loader.request(ref("x")).result(timeout=30)
+            assert "/srv/secret" not in str(info.value) and "OSError" in str(info.value)
+        assert broken.resolves == 1 and loader.stats().in_flight == 0
+
+
+def test_a_parse_error_names_the_adapter_not_its_folder(tmp_path: Path, clock: Clock) -> None:
+    root = tmp_path / "roots"
+    write_adapter(root / "team" / "bad")
+    (root / "team" / "bad" / SAFETENSORS_FILE).write_bytes(b"\x00" * 64)
+    with AdapterLoader({"local": LocalSource((str(root),))}, parse, clock=clock) as loader, \
+            pytest.raises(AdapterInvalid, match="local:team/bad") as info:
+        loader.request(AdapterRef("local", "team/bad")).result(timeout=30)
+    assert str(tmp_path) not in str(info.value) and SAFETENSORS_FILE in str(info.value)
+
+
+def test_every_spelling_of_a_local_folder_is_one_host_entry(tmp_path: Path, clock: Clock) -> None:
+    root = tmp_path / "roots"
+    write_adapter(root / "upper")
+    (root / "alias").symlink_to(root / "upper")
+    with AdapterLoader({"local": LocalSource((str(root),))}, parse, clock=clock) as loader:
+        loaded = [loader.request(parse_ref(i, "local", local_paths=False)).result(timeout=30)
+                  for i in ("upper", "./upper", "upper/", "alias")]
+        assert {a.identity.id for a in loaded} == {"upper"}
+        assert all(a is loaded[0] for a in loaded)
+        assert loader.stats().host_entries == 1 and loader.stats().parses == 1

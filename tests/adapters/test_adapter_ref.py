@@ -1,11 +1,20 @@
-"""parse_ref: which source and revision an API's adapter_id names; AdapterSourceConfig validation."""
+"""parse_ref: which source and revision an API's adapter_id names, the ids it refuses and how it spells
+what it accepts; AdapterSourceConfig validation."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from loraplex.adapters import sources
-from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
+from loraplex.adapters.ref import (
+    MAX_ADAPTER_ID_CHARS,
+    AdapterIdentity,
+    AdapterIdInvalid,
+    AdapterRef,
+    parse_ref,
+)
 from loraplex.adapters.sources import build_sources, register_source
 from loraplex.config import AdapterSourceConfig
 
@@ -21,6 +30,67 @@ from loraplex.config import AdapterSourceConfig
 ])
 def test_parse_ref(text: str, source: str | None, expected: AdapterRef) -> None:
     assert parse_ref(text, source) == expected
+
+
+@pytest.mark.parametrize(("text", "source", "expected"), [
+    # One folder, one spelling: the dots and slashes that name the same folder are dropped.
+    ("upper", "local", AdapterRef("local", "upper")),
+    ("./upper", "local", AdapterRef("local", "upper")),
+    ("upper/", "local", AdapterRef("local", "upper")),
+    ("./team//b/./", "local", AdapterRef("local", "team/b")),
+    ("s3://bucket/a/b/", None, AdapterRef("s3", "bucket/a/b")),
+    ("s3://bucket/", None, AdapterRef("s3", "bucket")),
+    ("org/name@", "hub", AdapterRef("hub", "org/name")),
+    ("org/name@refs/pr/3", "hub", AdapterRef("hub", "org/name", "refs/pr/3")),
+    ("gpt2", "hub", AdapterRef("hub", "gpt2")),
+])
+def test_parse_ref_spells_one_adapter_one_way(text: str, source: str | None, expected: AdapterRef) -> None:
+    ref = parse_ref(text, source, local_paths=False)
+    assert ref == expected
+    assert parse_ref(ref.request_id, ref.source, local_paths=False) == ref  # what the engine re-parses
+
+
+@pytest.mark.parametrize(("text", "source", "message"), [
+    ("x\u0000y", "local", "control characters"),
+    ("x\ny", "hub", "control characters"),
+    ("a\u202eb", "local", "control characters"),  # right-to-left override: a format character
+    ("x" * (MAX_ADAPTER_ID_CHARS + 1), "local", f"at most {MAX_ADAPTER_ID_CHARS}"),
+    ("", "local", "non-empty"),
+    ("..", "local", "'..'"),
+    ("team/../../etc", "local", "'..'"),
+    ("./", "local", "names no folder"),
+    ("/abs/upper", "local", "is a path"),
+    ("~/upper", "local", "is a path"),
+    (".hidden", "local", "may not start with '.'"),
+    ("a b", "local", "may use only"),
+    ("s3://bucket/x", "local", "may use only"),  # an explicit local source does not switch to s3
+    ("org/na me", "hub", "not a Hugging Face repo id"),
+    ("a/b/c", "hub", "not a Hugging Face repo id"),
+    ("org/-name", "hub", "not a Hugging Face repo id"),
+    ("org/na--me", "hub", "not a Hugging Face repo id"),
+    ("o" * 97, "hub", "not a Hugging Face repo id"),
+    ("org/name@../x", "hub", "not a branch"),
+    ("org/name@-x", "hub", "not a branch"),
+    ("s3://Bucket/x", None, "not an S3 bucket"),
+    ("s3://ab/x", None, "not an S3 bucket"),
+    ("s3://bucket/a//b", None, "empty, '.' or '..'"),
+    ("s3://bucket/a/../b", None, "empty, '.' or '..'"),
+])
+def test_parse_ref_refuses_what_no_source_can_serve(text: str, source: str | None, message: str) -> None:
+    with pytest.raises(AdapterIdInvalid, match=re.escape(message)) as info:
+        parse_ref(text, source, local_paths=False)
+    assert isinstance(info.value, ValueError)  # the API answers 422
+    assert "\x00" not in str(info.value) and "\n" not in str(info.value)  # quoted escaped, never raw
+    assert len(str(info.value)) < 400  # a long id is quoted cut short
+
+
+def test_offline_api_takes_paths_but_not_control_characters_or_dotdot() -> None:
+    assert parse_ref("/abs/my adapters/upper/").id == "/abs/my adapters/upper"
+    assert parse_ref("~/upper").id == "~/upper"
+    assert parse_ref("./upper").id == "upper"
+    for bad in ("/abs/x\u0000y", "/abs/../etc", "/" + "x" * MAX_ADAPTER_ID_CHARS):
+        with pytest.raises(AdapterIdInvalid):
+            parse_ref(bad)
 
 
 def test_identity_and_ref_text_never_hold_a_token() -> None:

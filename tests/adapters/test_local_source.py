@@ -34,10 +34,20 @@ def test_relative_id_resolves_under_the_first_root_holding_it(roots: tuple[Path,
     assert source.resolve(AdapterRef("local", "team/b"), None).path == (second / "team" / "b").resolve()
 
 
-def test_absolute_id_inside_a_root_resolves(roots: tuple[Path, Path, Path]) -> None:
+def test_absolute_id_is_refused_even_inside_a_root(roots: tuple[Path, Path, Path]) -> None:
+    # A server names local adapters one way only: by name under its roots.
     first, second, _ = roots
-    folder = (second / "team" / "b").resolve()
-    assert local(first, second).resolve(AdapterRef("local", str(folder)), None).path == folder
+    folder = str((second / "team" / "b").resolve())
+    with pytest.raises(AdapterNotFound, match="not by path"):
+        local(first, second).resolve(AdapterRef("local", folder), None)
+
+
+def test_every_spelling_of_one_folder_has_one_canonical_id(roots: tuple[Path, Path, Path]) -> None:
+    first, second, _ = roots
+    (first / "alias").symlink_to(second / "team" / "b")  # a link that stays inside the roots
+    source = local(first, second)
+    ids = {source.resolve(AdapterRef("local", i), None).id for i in ("team/b", "team/b/", "./team/b", "alias")}
+    assert ids == {"team/b"}
 
 
 @pytest.mark.parametrize("adapter_id", ["../outside/secret", "team/../../outside/secret", "a/..", ".."])
@@ -56,15 +66,44 @@ def test_symlink_escaping_the_root_is_refused(roots: tuple[Path, Path, Path]) ->
     with pytest.raises(AdapterNotFound, match="outside the adapter roots") as info:
         source.resolve(AdapterRef("local", "escape"), None)
     assert "'escape'" in str(info.value)
+    assert str(outside) not in str(info.value) and str(first) not in str(info.value)
     assert source.resolve(AdapterRef("local", "inner"), None).path == (first / "a").resolve()
 
 
-def test_absolute_path_outside_every_root_is_refused(roots: tuple[Path, Path, Path]) -> None:
-    first, second, outside = roots
-    secret = str((outside / "secret").resolve())
-    with pytest.raises(AdapterNotFound, match="outside the adapter roots") as info:
-        local(first, second).resolve(AdapterRef("local", secret), None)
-    assert secret in str(info.value)
+def test_a_sibling_whose_name_extends_the_root_is_outside(tmp_path: Path) -> None:
+    # Confinement compares whole path components: root ROOT does not hold ROOT-evil/x.
+    root, evil = tmp_path / "ROOT", tmp_path / "ROOT-evil"
+    write_adapter(root / "a")
+    write_adapter(evil / "x")
+    (root / "x").symlink_to(evil / "x")
+    source = local(root)
+    with pytest.raises(AdapterNotFound, match="outside the adapter roots"):
+        source.resolve(AdapterRef("local", "x"), None)
+    assert source.root_of((evil / "x").resolve()) is None
+    assert source.root_of((root / "a").resolve()) == root.resolve()
+
+
+def test_a_file_linking_outside_the_roots_is_refused(roots: tuple[Path, Path, Path]) -> None:
+    # The folder is inside the root, but its files are another adapter's, outside every root.
+    first, _, outside = roots
+    (first / "borrowed").mkdir()
+    for file in (outside / "secret").iterdir():
+        (first / "borrowed" / file.name).symlink_to(file)
+    with pytest.raises(AdapterNotFound, match="links outside the adapter roots") as info:
+        local(first).resolve(AdapterRef("local", "borrowed"), None)
+    assert str(outside) not in str(info.value)
+    (first / "linked").mkdir()  # files linking to another adapter inside the roots are fine
+    for file in (first / "a").iterdir():
+        (first / "linked" / file.name).symlink_to(file)
+    assert local(first).resolve(AdapterRef("local", "linked"), None).id == "linked"
+
+
+def test_an_unresolvable_id_is_not_found_without_an_os_error(roots: tuple[Path, Path, Path]) -> None:
+    first, _, _ = roots
+    (first / "loop").symlink_to(first / "loop")
+    for adapter_id in ("loop", "x" * 5000, "x\u0000y"):
+        with pytest.raises(AdapterNotFound):
+            local(first).resolve(AdapterRef("local", adapter_id), None)
 
 
 def test_missing_folder_is_not_found(roots: tuple[Path, Path, Path]) -> None:
@@ -79,7 +118,8 @@ def test_missing_folder_is_not_found(roots: tuple[Path, Path, Path]) -> None:
 def test_no_roots_accepts_any_folder(roots: tuple[Path, Path, Path]) -> None:
     _, _, outside = roots
     folder = (outside / "secret").resolve()
-    assert LocalSource(None).resolve(AdapterRef("local", str(folder)), None).path == folder
+    resolved = LocalSource(None).resolve(AdapterRef("local", str(folder)), None)
+    assert resolved.path == folder and resolved.id == str(folder)
     with pytest.raises(AdapterNotFound):
         LocalSource(None).resolve(AdapterRef("local", str(folder / "missing")), None)
 
