@@ -1,0 +1,44 @@
+"""request_ref: the check every adapter id a client sends passes, and the source policy with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.adapters.ref import AdapterIdInvalid, AdapterRef
+from loraplex.config import ServerConfig
+from loraplex.server.adapters import request_ref
+
+
+@pytest.mark.parametrize(("adapter_id", "source", "allowed", "expected"), [
+    ("./team/x/", None, (), AdapterRef("local", "team/x")),
+    ("org/name@v1", "hub", ("hub",), AdapterRef("hub", "org/name", "v1")),
+    ("s3://bucket/p/", None, ("s3",), AdapterRef("s3", "bucket/p")),
+])
+def test_an_allowed_source_passes_in_canonical_spelling(adapter_id: str, source: str | None,
+                                                        allowed: tuple[str, ...], expected: AdapterRef) -> None:
+    assert request_ref(adapter_id, source, "local", allowed) == expected
+
+
+@pytest.mark.parametrize(("adapter_id", "source"), [("org/name", "hub"), ("s3://bucket/p", None),
+                                                    ("bucket/p", "s3")])
+def test_a_source_the_operator_did_not_enable_is_refused(adapter_id: str, source: str | None) -> None:
+    with pytest.raises(AdapterIdInvalid, match="not enabled for requests"):
+        request_ref(adapter_id, source, "local", ("local",))
+
+
+def test_the_servers_own_source_is_always_allowed() -> None:
+    assert request_ref("org/name", None, "hub", ()) == AdapterRef("hub", "org/name")
+    with pytest.raises(AdapterIdInvalid, match="not enabled for requests"):
+        request_ref("x", "local", "hub", ())  # then local is not, unless allowed
+
+
+def test_local_ids_from_clients_are_names_never_paths() -> None:
+    with pytest.raises(AdapterIdInvalid, match="is a path"):
+        request_ref("/srv/adapters/x", None, "local", ("local",))
+
+
+def test_server_config_defaults_to_local_requests_and_checks_names() -> None:
+    assert ServerConfig().allow_request_sources == ("local",)
+    assert ServerConfig(allow_request_sources=["hub", "s3"]).allow_request_sources == ("hub", "s3")
+    with pytest.raises(ValueError, match="allow_request_sources"):
+        ServerConfig(allow_request_sources=("hub,s3",))
