@@ -132,7 +132,9 @@ def _hub_errors(ref: AdapterRef, offline: bool) -> Iterator[None]:
                                   f"offline") from e
         raise AdapterFetchError(f"adapter {ref}: the hub could not be reached: {_first_line(e)}") from e
     except (httpx2.HTTPError, OSError) as e:
-        raise AdapterFetchError(f"adapter {ref}: fetching from the hub failed: {type(e).__name__}: {e}") from e
+        # An OSError's text names local files (the cache, a temp folder): only its kind reaches the client.
+        detail = f"{type(e).__name__}: {e.strerror or 'I/O error'}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise AdapterFetchError(f"adapter {ref}: fetching from the hub failed: {detail}") from e
 
 
 def _first_line(error: Exception) -> str:

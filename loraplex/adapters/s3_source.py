@@ -128,4 +128,6 @@ def _s3_errors(ref: AdapterRef) -> Iterator[None]:
     except NoCredentialsError as e:
         raise AdapterAccessDenied(f"adapter {ref}: no AWS credentials found for S3") from e
     except (BotoCoreError, OSError) as e:
-        raise AdapterFetchError(f"adapter {ref}: fetching from S3 failed: {type(e).__name__}: {e}") from e
+        # An OSError's text names local files (the cache, a temp folder): only its kind reaches the client.
+        detail = f"{type(e).__name__}: {e.strerror or 'I/O error'}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise AdapterFetchError(f"adapter {ref}: fetching from S3 failed: {detail}") from e

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from loraplex.adapters.ref import AdapterIdInvalid, AdapterRef
-from loraplex.config import ServerConfig
+from loraplex.config import EngineConfig, ServerConfig
 from loraplex.server.adapters import request_ref
+from loraplex.server.app import build_state, preload
 
 
 @pytest.mark.parametrize(("adapter_id", "source", "allowed", "expected"), [
@@ -42,3 +45,17 @@ def test_server_config_defaults_to_local_requests_and_checks_names() -> None:
     assert ServerConfig(allow_request_sources=["hub", "s3"]).allow_request_sources == ("hub", "s3")
     with pytest.raises(ValueError, match="allow_request_sources"):
         ServerConfig(allow_request_sources=("hub,s3",))
+
+
+@pytest.mark.parametrize("adapter_id", ["x\u0000y", "/srv/adapters/x", "../x", "a" * 5000])
+def test_preloaded_ids_pass_the_same_check(adapter_id: str) -> None:
+    unused = SimpleNamespace(request=None, warm=None)  # the check comes before any load
+    state = SimpleNamespace(config=ServerConfig(preloaded_adapter_ids=(adapter_id,)),
+                            engine=SimpleNamespace(engine=SimpleNamespace(adapters=unused, lora=unused)))
+    with pytest.raises(AdapterIdInvalid):
+        preload(state)  # type: ignore[arg-type]
+
+
+def test_a_request_source_the_engine_lacks_is_refused_at_startup() -> None:
+    with pytest.raises(ValueError, match=r"\['hub'\]"):
+        build_state(EngineConfig.from_options(sources=("local",)), ServerConfig(allow_request_sources=("hub",)))
