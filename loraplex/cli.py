@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_engine_flags(gen)
     gen.set_defaults(func=_generate)
-    srv = sub.add_parser("serve", help="serve the HTTP API (LoRAX/TGI native and OpenAI) on one base model")
+    srv = sub.add_parser("serve", help="serve the HTTP API (LoRAX/TGI native and OpenAI) on one base model",
+                         epilog="SIGTERM drains (see --shutdown-timeout-s), then the process ends by that signal. "
+                                "Exit status 3: the engine loop died (restart the process); 2: a bad flag.")
     add_config_flags(srv, (ServerConfig,))
     add_engine_flags(srv)
     srv.set_defaults(func=_serve)

@@ -6,9 +6,14 @@ Callers on the event loop hand it work through a thread-safe inbox (new requests
 calls) and receive each request's outputs on an asyncio queue of their own. torch releases the GIL
 inside its kernels, so the event loop stays responsive while a step runs.
 
-One bad request never takes the loop down: an error while adding a request fails that request only,
-and an error inside a step fails the requests in flight and the loop goes on. Only repeated step
-failures in a row mark the engine dead (readiness then fails).
+One bad request never takes the loop down: an error while adding a request, or one the engine ties to
+a request inside a step (its adapter's load, its inputs, logits, grammar, detokenizer), fails that
+request only and is no step failure. An error of a step as a whole (the forward pass) fails the
+requests in flight and the loop goes on; only repeated step failures in a row stop the loop, and a
+server then exits (`loraplex.server.main`) rather than answer 503 for ever.
+
+Draining for shutdown: `drain()` refuses new requests (ShuttingDown, HTTP 503) while those in flight
+go on; `cancel_all()` then ends whatever is left with an error, so a cut stream says it was cut.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from loraplex.engine.engine import Engine
+from loraplex.engine.engine import Engine, EngineStepError
 from loraplex.engine.request import RequestOutput, SamplingParams
 from loraplex.lora.merge import MergeSpec
 
@@ -41,8 +46,12 @@ class EngineDead(Exception):
     """The engine loop has stopped; no request can be served (HTTP 503)."""
 
 
-class EngineStepError(Exception):
-    """A step failed while this request was in it (HTTP 500); the engine keeps serving others."""
+class ShuttingDown(EngineDead):
+    """The server is draining for shutdown: no new request is taken, and one still running when the
+    shutdown timeout ends is cut with this error (HTTP 503)."""
+
+
+__all__ = ["AsyncEngine", "EngineDead", "EngineStepError", "Overloaded", "ShuttingDown"]
 
 
 @dataclass
@@ -101,6 +110,8 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._stopping = threading.Event()
         self.dead: BaseException | None = None
+        self.draining = False
+        """Set by `drain()`: new requests are refused with ShuttingDown."""
 
     # ---- caller side (event loop) ----
 
@@ -116,6 +127,14 @@ class AsyncEngine:
         self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def drain(self) -> None:
+        """Refuse new requests from now on (ShuttingDown); the ones in flight go on."""
+        self.draining = True
+
+    def cancel_all(self, error: Exception) -> None:
+        """End every request in flight with `error` (on the loop's next turn), freeing what each holds."""
+        self._inbox.put(_Call(lambda _: self._fail_streams(error, abort=True), Future()))
 
     @property
     def alive(self) -> bool:
@@ -141,6 +160,8 @@ class AsyncEngine:
         """
         if not self.alive:
             raise EngineDead(f"the engine loop has stopped: {self.dead!r}")
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         stream = _Stream(asyncio.get_running_loop(), every_token)
         with self._lock:
             if len(self._streams) >= self.max_concurrent_requests:
@@ -195,23 +216,29 @@ class AsyncEngine:
                     continue
                 start = time.perf_counter()
                 try:
+                    # Errors the engine ties to one request come back in that request's output, not here.
                     outputs = self.engine.step()
                     failures = 0
-                except Exception as e:  # a bug or a bad tensor: fail the requests in flight, keep serving
+                except Exception as e:  # the step as a whole failed: fail the requests in flight, keep serving
                     failures += 1
                     self.num_step_failures += 1
                     log.exception("engine step failed (%d in a row)", failures)
-                    self._fail_in_flight(e)
+                    self._fail_streams(EngineStepError(f"generation failed: {e!r}"), abort=True)
                     if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
                         raise
                     continue
                 if self.on_step is not None:
-                    self.on_step(outputs, time.perf_counter() - start)
+                    try:
+                        self.on_step(outputs, time.perf_counter() - start)
+                    except Exception:  # an observer (metrics) must not stop the loop
+                        log.exception("the on_step callback failed")
                 self._deliver_all([(out.request_id, out.error or out) for out in outputs])
         except BaseException as e:
             self.dead = e
             log.critical("engine loop stopped: %r", e)
-            self._fail_all(EngineDead(f"the engine loop has stopped: {e!r}"))
+            self._fail_streams(EngineDead(f"the engine loop has stopped: {e!r}"), abort=False)
+            return
+        self._fail_streams(EngineDead("the engine has stopped"), abort=False)  # stop(): nobody is left waiting
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -219,7 +246,12 @@ class AsyncEngine:
         except queue.Empty:
             return
         while item is not None:
-            self._handle(item)
+            try:
+                self._handle(item)
+            except Exception as e:  # one inbox item (an abort of a broken request ...) never stops the loop
+                log.exception("handling %r failed", item)
+                if isinstance(item, _Add):
+                    self._deliver(item.request_id, e)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -274,17 +306,16 @@ class AsyncEngine:
                     if isinstance(item, RequestOutput):
                         self.engine.abort(item.request_id)
 
-    def _fail_in_flight(self, error: Exception) -> None:
+    def _fail_streams(self, error: Exception, abort: bool) -> None:
+        """Deliver `error` to every request in flight; with `abort`, also free them in the engine."""
         with self._lock:
             request_ids = list(self._streams)
         for request_id in request_ids:
-            self.engine.abort(request_id)
-            self._deliver(request_id, EngineStepError(f"generation failed: {error!r}"))
-
-    def _fail_all(self, error: Exception) -> None:
-        with self._lock:
-            request_ids = list(self._streams)
-        for request_id in request_ids:
+            if abort:
+                try:
+                    self.engine.abort(request_id)
+                except Exception:  # the caller still gets its error; the engine's state is the log's concern
+                    log.exception("aborting %s failed", request_id)
             self._deliver(request_id, error)
 
 

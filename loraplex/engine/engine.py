@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import replace
 
 import torch
 
@@ -13,7 +12,7 @@ from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
 from loraplex.adapters.ref import parse_ref
 from loraplex.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
+from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
@@ -29,6 +28,12 @@ from loraplex.sampling.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 LOAD_POLL_S = 0.05
+_MAX_NAME_CHARS = 80  # of an adapter id quoted in an error message (ids come from clients)
+
+
+class EngineStepError(Exception):
+    """The engine failed while serving this request (HTTP 500): a step that failed as a whole, or this
+    request's own state (its detokenizer, grammar, tensors) breaking; the engine keeps serving others."""
 
 
 class Engine:
@@ -52,7 +57,8 @@ class Engine:
         self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
         # The adapter exchange: sources → disk → host tier on worker threads; the manager is the device tier.
         self.adapters = AdapterLoader.from_config(config.adapters, self.lora.parse) if self.lora else None
-        self._loading: dict[str, tuple[Sequence, Future[LoadedAdapter]]] = {}
+        # request id → (its sequence, its adapter's load, the adapter as the request named it)
+        self._loading: dict[str, tuple[Sequence, Future[LoadedAdapter], str]] = {}
         self._failed: list[RequestOutput] = []
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
                                    enable_prefix_caching=config.cache.enable_prefix_caching)
@@ -104,7 +110,8 @@ class Engine:
             self._seqs[request_id] = seq
             self._loading[request_id] = (seq, parts[0] if merge is None else
                                          merged_future(merge, parts, self.config.lora.max_lora_rank,
-                                                                       self.lora.prepare))
+                                                                       self.lora.prepare),
+                                         "+".join(ids))
             return
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -163,30 +170,35 @@ class Engine:
         failed, self._failed = self._failed, []
         if sched.empty:
             if self._loading and not failed:  # only loads pending: wait for one rather than spin
-                wait([f for _, f in self._loading.values()], timeout=LOAD_POLL_S, return_when=FIRST_COMPLETED)
+                wait([f for _, f, _ in self._loading.values()], timeout=LOAD_POLL_S, return_when=FIRST_COMPLETED)
             return failed
-        sampled, result = self.runner.execute(sched)
+        # A failure of the batch as a whole (the forward pass) raises; one of a request's own (its inputs,
+        # its logits, its sampling) comes back in `broken` and ends that request alone.
+        sampled, result, broken = self.runner.execute(sched)
+        broken_seqs = {seq for seq, _ in broken}
         for chunk in sched.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            if chunk.seq not in broken_seqs:  # a broken chunk's KV was not computed: never cache it
+                chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        failed += [self._fail(seq, error) for seq, error in broken]
         return failed + self._postprocess(sampled, result)
 
     def wait_for_adapter_loads(self, timeout: float | None = None) -> None:
         """Block until every pending adapter load has finished, and admit those requests (tests, warm-up)."""
-        wait([f for _, f in self._loading.values()], timeout=timeout)
+        wait([f for _, f, _ in self._loading.values()], timeout=timeout)
         self._admit_loaded()
 
     def _admit_loaded(self) -> None:
         """Requests whose adapter finished loading join the scheduler; failed ones finish with the error."""
-        for request_id, (seq, future) in list(self._loading.items()):
+        for request_id, (seq, future, name) in list(self._loading.items()):
             if not future.done():
                 continue
             del self._loading[request_id]
             try:
                 loaded = future.result()
-            except AdapterError as e:
+            except Exception as e:  # whatever a load raised (an OSError on a bad path ...) is this request's
                 self._seqs.pop(request_id, None)
                 seq.status = SequenceStatus.FINISHED
-                self._failed.append(replace(self._output(seq), error=e))
+                self._failed.append(self._failed_output(seq, _adapter_error(name, e)))
                 continue
             assert self.lora is not None
             seq.adapter = loaded.identity
@@ -199,18 +211,43 @@ class Engine:
             return outputs
         for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq = chunk.seq
-            seq.output_token_ids.append(token)
-            if seq.grammar is not None:
-                seq.grammar.advance(token)
-            if logprob is not None:
-                seq.logprobs.append(logprob)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                seq.finish_reason = reason
-                self._finish(seq)
-                self._seqs.pop(seq.request_id, None)
-            outputs.append(self._output(seq))
+            try:  # per request: its grammar or detokenizer breaking ends it alone
+                reason = self._append(seq, token, logprob)
+                if reason is not None:
+                    seq.finish_reason = reason
+                    self._finish(seq)
+                    self._seqs.pop(seq.request_id, None)
+                outputs.append(self._output(seq))
+            except Exception as e:
+                outputs.append(self._fail(seq, e))
         return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> FinishReason | None:
+        seq.output_token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        return self._finish_reason(seq, token)
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """End `seq` alone because of `error` (its own failure): free what it holds, report the error."""
+        self._seqs.pop(seq.request_id, None)
+        if seq.status is not SequenceStatus.FINISHED:
+            seq.finish_reason = FinishReason.ABORTED
+            self._finish(seq)
+        if not isinstance(error, AdapterError | ValueError):  # a bug or a bad value: the log gets the details
+            log.error("request %s failed alone", seq.request_id, exc_info=error)
+            error = EngineStepError(f"generation failed for this request ({type(error).__name__}); "
+                                    "other requests were not affected")
+        return self._failed_output(seq, error)
+
+    @staticmethod
+    def _failed_output(seq: Sequence, error: Exception) -> RequestOutput:
+        # Built from plain fields only: the detokenizer (or whatever else broke) is not asked again.
+        return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+                             token_ids=list(seq.output_token_ids), finished=True, finish_reason=seq.finish_reason,
+                             seed=seq.seed, prompt=seq.prompt, error=error)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -250,3 +287,15 @@ class Engine:
             seed=seq.seed,
             prompt=seq.prompt,
         )
+
+
+def _adapter_error(name: str, error: Exception) -> AdapterError:
+    """The error a request whose adapter load raised `error` gets: an AdapterError (HTTP 424 or the like)
+    whatever the load raised, naming the adapter but not the server's paths (the log has the rest)."""
+    if isinstance(error, AdapterError):
+        return error
+    log.warning("adapter %r failed to load: %r", name[:_MAX_NAME_CHARS], error)  # one line: clients choose ids
+    shown = name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS] + "..."
+    wrapped = AdapterError(f"adapter {shown!r} could not be loaded ({type(error).__name__})")
+    wrapped.__cause__ = error
+    return wrapped

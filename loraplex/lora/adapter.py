@@ -67,6 +67,8 @@ _IGNORED_FIELDS = ("lora_dropout", "inference_mode", "revision", "base_model_nam
 # These initialisations subtract B·A from the base weights, so the adapter only fits that residual base
 # (until PEFT converts it with `path_initial_model_for_weight_conversion`, which resets the field).
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_MAX_RANK = 1 << 20  # far above any real LoRA; bounds what a config may claim before any shape is checked
 
 
 class AdapterError(Exception):
@@ -166,6 +168,10 @@ def load_adapter(path: Path, base: DecoderConfig, max_rank: int | None = None) -
         _check_shape(module_key, "lora_B", b, (out_features, rank), "[out_features, r]")
         if magnitude is not None:
             _check_shape(module_key, "lora_magnitude_vector", magnitude, (out_features,), "[out_features]")
+        # The slot buffers hold scale·B in float32 (lora.layers): it must not overflow there.
+        if b.numel() and abs(scale) * float(b.abs().max()) > _FLOAT32_MAX:
+            raise AdapterInvalid(f"lora_B of {module_key} times its scale {scale:g} (lora_alpha / r) overflows "
+                                 "float32")
         size += sum(t.numel() * 4 for t in (a, b, magnitude) if t is not None)
         if module_key == "lm_head":
             lm_head = LoRAModule(a, b, scale, magnitude)
@@ -218,25 +224,32 @@ def _check_config(config: dict[str, Any]) -> None:
         if name not in _HANDLED_FIELDS + _UNSUPPORTED_FIELDS + _IGNORED_FIELDS and config[name]:
             raise invalid(name, "is a field loraplex does not know, so it cannot vouch for the adapter's math")
     if not _is_positive_int(config.get("r")):
-        raise invalid("r", "must be a positive integer")
+        raise invalid("r", f"must be a positive integer of at most {_MAX_RANK}")
     if not _is_number(config.get("lora_alpha", 8)):
-        raise invalid("lora_alpha", "must be a number")
+        raise invalid("lora_alpha", "must be a finite number within float32's range")
     for name, check in (("rank_pattern", _is_positive_int), ("alpha_pattern", _is_number)):
         pattern = config.get(name) or {}
         if not isinstance(pattern, dict) or not all(check(v) for v in pattern.values()):
-            raise invalid(name, "must map module patterns to " + ("positive integers" if name == "rank_pattern"
-                                                                  else "numbers"))
+            raise invalid(name, "must map module patterns to " + (
+                f"positive integers of at most {_MAX_RANK}" if name == "rank_pattern"
+                else "finite numbers within float32's range"))
     targets = config.get("target_modules")
     if targets is not None and not isinstance(targets, str | list):
         raise invalid("target_modules", "must be a list of names or a regex string")
 
 
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_RANK
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number that float32 holds (JSON integers may be too large even for a Python float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return abs(float(value)) <= _FLOAT32_MAX  # False for NaN and infinities too
+    except OverflowError:
+        return False
 
 
 def _read_weights_file(path: Path) -> tuple[Path, bytes]:
@@ -309,8 +322,9 @@ def _check_finite(named: list[tuple[str, torch.Tensor]]) -> None:
     # when it fails are tensors checked element-wise, to name the first bad one.
     if torch.stack([t.sum(dtype=torch.float32) for _, t in named]).isfinite().all():
         return
-    bad = next(name for name, t in named if not torch.isfinite(t).all())
-    raise AdapterInvalid(f"tensor {bad} contains NaN or infinite values")
+    bad = next((name for name, t in named if not torch.isfinite(t).all()), None)
+    if bad is not None:  # else only a sum overflowed: every value is finite
+        raise AdapterInvalid(f"tensor {bad} contains NaN or infinite values")
 
 
 def _check_no_overlap(parts: dict[str, dict[str, torch.Tensor]]) -> None:

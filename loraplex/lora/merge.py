@@ -5,12 +5,16 @@ adapter stacks the components' A rows and their weighted, scaled B columns (rank
 as PEFT's `add_weighted_adapter(combination_type="cat")` does. Nothing is approximated, and the result
 runs through the same slots and ops as any adapter. TIES and DARE need dense deltas re-factored to low
 rank; they are refused rather than approximated.
+
+Weights must be finite, and a merge whose weighted tensors overflow float32 is refused (AdapterInvalid)
+before it can take a device slot: it would serve NaN logits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -40,6 +44,8 @@ class MergeSpec:
             raise ValueError(f"merged_adapters.ids must name 1 to {MAX_MERGED} adapters, got {len(self.ids)}")
         if len(self.weights) != len(self.ids):
             raise ValueError(f"merged_adapters has {len(self.ids)} ids but {len(self.weights)} weights")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"merged_adapters.weights must be finite numbers, got {list(self.weights)}")
         if self.strategy != "linear":
             raise ValueError(f"merge_strategy {self.strategy!r} is not supported; use \"linear\" (exact in LoRA form)")
 
@@ -52,6 +58,10 @@ def merge_linear(parts: Sequence[tuple[AdapterWeights, float]], max_rank: int) -
     layers = {key: _stack([(w.layers[key], weight) for w, weight in parts if key in w.layers]) for key in keys}
     heads = [(w.lm_head, weight) for w, weight in parts if w.lm_head is not None]
     lm_head = _stack(heads) if heads else None  # type: ignore[arg-type]
+    for key, module in [*layers.items(), *([("lm_head", lm_head)] if lm_head else [])]:
+        if not torch.isfinite(module.b).all():
+            raise AdapterInvalid(f"the merge overflows: its weighted lora_B of {key} holds non-finite values "
+                                 f"(weights {[w for _, w in parts]} times each part's scale)")
     rank = max([m.rank for m in layers.values()] + ([lm_head.rank] if lm_head else []))
     if rank > max_rank:
         raise AdapterInvalid(f"the merged adapter has rank {rank} (the sum of its parts' ranks), above the "

@@ -1,20 +1,32 @@
-"""ModelRunner: SchedulerOutput → one flat forward pass → logits at sampling positions → sampled tokens."""
+"""ModelRunner: SchedulerOutput → one flat forward pass → logits at sampling positions → sampled tokens.
+
+A failure that belongs to one request (its inputs, its logits turning non-finite, its grammar or sampling
+parameters) leaves that request out of the step and is reported with it; only a failure of the batch as
+a whole (the forward pass) raises, so one request can never fail the others.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.engine.request import TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loraplex.engine.sequence import Sequence
 from loraplex.kv.block_pool import KVCache
+from loraplex.lora.adapter import AdapterInvalid
 from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
 from loraplex.model.attention import AttentionMetadata, PrefillChunk
 from loraplex.model.context import ForwardContext, forward_context
 from loraplex.model.decoder import CausalLM
-from loraplex.sampling import Sampler, SamplerOutput
+from loraplex.sampling import LOGPROB_FLOOR, Sampler, SamplerOutput
 from loraplex.sampling.structured import token_mask
+
+log = logging.getLogger(__name__)
+Broken = list[tuple[Sequence, Exception]]
+"""Requests that failed on their own in a step, with the error each failed with."""
 
 
 @dataclass
@@ -29,6 +41,8 @@ class StepInputs:
     sampled: list[ScheduledChunk]
     scored: list[tuple[Sequence, int]] = field(default_factory=list)
     """(sequence, position p) of each prompt row after the sampled ones: it scores prompt token p + 1."""
+    broken: Broken = field(default_factory=list)
+    """Scheduled requests whose inputs could not be built; they are not in the step."""
 
 
 class ModelRunner:
@@ -40,21 +54,68 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
-        """Run one step; returns the chunks that sampled a token and the sampler's output for them."""
+    def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledChunk], SamplerOutput | None, Broken]:
+        """Run one step; returns the chunks that sampled a token, the sampler's output for them, and the
+        requests that failed on their own (left out of the step). A failure of the whole batch raises."""
         inputs = self.prepare(sched)
+        broken = list(inputs.broken)
+        if not inputs.input_ids.numel():
+            return [], None, broken
         logits = self.forward(inputs)
         if logits is None:
-            return [], None
+            return [], None, broken
         if inputs.scored:
             logits = self._score_prompts(logits, inputs.scored)
         if not inputs.sampled:
-            return [], None
-        seqs = [c.seq for c in inputs.sampled]
+            return [], None, broken
+        sampled, logits = self._finite_rows(inputs.sampled, logits, broken)
+        if not sampled:
+            return [], None, broken
+        try:
+            return sampled, self._sample(logits, [c.seq for c in sampled]), broken
+        except Exception as e:
+            if len(sampled) == 1:
+                return [], None, broken + [(sampled[0].seq, e)]
+            log.warning("sampling a batch of %d failed (%r); sampling its rows one by one", len(sampled), e)
+        # Some row's own state (its grammar, its parameters) broke the batch: each row alone finds which. A
+        # row's token depends only on its logits and its generator, and every per-row processor runs
+        # before the random draws, so the rows that succeed get exactly the tokens the batch would give.
+        kept: list[ScheduledChunk] = []
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        for row, chunk in enumerate(sampled):
+            try:
+                out = self._sample(logits[row:row + 1], [chunk.seq])
+            except Exception as e:
+                broken.append((chunk.seq, e))
+                continue
+            kept.append(chunk)
+            token_ids += out.token_ids
+            logprobs += out.logprobs
+        return kept, SamplerOutput(token_ids, logprobs) if kept else None, broken
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         mask = token_mask([s.grammar for s in seqs], logits.shape[-1], self.device)
-        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                           [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs], mask)
-        return inputs.sampled, out
+        return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                            [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs], mask)
+
+    @staticmethod
+    def _finite_rows(sampled: list[ScheduledChunk], logits: torch.Tensor,
+                     broken: Broken) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """The rows whose logits are all finite; the others' requests go to `broken`. A NaN or infinite
+        logit (an adapter whose weights overflow in this dtype) would sample garbage and report a NaN
+        logprob; rows are independent, so such a row ends alone."""
+        # A row's sum is finite exactly when all its logits are (they are far too small to overflow it):
+        # one pass over [rows, vocab] instead of isfinite's two.
+        finite = logits.sum(dim=-1, dtype=torch.float32).isfinite()  # [rows]
+        if bool(finite.all()):
+            return sampled, logits
+        keep = finite.tolist()
+        for chunk, ok in zip(sampled, keep, strict=True):
+            if not ok:
+                broken.append((chunk.seq, _non_finite_logits(chunk.seq)))
+        rows = [i for i, ok in enumerate(keep) if ok]
+        return [sampled[i] for i in rows], logits[rows]
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
@@ -74,7 +135,9 @@ class ModelRunner:
         num_sampled = logits.shape[0] - len(scored)
         targets = torch.tensor([seq.prompt_token_ids[p + 1] for seq, p in scored], device=logits.device)
         logprobs = torch.log_softmax(logits[num_sampled:].float(), dim=-1)  # [scored, vocab]
-        values = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+        picked = logprobs.gather(1, targets[:, None]).squeeze(1)  # [scored]
+        # As for sampled tokens: never -inf or NaN, which JSON cannot carry (see LOGPROB_FLOOR).
+        values = picked.nan_to_num(nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR).tolist()
         for (seq, p), value in zip(scored, values, strict=True):
             assert seq.prompt_logprobs is not None
             seq.prompt_logprobs[p + 1] = value
@@ -100,15 +163,23 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         long_rope: list[bool] = []
         token_slots: list[int] = []
+        broken: Broken = []
         long_from = getattr(self.model.rope, "long_from", None)
         for chunk in sched.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_new_tokens
-            q_start = len(ids)
-            ids += seq.tokens(start, start + n)
             table = seq.block_table
-            for p in range(start, start + n):
-                positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+            try:  # what may fail for one request's own state is built before anything is appended
+                chunk_ids = seq.tokens(start, start + n)
+                chunk_slots = [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                if len(chunk_ids) != n:
+                    raise IndexError(f"tokens [{start}, {start + n}) of a sequence of {seq.num_tokens}")
+            except Exception as e:
+                broken.append((seq, e))
+                continue
+            q_start = len(ids)
+            ids += chunk_ids
+            positions += range(start, start + n)
+            slots += chunk_slots
             if long_from is not None:
                 long_rope += [seq.num_tokens > long_from] * n
             token_slots += [seq.lora_slot] * n
@@ -145,4 +216,13 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows + score_rows, dtype=torch.long, device=device),
             sampled=sampled,
             scored=scored,
+            broken=broken,
         )
+
+
+def _non_finite_logits(seq: Sequence) -> Exception:
+    if seq.adapter is not None:
+        name = seq.adapter.id if len(seq.adapter.id) <= 80 else seq.adapter.id[:80] + "..."
+        return AdapterInvalid(f"adapter {name!r} produced non-finite logits (NaN or infinity): its weights "
+                              "overflow this model's activations")
+    return FloatingPointError("the model produced non-finite logits (NaN or infinity) for this request")

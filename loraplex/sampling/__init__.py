@@ -1,6 +1,8 @@
 """Next-token sampling for the engine's step loop."""
 
 from loraplex.sampling.sampler import (
+    LOGPROB_FLOOR,
+    MIN_TEMPERATURE,
     Sampler,
     SamplerOutput,
     apply_filters,
@@ -8,4 +10,4 @@ from loraplex.sampling.sampler import (
     apply_temperature,
 )
 
-__all__ = ["Sampler", "SamplerOutput", "apply_filters", "apply_penalties", "apply_temperature"]
+__all__ = ["LOGPROB_FLOOR", "MIN_TEMPERATURE", "Sampler", "SamplerOutput", "apply_filters", "apply_penalties", "apply_temperature"]

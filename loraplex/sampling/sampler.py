@@ -13,6 +13,13 @@ from loraplex.sampling.structured import TokenMask
 
 _NEG_INF = float("-inf")
 
+LOGPROB_FLOOR = -9999.0
+"""The lowest logprob reported, and what a token of (numerically) zero probability gets: OpenAI's own
+value for such tokens. JSON has no -inf or NaN, so no reported logprob may be one."""
+MIN_TEMPERATURE = 1e-2
+"""Smaller positive temperatures sample as this one (as vLLM does): dividing logits by less overflows
+float32 to inf, and the softmax of inf is NaN. At 0.01 sampling is already all but greedy."""
+
 
 @dataclass
 class SamplerOutput:
@@ -38,7 +45,7 @@ class Sampler:
     Logprobs come from the log-softmax of the logits after penalties and temperature (temperature 1
     for greedy rows), before top-k / top-p / typical filtering: they describe the model's distribution
     at this temperature, so a token the filters removed still gets a finite logprob, and the values
-    do not jump when a client changes `top_p`.
+    do not jump when a client changes `top_p`. They are never below LOGPROB_FLOOR (nor NaN).
 
     A grammar `mask` (structured output) removes the tokens its rows may not sample before the greedy
     pick and the filters. Like the filters, it does not change the logprobs: they stay the model's.
@@ -142,7 +149,7 @@ def watermark_greenlist(previous_token: int, vocab: int, device: torch.device) -
 def apply_temperature(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Divide each row by its temperature (HF `TemperatureLogitsWarper`); greedy rows are left as they are.
     Never writes to `logits`: returns it as is when every temperature is 1, else a new tensor."""
-    temperatures = [p.temperature if not p.greedy else 1.0 for p in params]
+    temperatures = [max(p.temperature, MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params]
     if all(t == 1.0 for t in temperatures):
         return logits  # a copy would be a batch × vocab allocation per step
     return logits / _column(temperatures, logits.device)  # [batch, vocab]
@@ -202,9 +209,10 @@ def _logprobs(
         rows = torch.tensor(wanted, device=scaled.device)
         scaled, token_ids = scaled[rows], token_ids[rows]
     log_probs = scaled.log_softmax(dim=-1)  # [n, vocab]
-    chosen = log_probs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [n]
+    chosen = _floored(log_probs.gather(1, token_ids.unsqueeze(1)).squeeze(1)).tolist()  # [n]
     k_max = min(max(params[i].logprobs or 0 for i in wanted), log_probs.shape[-1])
     top_values, top_ids = log_probs.topk(k_max, dim=-1)  # [n, k_max], most likely first
+    top_values = _floored(top_values)
     # One transfer per tensor: per-row .tolist() would sync with the device once per row.
     picked, top_ids_rows, top_values_rows = token_ids.tolist(), top_ids.tolist(), top_values.tolist()
     for j, i in enumerate(wanted):
@@ -212,6 +220,11 @@ def _logprobs(
         top = tuple(zip(top_ids_rows[j][:k], top_values_rows[j][:k], strict=True))
         out[i] = TokenLogprob(picked[j], chosen[j], top)
     return out
+
+
+def _floored(logprobs: torch.Tensor) -> torch.Tensor:
+    """`logprobs` with -inf, NaN and anything below LOGPROB_FLOOR at the floor (only the few values reported)."""
+    return logprobs.nan_to_num(nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
 
 
 def _on_rows(

@@ -58,8 +58,11 @@ def _grammar(schema: str) -> str:
         raise ValueError(f"json_schema is not valid JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise ValueError(f"json_schema must be a JSON object, got {schema[:80]!r}")
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
-    error = llguidance.LLMatcher.validate_grammar(grammar)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except Exception as e:  # whatever the grammar library raises on a hostile schema is the request's (422)
+        raise ValueError(f"json_schema is not a usable JSON schema: {e}") from None
     if error:
         raise ValueError(f"json_schema is not a usable JSON schema: {error}")
     return grammar
@@ -121,7 +124,11 @@ class GrammarCompiler:
             if template is not None:
                 self._templates.move_to_end(schema)
                 return GrammarMatcher(template.deep_copy(), self.vocab_size)
-        template = llguidance.LLMatcher(self._tokenizer, _grammar(schema), log_level=0)
+        grammar = _grammar(schema)
+        try:
+            template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        except Exception as e:  # the request's schema, not the server, is at fault: HTTP 422
+            raise ValueError(f"json_schema cannot be compiled: {e}") from None
         if template.is_error():
             raise ValueError(f"json_schema cannot be compiled: {template.get_error()}")
         with self._lock:

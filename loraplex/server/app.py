@@ -104,7 +104,7 @@ def create_app(state: ServerState) -> FastAPI:
         s = get_state(request)
         if not s.engine.alive:
             raise EngineDead(f"the engine loop has stopped: {s.engine.dead!r}")
-        if s.draining:
+        if s.draining or s.engine.draining:
             raise EngineDead("the server is shutting down")
         return JSONResponse({"status": "ready"})
 

@@ -186,10 +186,14 @@ async def _native_events(first: Event, events: AsyncGenerator[Event, None], body
                 data["generated_text"] = (body.inputs if p.return_full_text else "") + event.done.text
                 if p.details:
                     data["details"] = _summary(event.done, job)
-            yield f"data:{json.dumps(data)}\n\n"
+            try:  # JSON has no NaN or Infinity: such a value is an error, never an invalid event
+                line = json.dumps(data, allow_nan=False)
+            except ValueError as e:
+                raise RuntimeError(f"a stream event holds a non-finite number ({e})") from e
+            yield f"data:{line}\n\n"
             event = await anext(events, None)
     except Exception as e:  # the stream has started: the error goes in the stream, as TGI does
         status, kind = status_of(e)
-        yield f"data:{json.dumps(error_body('/generate_stream', status, kind, str(e)))}\n\n"
+        yield f"data:{json.dumps(error_body('/generate_stream', status, kind, str(e)), allow_nan=False)}\n\n"
     finally:
         await events.aclose()

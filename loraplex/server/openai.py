@@ -213,4 +213,8 @@ async def _openai_events(first: tuple[int, Event], rest: AsyncGenerator[tuple[in
 
 
 def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data)}\n\n"
+    try:  # JSON has no NaN or Infinity: such a value is an error, never an invalid chunk
+        line = json.dumps(data, allow_nan=False)
+    except ValueError as e:
+        raise RuntimeError(f"a stream chunk holds a non-finite number ({e})") from e
+    return f"data: {line}\n\n"

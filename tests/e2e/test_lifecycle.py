@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -88,26 +89,42 @@ def test_overload_is_refused_at_once_with_429(demo_adapters):
         thread.stop()
 
 
-@pytest.mark.timeout(180)
-def test_sigterm_drains_in_flight_streams(demo_model_path, tmp_path):
+def start_serve(model: Path, *flags: str, script: str | None = None) -> tuple[subprocess.Popen[str], str]:
+    """`loraplex serve` in a subprocess on a free port (run through `script` when given); returns once /ready
+    answers 200."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "LORAPLEX_PORT": str(port)}  # settable from the environment
-    proc = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "serve", "--model-id", str(demo_model_path)],
+    command = ["-c", script] if script is not None else ["-m", "loraplex.cli"]
+    proc = subprocess.Popen([sys.executable, *command, "serve", "--model-id", str(model), *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_drains_in_flight_streams(demo_model_path):
+    proc, url = start_serve(demo_model_path, "--shutdown-timeout-s", "120")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
         events = []
+        probes: dict[str, int] = {}
         body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "ignore_eos_token": True}}
         with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -115,6 +132,16 @@ def test_sigterm_drains_in_flight_streams(demo_model_path, tmp_path):
                     events.append(json.loads(line[5:]))
                     if len(events) == 1:
                         proc.send_signal(signal.SIGTERM)
+                    if len(events) == 3:
+                        # Draining: the listener is still open, readiness fails, liveness holds, and new
+                        # generation requests are refused, while this stream goes on.
+                        time.sleep(0.3)  # the signal handler runs between the event loop's callbacks
+                        probes["ready"] = httpx.get(url + "/ready", timeout=10).status_code
+                        probes["health"] = httpx.get(url + "/health", timeout=10).status_code
+                        refused = httpx.post(url + "/generate", json={"inputs": PROMPT}, timeout=10)
+                        probes["generate"] = refused.status_code
+                        assert refused.json()["error_type"] == "unavailable", refused.text
+        assert probes == {"ready": 503, "health": 200, "generate": 503}
         assert len(events) == 40 and events[-1]["generated_text"] is not None  # the stream finished
         # uvicorn re-raises the captured SIGTERM once drained, so the exit status is the signal's (as for any
         # process ended by SIGTERM); what matters is that it exits by itself after the stream finished.
@@ -122,23 +149,97 @@ def test_sigterm_drains_in_flight_streams(demo_model_path, tmp_path):
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        stop(proc)
 
 
-def test_ready_fails_from_the_shutdown_signal_on(server):
+@pytest.mark.timeout(240)
+def test_streams_cut_by_the_shutdown_timeout_end_with_an_error_event(demo_model_path):
+    proc, url = start_serve(demo_model_path, "--shutdown-timeout-s", "2")
+    try:
+        native = {"inputs": PROMPT, "parameters": {"max_new_tokens": 1000, "ignore_eos_token": True}}
+        oai = {"prompt": PROMPT, "max_tokens": 1000, "stream": True, "ignore_eos": True}
+
+        async def read(client: httpx.AsyncClient, path: str, body: dict, started: asyncio.Event) -> list[str]:
+            lines = []
+            async with client.stream("POST", url + path, json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data:"):
+                        lines.append(line[5:].strip())
+                        started.set()
+            return lines
+
+        async def run() -> tuple[list[str], list[str]]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                started = [asyncio.Event(), asyncio.Event()]
+                tasks = [asyncio.create_task(read(client, "/generate_stream", native, started[0])),
+                         asyncio.create_task(read(client, "/v1/completions", oai, started[1]))]
+                for event in started:
+                    await asyncio.wait_for(event.wait(), 60)
+                proc.send_signal(signal.SIGTERM)
+                return await tasks[0], await tasks[1]
+
+        native_lines, oai_lines = asyncio.run(run())
+        last = json.loads(native_lines[-1])
+        assert last["error_type"] == "unavailable" and "shutdown timeout" in last["error"], last
+        assert all(json.loads(line)["generated_text"] is None for line in native_lines[:-1])  # none ended cleanly
+        assert oai_lines[-1] != "[DONE]"
+        error = json.loads(oai_lines[-1])["error"]
+        assert error["type"] == "unavailable" and "shutdown timeout" in error["message"], error
+        assert len(native_lines) < 1000 and len(oai_lines) < 1000
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        stop(proc)
+
+
+BROKEN_STEP = """
+import sys
+from loraplex import cli
+from loraplex.engine.engine import Engine
+
+def step(self):
+    raise RuntimeError("injected: every step fails")
+
+Engine.step = step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_the_process_exits_non_zero_when_the_engine_loop_dies(demo_model_path):
+    from loraplex.engine.async_engine import MAX_CONSECUTIVE_STEP_FAILURES
+    from loraplex.server.main import EXIT_ENGINE_DEAD
+
+    proc, url = start_serve(demo_model_path, script=BROKEN_STEP)
+    try:
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):  # each request runs one failing step, then nothing is left
+            r = httpx.post(url + "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}, timeout=60)
+            assert r.status_code == 500 and r.json()["error_type"] == "generation", r.text
+        # The loop is dead: rather than answer 503 for ever, the process exits so it gets restarted.
+        assert proc.wait(timeout=60) == EXIT_ENGINE_DEAD
+        assert "engine loop died" in proc.communicate()[0]
+    finally:
+        stop(proc)
+
+
+def test_drain_keeps_probes_answered_and_refuses_new_generation(server):
     import uvicorn
 
-    from loraplex.server.main import _DrainingServer
+    from loraplex.server.main import DrainingServer
 
-    signalled = _DrainingServer(uvicorn.Config(app=None), server.state)  # type: ignore[arg-type]
+    signalled = DrainingServer(uvicorn.Config(app=None), server.state)  # type: ignore[arg-type]
     assert httpx.get(server.url + "/ready").status_code == 200
     try:
         signalled.handle_exit(signal.SIGTERM, None)
-        assert signalled.should_exit
+        assert not signalled.should_exit  # uvicorn would close the listener now: first the drain
         r = httpx.get(server.url + "/ready")
         assert r.status_code == 503 and "shutting down" in r.json()["error"]
         assert httpx.get(server.url + "/health").status_code == 200  # still alive: in-flight work finishes
+        for path, body in (("/generate", {"inputs": PROMPT}), ("/v1/completions", {"prompt": PROMPT})):
+            r = httpx.post(server.url + path, json=body, timeout=30)
+            assert r.status_code == 503, r.text
+        asyncio.run(signalled.on_tick(1))  # nothing is in flight: the drain is over
+        assert signalled.should_exit
     finally:
         server.state.draining = False
+        server.state.engine.draining = False

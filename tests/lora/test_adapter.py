@@ -363,3 +363,61 @@ def test_training_only_fields_ignored(adapter_copy: Path) -> None:
     edit_config(adapter_copy, lora_dropout=0.3, init_lora_weights="gaussian", inference_mode=False,
                 revision="main", base_model_name_or_path="someone/model")
     assert load_adapter(adapter_copy, base_of()).rank == 4
+
+
+# --- numbers: nothing non-finite, nothing that overflows float32 ------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("lora_alpha", 1e308), ("lora_alpha", -1e39), ("lora_alpha", 10**400), ("r", 10**400), ("r", 2**40),
+    ("alpha_pattern", {"q_proj": 1e308}), ("alpha_pattern", {"q_proj": 10**400}), ("rank_pattern", {"q_proj": 10**30}),
+])
+def test_overflowing_config_numbers_rejected(adapter_copy: Path, field: str, value: Any) -> None:
+    # lora_alpha 1e308 loaded and served NaN logprobs; 10**400 (valid JSON) raised OverflowError, not AdapterInvalid.
+    edit_config(adapter_copy, **{field: value})
+    raises(adapter_copy, field)
+
+
+def test_scale_times_lora_b_overflowing_float32_is_rejected(adapter_copy: Path) -> None:
+    edit_config(adapter_copy, lora_alpha=3e38)  # within float32; scale 3e38 / 4 = 7.5e37
+    name = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    edit_tensors(adapter_copy, lambda t: t[name].__setitem__((0, 0), 10.0))  # 7.5e38 > float32's 3.4e38
+    raises(adapter_copy, "lora_B of model.layers.1.self_attn.q_proj", "overflows float32")
+
+
+def test_infinite_dora_magnitude_rejected(adapter_copy: Path) -> None:
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    edit_tensors(adapter_copy, lambda t: t[name].__setitem__(3, float("inf")))
+    raises(adapter_copy, name, "NaN or infinite")
+
+
+def test_large_finite_weights_whose_sum_overflows_still_load(adapter_copy: Path) -> None:
+    # The finiteness check sums each tensor; a sum that overflows must send it to the element-wise check,
+    # not fail (it raised StopIteration, which escaped the loader as a non-AdapterError).
+    name = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    edit_config(adapter_copy, lora_alpha=1)
+    edit_tensors(adapter_copy, lambda t: t[name][0, :2].fill_(3e38))
+    adapter = load_adapter(adapter_copy, base_of())
+    assert adapter.layers[(0, "v_proj")].a[0, 0].item() == pytest.approx(3e38)
+
+
+@pytest.mark.parametrize("specific_first", [False, True])
+def test_overlapping_patterns_take_the_first_match_as_peft_does(tmp_path: Path, specific_first: bool) -> None:
+    """Two patterns match model.layers.1.self_attn.q_proj; PEFT's get_pattern_key takes the first in order.
+    PEFT saves the config with sorted keys and reads it back in that order, so each case lists its
+    patterns sorted: the file then says what the PEFT model built from these dicts did."""
+    if specific_first:
+        rank = {"model.layers.1.self_attn.q_proj": 6, "q_proj": 2}
+        alpha = {r"layers\.1\.self_attn\.q_proj": 30, "q_proj": 10}
+    else:  # ".*q_proj" sorts before "model...", and matches every q_proj
+        rank = {".*q_proj": 2, "model.layers.1.self_attn.q_proj": 6}
+        alpha = {".*q_proj": 10, r"layers\.1\.self_attn\.q_proj": 30}
+    peft_model = make_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern=rank,
+                              alpha_pattern=alpha)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(saved["rank_pattern"]) == list(rank) and list(saved["alpha_pattern"]) == list(alpha)
+    adapter = load_adapter(tmp_path, base_of())
+    assert_matches_peft(adapter, peft_model)
+    layer1, layer0 = adapter.layers[(1, "q_proj")], adapter.layers[(0, "q_proj")]
+    assert (layer1.rank, layer1.scale) == ((6, 30 / 6) if specific_first else (2, 10 / 2))
+    assert (layer0.rank, layer0.scale) == (2, 10 / 2)
