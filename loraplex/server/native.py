@@ -107,9 +107,12 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
 def token_budget(state: ServerState, prompt_tokens: int, requested: int | None, default: int | None,
                  name: str) -> int:
     """max_new_tokens for a request of either API (protocol.max_new_tokens) under this server's limit:
-    `--max-total-tokens`, capped by the model's length."""
+    `--max-total-tokens`, capped by the model's length and by what one request can hold in the KV cache
+    (so that OpenAI's "up to the limit" default is always admitted)."""
     core = state.engine.engine
-    limit = min(core.config.scheduler.max_total_tokens or core.max_model_len, core.max_model_len)
+    limits = core.config.scheduler
+    held = [core.max_model_len, core.pool.num_blocks * core.kv_cache.block_size]
+    limit = min(held + [n for n in (limits.max_total_tokens, limits.max_batch_total_tokens) if n is not None])
     return max_new_tokens(prompt_tokens, requested, default, limit, name)
 
 

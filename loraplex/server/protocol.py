@@ -231,7 +231,7 @@ def max_new_tokens(prompt_tokens: int, requested: int | None, default: int | Non
     """The one max-tokens policy of both APIs: how many tokens a request may generate.
 
     `limit` is the most tokens one request may hold, prompt and generated together (`--max-total-tokens`,
-    capped by the model's length). A number the client gave is honoured or refused (ValueError naming the
+    capped by the model's length and the KV cache). A number the client gave is honoured or refused (ValueError naming the
     numbers), never silently shortened, as TGI does; without one, `default` (None: up to the limit, as
     OpenAI's chat does) is shortened to what fits.
     """

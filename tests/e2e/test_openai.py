@@ -214,3 +214,16 @@ def test_tool_choice_auto_answers_in_text_or_calls_a_tool(client, tool_choice):
     assert len(r.choices) == 6
     for choice in r.choices:
         _assert_valid_tool_reply(choice, tools)
+
+
+def test_the_sdks_own_reply_message_goes_back_in_the_conversation(client):
+    # What agent loops do: append the SDK's message object as it came, then one result per call.
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model="", messages=ask, tools=[WEATHER], tool_choice="required",
+                                           temperature=0, max_tokens=40)
+    message = first.choices[0].message
+    results = [{"role": "tool", "tool_call_id": c.id, "content": "22 degrees"} for c in message.tool_calls]
+    final = client.chat.completions.create(model="", messages=[*ask, message, *results], tools=[WEATHER],
+                                           temperature=0, max_tokens=30)
+    _assert_valid_tool_reply(final.choices[0], {"get_weather": WEATHER})
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
