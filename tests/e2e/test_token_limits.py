@@ -25,6 +25,16 @@ def limited(demo_adapters) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="module")
+def small_kv(demo_adapters) -> Iterator[RunningServer]:
+    """No --max-total-tokens, and a KV cache of 4 blocks of 16 tokens: far less than the model's length."""
+    thread, running = start_server(demo_adapters, ServerConfig(), num_blocks=4, block_size=16)
+    try:
+        yield running
+    finally:
+        thread.stop()
+
+
+@pytest.fixture(scope="module")
 def client(limited) -> openai.OpenAI:
     return openai.OpenAI(base_url=limited.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -60,3 +70,12 @@ def test_a_prompt_that_fills_the_limit_is_422(client, limited):
         client.completions.create(model="", prompt=long)
     r = httpx.post(limited.url + "/generate", json={"inputs": long}, timeout=120)
     assert r.status_code == 422 and f"at most {LIMIT - 1} fit" in r.json()["error"]
+
+
+def test_openai_default_fits_the_kv_cache(small_kv):
+    # "Up to the limit" must be a request the engine admits: here the KV cache (64 tokens) is the limit.
+    small = openai.OpenAI(base_url=small_kv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = small.chat.completions.create(model="", messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == 64
+    with pytest.raises(openai.UnprocessableEntityError, match="must be <= 64 tokens"):
+        small.chat.completions.create(model="", messages=MESSAGES, max_tokens=64)
