@@ -98,7 +98,7 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
     adapter = state.adapter_spec(p.adapter_id, p.adapter_source, token)
     if p.merged_adapters is not None:
         m = p.merged_adapters
-        merge = MergeSpec(tuple(m.ids), tuple(m.weights), m.merge_strategy or "linear")
+        merge = MergeSpec(tuple(m.ids), tuple(m.weights), m.merge_strategy)
         adapter = AdapterSpec("merged:" + "+".join(m.ids), p.adapter_source or state.config.adapter_source, token,
                               merge)
     return Job(prompt_ids, params, adapter, best_of, inputs)

@@ -22,11 +22,7 @@ from loraplex.server.adapters import local_adapter_names
 from loraplex.server.errors import error_body, status_of
 from loraplex.server.generation import Completion, Event, Job, TokenInfo, merge
 from loraplex.server.native import token_budget
-from loraplex.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    OpenAISampling,
-)
+from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
 from loraplex.server.tools import tool_call_message, tool_mode, with_tool_prompt
@@ -123,13 +119,14 @@ def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list
 
 
 def _job(state: ServerState, body: OpenAISampling, ids: list[int], text: str | None, max_tokens: int | None,
-         logprobs: int | None, authorization: str | None, max_tokens_name: str, default_max_tokens: int | None = None,
-         ) -> Job:
+         logprobs: int | None, authorization: str | None, max_tokens_name: str,
+         default_max_tokens: int | None = None) -> Job:
     if body.logit_bias:
         raise ValueError("logit_bias is not supported")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     params = SamplingParams(
-        max_new_tokens=token_budget(state, len(ids), max_tokens, default_max_tokens, max_tokens_name), temperature=body.temperature if body.temperature is not None else 1.0,
+        max_new_tokens=token_budget(state, len(ids), max_tokens, default_max_tokens, max_tokens_name),
+        temperature=body.temperature if body.temperature is not None else 1.0,
         top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0,
         repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,

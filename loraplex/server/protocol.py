@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from loraplex.engine.request import MAX_LOGPROBS, MAX_STOP_SEQUENCES
 
@@ -66,10 +66,15 @@ class Grammar(_Body):
 class MergedAdapters(_Body):
     ids: list[str] = Field(min_length=1)
     weights: list[float] = Field(min_length=1)
-    # None: the default, as lorax-client sends it for anything the caller left unset.
-    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] | None = "linear"
-    density: float | None = Field(default=1.0, gt=0, le=1)
-    majority_sign_method: Literal["total", "frequency"] | None = "total"
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: float = Field(default=1.0, gt=0, le=1)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+    @field_validator("merge_strategy", "density", "majority_sign_method", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """lorax-client sends null for every option the caller left unset."""
+        return cls.model_fields[info.field_name].default if value is None and info.field_name else value
 
 
 class GenerateParameters(_Body):
