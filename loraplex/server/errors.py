@@ -1,8 +1,10 @@
 """The one place where domain errors become HTTP responses.
 
-Native routes answer `{"error": str, "error_type": str}` (what lorax-client and TGI's client parse);
-OpenAI routes wrap the same message in OpenAI's `{"error": {"message", "type", "param", "code"}}` so
-the OpenAI SDK shows it. Nothing else in the server builds an error response.
+Native routes (and admin, ops) answer `{"error": str, "error_type": str}`, what lorax-client and TGI's
+client parse. OpenAI routes answer OpenAI's object, which the OpenAI SDK parses into its exceptions,
+with `error_type` beside it so a client reading either shape finds the kind:
+`{"error": {"message": str, "type": error_type, "param": null, "code": status}, "error_type": str}`.
+Nothing else in the server builds an error response.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def status_of(error: BaseException) -> tuple[int, str]:
 
 def error_body(path: str, status: int, error_type: str, message: str) -> dict[str, object]:
     if path.startswith(OPENAI_PREFIXES):
-        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+        return {"error": {"message": message, "type": error_type, "param": None, "code": status},
+                "error_type": error_type}
     return {"error": message, "error_type": error_type}
 
 

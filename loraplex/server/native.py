@@ -19,6 +19,7 @@ from loraplex.server.protocol import (
     GenerateParameters,
     GenerateRequest,
     TokenizeRequest,
+    max_new_tokens,
 )
 from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
@@ -79,11 +80,13 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         if best_of > state.config.max_best_of:
             raise ValueError(f"best_of must be <= {state.config.max_best_of}, got {best_of}")
     temperature = 0.0 if not sampling else (p.temperature if p.temperature is not None else 1.0)
+    prompt_ids = state.generation.encode(inputs, p.truncate)
     alternatives = p.return_k_alternatives if p.return_k_alternatives is not None else p.top_n_tokens
     # Token logprobs only where the response shows them (details, stream events) or best_of ranks by them.
     logprobs = 0 if (p.details or streaming or best_of > 1) else None
     params = SamplingParams(
-        max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=temperature,
+        max_new_tokens=token_budget(state, len(prompt_ids), p.max_new_tokens, DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"),
+        temperature=temperature,
         top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
@@ -91,12 +94,6 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives if alternatives is not None else logprobs,
         prompt_logprobs=p.decoder_input_details, watermark=p.watermark,
         json_schema=json_schema_of(p.response_format))
-    prompt_ids = state.generation.encode(inputs, p.truncate)
-    core = state.engine.engine
-    limit = core.config.scheduler.max_total_tokens or core.max_model_len
-    if len(prompt_ids) + params.max_new_tokens > limit:  # TGI refuses rather than stopping short
-        raise ValueError(f"inputs tokens + max_new_tokens must be <= {limit}: the prompt has {len(prompt_ids)} "
-                         f"tokens and max_new_tokens is {params.max_new_tokens}")
     token = p.api_token or bearer_token(authorization)
     adapter = state.adapter_spec(p.adapter_id, p.adapter_source, token)
     if p.merged_adapters is not None:
@@ -105,6 +102,18 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         adapter = AdapterSpec("merged:" + "+".join(merge.ids), p.adapter_source or state.config.adapter_source, token,
                               merge)
     return Job(prompt_ids, params, adapter, best_of, inputs)
+
+
+def token_budget(state: ServerState, prompt_tokens: int, requested: int | None, default: int | None,
+                 name: str) -> int:
+    """max_new_tokens for a request of either API (protocol.max_new_tokens) under this server's limit:
+    `--max-total-tokens`, capped by the model's length and by what one request can hold in the KV cache
+    (so that OpenAI's "up to the limit" default is always admitted)."""
+    core = state.engine.engine
+    limits = core.config.scheduler
+    held = [core.max_model_len, core.pool.num_blocks * core.kv_cache.block_size]
+    limit = min(held + [n for n in (limits.max_total_tokens, limits.max_batch_total_tokens) if n is not None])
+    return max_new_tokens(prompt_tokens, requested, default, limit, name)
 
 
 def _token(t: TokenInfo, alternatives: bool) -> dict[str, Any]:

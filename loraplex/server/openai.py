@@ -21,13 +21,17 @@ from loraplex.engine.request import FinishReason, SamplingParams
 from loraplex.server.adapters import local_adapter_names
 from loraplex.server.errors import error_body, status_of
 from loraplex.server.generation import Completion, Event, Job, TokenInfo, merge
+from loraplex.server.native import token_budget
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
-from loraplex.server.tools import tool_call_message, tool_call_schema
+from loraplex.server.tools import tool_call_message, tool_mode, with_tool_prompt
 
 router = APIRouter(tags=["openai"])
 DEFAULT_COMPLETION_TOKENS = 16
+"""OpenAI's default max_tokens for /v1/completions; chat's default is "up to the limit"."""
+_MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+"""What a chat message carries into the template (the rest of ChatMessage is accepted and ignored)."""
 
 
 @router.get("/v1/models")
@@ -46,9 +50,11 @@ async def completions(body: CompletionRequest, request: Request,
     state = get_state(request)
     if body.suffix:
         raise ValueError("suffix is not supported")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ValueError(f"best_of is not supported (it would be {body.best_of}, with n {body.n}): give n alone")
     prompts = _prompts(state, body.prompt)
-    jobs = [_job(state, body, ids, text, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body.logprobs, authorization)
-            for ids, text in prompts]
+    jobs = [_job(state, body, ids, text, body.max_tokens, body.logprobs, authorization, "max_tokens",
+                 DEFAULT_COMPLETION_TOKENS) for ids, text in prompts]
     meta = _meta("cmpl", "text_completion", body)
     if body.stream:
         return await _stream(state, jobs, body, meta, _completion_chunk)
@@ -66,23 +72,27 @@ async def completions(body: CompletionRequest, request: Request,
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            authorization: str | None = Header(default=None)) -> JSONResponse | StreamingResponse:
     state = get_state(request)
-    tools_schema = tool_call_schema(body.tools, body.tool_choice)
-    if tools_schema is not None and body.stream:
-        raise ValueError("tool calls cannot be streamed yet; send the request with stream false")
-    if tools_schema is not None and body.response_format is not None and body.response_format.type != "text":
+    tools = tool_mode(body.tools, body.tool_choice)
+    if tools is not None and body.stream:
+        raise ValueError("replies with tools cannot be streamed yet; send the request with stream false "
+                         "(or tool_choice \"none\")")
+    if tools is not None and body.response_format is not None and body.response_format.type != "text":
         raise ValueError("give either tools or response_format, not both")
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    messages = [m.model_dump(exclude_none=True, include=_MESSAGE_FIELDS) for m in body.messages]
     for m in messages:
         if isinstance(m.get("content"), list):  # OpenAI's content parts: only text parts carry meaning here
             parts = m["content"]
             if any(p.get("type") != "text" for p in parts):
                 raise ValueError("only text content parts are supported")
             m["content"] = "".join(str(p.get("text", "")) for p in parts)
+    if tools is not None:
+        messages = with_tool_prompt(messages, tools.prompt)
     ids = state.generation.encode_chat(messages)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    job = _job(state, body, ids, None, body.max_completion_tokens or body.max_tokens, top, authorization)
-    if tools_schema is not None:
-        job = replace(job, params=replace(job.params, json_schema=tools_schema))
+    job = _job(state, body, ids, None, body.max_completion_tokens or body.max_tokens, top, authorization,
+               "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+    if tools is not None:
+        job = replace(job, params=replace(job.params, json_schema=tools.schema))
     meta = _meta("chatcmpl", "chat.completion", body)
     if body.stream:
         return await _stream(state, [job], body, {**meta, "object": "chat.completion.chunk"}, _chat_chunk)
@@ -90,7 +100,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     choices = []
     for c in comps:
         message, finish = ({"role": "assistant", "content": c.text}, _finish(c.finish_reason)) \
-            if tools_schema is None else tool_call_message(c.text, c.finish_reason)
+            if tools is None else tool_call_message(c.text, c.finish_reason)
         choices.append({"index": c.index, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(c)} if body.logprobs else None})
     return JSONResponse({**meta, "choices": choices, "usage": _usage([job], [comps])})
@@ -109,14 +119,14 @@ def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list
 
 
 def _job(state: ServerState, body: OpenAISampling, ids: list[int], text: str | None, max_tokens: int | None,
-         logprobs: int | None, authorization: str | None) -> Job:
+         logprobs: int | None, authorization: str | None, max_tokens_name: str,
+         default_max_tokens: int | None = None) -> Job:
     if body.logit_bias:
         raise ValueError("logit_bias is not supported")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if max_tokens is None:  # OpenAI's default: until the end of the context
-        max_tokens = max(1, state.engine.engine.max_model_len - len(ids))
     params = SamplingParams(
-        max_new_tokens=max_tokens, temperature=body.temperature if body.temperature is not None else 1.0,
+        max_new_tokens=token_budget(state, len(ids), max_tokens, default_max_tokens, max_tokens_name),
+        temperature=body.temperature if body.temperature is not None else 1.0,
         top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0,
         repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -13,6 +15,7 @@ LORAX_SCRIPT = r'''
 import asyncio, json, sys
 from lorax import AsyncClient, Client
 from lorax.errors import NotFoundError, ValidationError
+from lorax.types import MergedAdapters
 
 url, prompt = sys.argv[1], sys.argv[2]
 c = Client(url, timeout=120)
@@ -23,6 +26,9 @@ out["generate"] = {"text": r.generated_text, "ids": [t.id for t in r.details.tok
                    "generated_tokens": r.details.generated_tokens, "prompt_tokens": r.details.prompt_tokens}
 base = c.generate(prompt, max_new_tokens=10)
 out["base"] = base.generated_text
+# As lorax-client documents it: merge_strategy and majority_sign_method left unset go out as null.
+halves = MergedAdapters(ids=["qv8", "qv8"], weights=[0.5, 0.5], density=1.0)
+out["merged"] = c.generate(prompt, max_new_tokens=10, merged_adapters=halves).generated_text
 events = list(c.generate_stream(prompt, max_new_tokens=10, adapter_id="qv8", details=True))
 out["stream"] = {"texts": [e.token.text for e in events], "ids": [e.token.id for e in events],
                  "final": events[-1].generated_text, "finish": events[-1].details.finish_reason.value}
@@ -54,6 +60,7 @@ TGI_SCRIPT = r'''
 import json, sys
 from text_generation import Client
 from text_generation.errors import ValidationError
+from text_generation.types import Grammar, GrammarType
 
 url, prompt = sys.argv[1], sys.argv[2]
 c = Client(url, timeout=120)
@@ -65,6 +72,14 @@ events = list(c.generate_stream(prompt, max_new_tokens=10))
 out["stream"] = {"texts": [e.token.text for e in events], "final": events[-1].generated_text}
 best = c.generate(prompt, max_new_tokens=6, do_sample=True, best_of=2)
 out["best_of"] = len(best.details.best_of_sequences or [])
+schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+          "additionalProperties": False}
+out["grammar"] = c.generate(prompt, max_new_tokens=24, grammar=Grammar(type=GrammarType.Json, value=schema)).generated_text
+try:
+    c.generate(prompt, max_new_tokens=5, grammar=Grammar(type=GrammarType.Regex, value="[0-9]+"))
+    out["regex"] = "served"
+except ValidationError as e:
+    out["regex"] = "ValidationError: " + str(e)
 try:
     c.generate(prompt, max_new_tokens=5, frequency_penalty=9.0)
     out["invalid"] = "served"
@@ -86,6 +101,7 @@ def test_lorax_client(server):
     assert out["generate"]["logprobs"] == pytest.approx([t["logprob"] for t in want["details"]["tokens"]])
     assert out["generate"]["finish"] == "length" and out["generate"]["generated_tokens"] == 10
     assert out["base"] == native(server, max_new_tokens=10)["generated_text"] != want["generated_text"]
+    assert out["merged"] == out["generate"]["text"]  # halves of one adapter merge back into it
     assert out["stream"]["final"] == "".join(out["stream"]["texts"]) == want["generated_text"]
     assert out["stream"]["ids"] == out["generate"]["ids"] and out["stream"]["finish"] == "length"
     assert out["sampled"]["seed"] == 11 and set(out["sampled"]["alternatives"]) == {2}
@@ -102,4 +118,6 @@ def test_text_generation_client(server):
     assert out["stream"]["final"] == "".join(out["stream"]["texts"]) == want["generated_text"]
     assert out["generate"]["finish"] == "length" and out["generate"]["top"] == [2] * 10
     assert out["best_of"] == 1
+    assert set(json.loads(out["grammar"])) == {"city"}
+    assert out["regex"].startswith("ValidationError") and "regex" in out["regex"]
     assert out["invalid"].startswith("ValidationError") and "frequency_penalty" in out["invalid"]

@@ -195,3 +195,47 @@ def test_merged_adapters(server, offline):
                               ({**halves, "weights": [1.0]}, 422, "weights"), (too_big, 424, "rank 24")):
         r = post(server, "/generate", {"inputs": PROMPT, "parameters": {"merged_adapters": bad}})
         assert r.status_code == status and says in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"inputs": PROMPT, "parameters": {"adapter": "qv8"}}, "parameters.adapter"),  # adapter_id misspelled
+    ({"inputs": PROMPT, "parameters": {"max_tokens": 5}}, "parameters.max_tokens"),
+    ({"inputs": PROMPT, "adapter_id": "qv8"}, "adapter_id"),
+    ({"inputs": PROMPT, "parameters": {"merged_adapters": {"ids": ["qv8"], "weights": [1.0], "weight": 1}}},
+     "parameters.merged_adapters.weight"),
+])
+def test_unknown_fields_are_422_never_ignored(server, body, field):
+    for path in ("/generate", "/generate_stream", "/"):
+        r = post(server, path, body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == f"{field}: Extra inputs are not permitted"
+
+
+def test_what_the_published_clients_send_is_accepted(server):
+    # Every field of lorax-client 0.6.3's and text-generation 0.7.0's Parameters, as they send it (null when unset).
+    lorax = {"adapter_id": None, "adapter_source": None, "api_token": None, "do_sample": False, "max_new_tokens": 6,
+             "ignore_eos_token": False, "repetition_penalty": None, "return_full_text": False, "stop": [],
+             "seed": None, "temperature": None, "top_k": None, "top_p": None, "truncate": None, "typical_p": None,
+             "best_of": None, "watermark": False, "details": False, "decoder_input_details": False,
+             "return_k_alternatives": None, "response_format": None,
+             "merged_adapters": {"ids": ["qv8", "qv8"], "weights": [0.5, 0.5], "merge_strategy": None,
+                                 "density": 1.0, "majority_sign_method": None}}
+    tgi = {"do_sample": False, "max_new_tokens": 6, "repetition_penalty": None, "frequency_penalty": None,
+           "return_full_text": False, "stop": [], "seed": None, "temperature": None, "top_k": None, "top_p": None,
+           "truncate": None, "typical_p": None, "best_of": None, "watermark": False, "details": False,
+           "decoder_input_details": False, "top_n_tokens": None, "grammar": None}
+    merged = post(server, "/", {"inputs": PROMPT, "parameters": lorax, "stream": False})
+    assert merged.status_code == 200, merged.text
+    alone = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "adapter_id": "qv8"}})
+    assert merged.json()[0]["generated_text"] == alone.json()["generated_text"]
+    base = post(server, "/generate", {"inputs": PROMPT, "parameters": tgi, "stream": False})
+    assert base.status_code == 200, base.text
+
+
+def test_seed_zero_is_reproducible_and_reported(server):
+    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.0, "seed": 0, "details": True}
+    a = post(server, "/generate", {"inputs": PROMPT, "parameters": params}).json()
+    b = post(server, "/generate", {"inputs": PROMPT, "parameters": params}).json()
+    assert a["details"]["seed"] == 0 and a == b
+    c = post(server, "/generate", {"inputs": PROMPT, "parameters": {**params, "seed": 1}}).json()
+    assert c["generated_text"] != a["generated_text"]

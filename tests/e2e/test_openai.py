@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import httpx
+import jsonschema
 import openai
 import pytest
 
 from loraplex import SamplingParams
+from loraplex.server.protocol import MAX_N
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -80,9 +83,54 @@ def test_errors_surface_as_openai_exceptions(client):
         client.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=4)
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
         client.chat.completions.create(model="", messages=MESSAGES, temperature=5)
-    with pytest.raises(openai.UnprocessableEntityError, match="auto"):
-        client.chat.completions.create(model="", messages=MESSAGES, tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.UnprocessableEntityError, match="n: Input should be less than or equal to 16"):
+        client.chat.completions.create(model="", messages=MESSAGES, n=MAX_N + 1, max_tokens=1)
+    assert client.chat.completions.create(model="", messages=MESSAGES, n=MAX_N, max_tokens=1).choices[-1].index == 15
+
+
+def test_error_body_is_openais_object_with_error_type(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "", "messages": MESSAGES, "temperature": 5})
+    assert r.status_code == 422
+    body = r.json()
+    assert set(body) == {"error", "error_type"} and body["error_type"] == "validation"
+    assert body["error"]["type"] == "validation" and body["error"]["code"] == 422
+    assert "temperature" in body["error"]["message"]
+
+
+def test_unknown_fields_are_refused_and_sdk_fields_ignored(client):
+    with pytest.raises(openai.UnprocessableEntityError, match="adapter: Extra inputs are not permitted"):
+        client.chat.completions.create(model="", messages=MESSAGES, max_tokens=4, extra_body={"adapter": "qv8"})
+    with pytest.raises(openai.UnprocessableEntityError, match="promt"):
+        client.completions.create(model="", prompt="x", max_tokens=4, extra_body={"promt": "y"})
+    # What the SDK and agent frameworks send without us implementing it: accepted and ignored.
+    ignored = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": False,
+               "service_tier": "auto", "logit_bias": {}}
+    plain = client.chat.completions.create(model="", messages=MESSAGES, temperature=0, max_tokens=6)
+    extra = client.chat.completions.create(model="", messages=MESSAGES, temperature=0, max_tokens=6, **ignored)
+    assert extra.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_max_tokens_policy_is_bounded_by_the_limit(client, server):
+    limit = server.state.engine.engine.max_model_len  # no --max-total-tokens on this server
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.UnprocessableEntityError, match=f"prompt \\+ {field} must be <= {limit}") as e:
+            client.chat.completions.create(model="", messages=MESSAGES, **{field: 1_000_000_000})
+        assert f"{field} is 1000000000" in str(e.value)
+    with pytest.raises(openai.UnprocessableEntityError, match=f"prompt \\+ max_tokens must be <= {limit}"):
+        client.completions.create(model="", prompt="x", max_tokens=limit)
+    r = httpx.post(server.url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1_000_000_000}})
+    assert r.status_code == 422 and f"prompt + max_new_tokens must be <= {limit}" in r.json()["error"]
+
+
+def test_seed_zero_is_a_seed(client):
+    def sample(seed: int | None, n: int = 1) -> list[str]:
+        r = client.completions.create(model="", prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=seed,
+                                      n=n)
+        return [c.text for c in r.choices]
+
+    assert sample(0) == sample(0)
+    assert sample(0, n=3) == sample(0, n=3)
+    assert sample(0) != sample(1)  # a seed of 0 draws as its own seed, not as "none given"
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
@@ -115,3 +163,67 @@ def test_tool_calls(client, model):
     with pytest.raises(openai.UnprocessableEntityError, match="not among the tools"):
         client.chat.completions.create(model=model, messages=ask, tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_tool_call_round_trip_goes_through_the_template(client, server):
+    # The standard round trip: the assistant's call comes back with null content, then the tool's result.
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "22 degrees, sunny"},
+                {"role": "user"}]  # a message without content renders as ""
+    reply = client.chat.completions.create(model="", messages=messages, temperature=0, max_tokens=8)
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+    # The prompt is the documented text form (Hermes) of the same conversation, through the template.
+    tokenizer = server.state.generation.tokenizer
+    text = [{"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": '
+                                             '{"city": "Paris", "unit": "celsius"}}\n</tool_call>'},
+            {"role": "user", "content": '<tool_response>\n{"name": "get_weather", "content": "22 degrees, sunny"}'
+                                        '\n</tool_response>'},
+            {"role": "user", "content": ""}]
+    want = tokenizer.apply_chat_template(text, add_generation_prompt=True, tokenize=False)
+    assert reply.usage.prompt_tokens == len(tokenizer(want, add_special_tokens=False).input_ids)
+    # The same conversation with the tools still offered: the next reply may answer or call again.
+    again = client.chat.completions.create(model="", messages=messages, tools=[WEATHER], temperature=0,
+                                           max_tokens=40)
+    _assert_valid_tool_reply(again.choices[0], {"get_weather": WEATHER})
+
+
+def _assert_valid_tool_reply(choice, tools: dict) -> None:
+    """Either text (finish stop or length) or well-formed calls whose arguments follow the tool's schema."""
+    message = choice.message
+    if message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and message.content is None
+        for call in message.tool_calls:
+            assert call.type == "function" and call.function.name in tools
+            jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name]["function"]["parameters"])
+    else:
+        assert isinstance(message.content, str) and choice.finish_reason in ("stop", "length")
+        assert choice.finish_reason == "length" or not message.content.startswith('"')
+
+
+@pytest.mark.parametrize("tool_choice", [None, "auto"])
+def test_tool_choice_auto_answers_in_text_or_calls_a_tool(client, tool_choice):
+    tools = {"get_weather": WEATHER, "get_time": TIME}
+    ask = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    extra = {} if tool_choice is None else {"tool_choice": tool_choice}
+    r = client.chat.completions.create(model="", messages=ask, tools=list(tools.values()), temperature=0.9, seed=5,
+                                       n=6, max_tokens=40, **extra)
+    assert len(r.choices) == 6
+    for choice in r.choices:
+        _assert_valid_tool_reply(choice, tools)
+
+
+def test_the_sdks_own_reply_message_goes_back_in_the_conversation(client):
+    # What agent loops do: append the SDK's message object as it came, then one result per call.
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model="", messages=ask, tools=[WEATHER], tool_choice="required",
+                                           temperature=0, max_tokens=40)
+    message = first.choices[0].message
+    results = [{"role": "tool", "tool_call_id": c.id, "content": "22 degrees"} for c in message.tool_calls]
+    final = client.chat.completions.create(model="", messages=[*ask, message, *results], tools=[WEATHER],
+                                           temperature=0, max_tokens=30)
+    _assert_valid_tool_reply(final.choices[0], {"get_weather": WEATHER})
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens

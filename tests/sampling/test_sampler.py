@@ -65,6 +65,18 @@ def test_filters_match_hf_warpers(params: SamplingParams) -> None:
         torch.testing.assert_close(ours[row].softmax(-1), expected.softmax(-1))
 
 
+@pytest.mark.parametrize(("top_p", "kept"), [(0.5, 2), (0.25, 1), (0.75, 3), (0.5000001, 3)])
+def test_top_p_exactly_on_the_boundary_matches_hf(top_p: float, kept: int) -> None:
+    # Four equal tokens: the cumulative mass hits 1 - top_p exactly, and HF removes a token whose
+    # cumulative probability is <= 1 - top_p, so top_p 0.5 keeps 2 of 4, not 3.
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    logits = torch.zeros(1, 4)
+    ours = apply_filters(logits, [params])[0]
+    expected = _hf_warp(logits[0], params)
+    assert int(torch.isfinite(expected).sum()) == kept
+    assert torch.equal(torch.isinf(ours), torch.isinf(expected))
+
+
 def test_filters_per_row_params_in_one_batch_match_hf() -> None:
     # Each row gets different parameters, so the vectorized per-row thresholds are exercised together.
     logits = _logits(len(FILTER_PARAMS), seed=2)
