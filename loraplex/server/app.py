@@ -113,6 +113,7 @@ def create_app(state: ServerState) -> FastAPI:
         s = get_state(request)
         core = s.engine.engine
         cfg = core.config
+        limit = native.token_limit(s)
         return JSONResponse({
             "model_id": s.model_id,
             "model_sha": None,
@@ -122,8 +123,8 @@ def create_app(state: ServerState) -> FastAPI:
             "max_concurrent_requests": s.config.max_concurrent_requests,
             "max_best_of": s.config.max_best_of,
             "max_stop_sequences": MAX_STOP_SEQUENCES,
-            "max_input_length": core.max_model_len - 1,
-            "max_total_tokens": core.max_model_len,
+            "max_input_length": min(limit - 1, cfg.scheduler.max_input_length or limit),
+            "max_total_tokens": limit,
             "max_batch_total_tokens": core.pool.num_blocks * core.kv_cache.block_size,
             "max_active_adapters": cfg.lora.max_loras,
             "max_lora_rank": cfg.lora.max_lora_rank,

@@ -109,11 +109,15 @@ def token_budget(state: ServerState, prompt_tokens: int, requested: int | None, 
     """max_new_tokens for a request of either API (protocol.max_new_tokens) under this server's limit:
     `--max-total-tokens`, capped by the model's length and by what one request can hold in the KV cache
     (so that OpenAI's "up to the limit" default is always admitted)."""
+    return max_new_tokens(prompt_tokens, requested, default, token_limit(state), name)
+
+
+def token_limit(state: ServerState) -> int:
+    """The most tokens one request may hold, prompt and generated together (what /info reports too)."""
     core = state.engine.engine
     limits = core.config.scheduler
     held = [core.max_model_len, core.pool.num_blocks * core.kv_cache.block_size]
-    limit = min(held + [n for n in (limits.max_total_tokens, limits.max_batch_total_tokens) if n is not None])
-    return max_new_tokens(prompt_tokens, requested, default, limit, name)
+    return min(held + [n for n in (limits.max_total_tokens, limits.max_batch_total_tokens) if n is not None])
 
 
 def _token(t: TokenInfo, alternatives: bool) -> dict[str, Any]:

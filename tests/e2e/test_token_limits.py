@@ -79,3 +79,9 @@ def test_openai_default_fits_the_kv_cache(small_kv):
     assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == 64
     with pytest.raises(openai.UnprocessableEntityError, match="must be <= 64 tokens"):
         small.chat.completions.create(model="", messages=MESSAGES, max_tokens=64)
+
+
+def test_info_reports_the_limit_requests_are_held_to(limited, small_kv):
+    for running, limit in ((limited, LIMIT), (small_kv, 64)):
+        info = httpx.get(running.url + "/info", timeout=30).json()
+        assert (info["max_total_tokens"], info["max_input_length"]) == (limit, limit - 1)
