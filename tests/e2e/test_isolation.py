@@ -29,7 +29,7 @@ from loraplex.examples import ADAPTERS_DIR
 from tests.e2e.conftest import RunningServer
 from tests.e2e.hardened import error_problems, hardened_server, sse_payloads, strict_json
 
-GOOD_TOKENS = 24
+GOOD_TOKENS = 16
 HOSTILE_TIMEOUT_S = 30.0
 METRICS_GROWTH_LIMIT = 16_384
 """Bytes /metrics may grow by over the hostile burst: a handful of bounded label sets, never one set per
@@ -216,7 +216,7 @@ async def _run_together(url: str, goods: list[Good], hostile: list[Hostile]) -> 
 
 @pytest.fixture(scope="module")
 def iso_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    # Room for the good streams: a chat prompt (~35 tokens) and 24 new ones.
+    # Room for the good streams: a chat prompt (~35 tokens) and 16 new ones.
     with hardened_server(tmp_path_factory.mktemp("isolation"), max_model_len=96, max_total_tokens=64) as server:
         yield server
 
