@@ -1,8 +1,9 @@
 """A demo-model server for hostile traffic (the fuzzer, the isolation test): cheap generations, no network.
 
 Generation is kept cheap so a fuzzer's worst valid request (n=16, the longest max_tokens) costs a few
-seconds, not minutes: a 48-token context (a chat prompt with the template's system message is ~30) and
-`max_total_tokens=32`; a test that needs longer generations passes its own limits. The hub and S3 sources stay
+seconds, not minutes: a 48-token context (a chat prompt with the template's system message is ~30 of
+them), which `max_total_tokens` equals so that OpenAI requests without max_tokens (until the end of the
+context) still generate; a test that needs longer generations passes its own limits. The hub and S3 sources stay
 configured (so hostile ids reach their parsing and validation code) but can only ever talk to a closed
 loopback port: the hub is offline over an empty cache and S3's endpoint is 127.0.0.1:9 with fake keys
 and no instance-metadata lookups. Local adapters are the bundled examples (`upper`, `invoice-json`),
@@ -25,7 +26,7 @@ from loraplex.server.app import build_state, create_app
 from tests.e2e.conftest import RunningServer, ServerThread
 
 MAX_MODEL_LEN = 48
-MAX_TOTAL_TOKENS = 32
+MAX_TOTAL_TOKENS = 48
 CLOSED_PORT = "http://127.0.0.1:9"  # discard: nothing listens there, connections are refused at once
 OFFLINE_ENV = {
     "AWS_ACCESS_KEY_ID": "fuzz", "AWS_SECRET_ACCESS_KEY": "fuzz", "AWS_DEFAULT_REGION": "us-east-1",
