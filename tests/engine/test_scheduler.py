@@ -520,3 +520,34 @@ def test_kv_preemption_takes_a_parked_request_first():
     assert sched.num_parks > 0 and any(was for _, was, _ in victims), victims
     assert all(was or not any_parked for _, was, any_parked in victims), victims
     assert len(runner.finished) == 3
+
+
+def test_kv_preemption_takes_the_newest_running_request():
+    # Base model, 9 blocks of 4 tokens: r0, r1, r2 (one block of prompt each, 12 new tokens) run side by
+    # side and each need a fourth block at the same step, with none free. The newest admitted (r2) is
+    # preempted: it has the least work to redo, and the oldest keep going.
+    sched, slots = make_scheduler(SchedulerConfig(), num_blocks=9, num_slots=1, prefix_caching=False)
+    runner = FakeRunner(sched)
+    for i in range(3):
+        sched.add(make_seq(f"r{i}", [i, i, i, i], 12, None))
+    preempted: list[str] = []
+    while sched.has_work():
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        preempted += [s.request_id for s in out.preempted]
+        runner.step(out)
+    assert preempted and preempted[0] == "r2", preempted
+    assert len(runner.finished) == 3
+
+
+def test_admission_takes_the_adapter_with_the_fewest_running_first():
+    # Three seats, two slots. a0, a1, a2 (adapter a) arrive before b0 (adapter b). After a0 starts, b runs
+    # fewer requests than a, so b0 takes the second seat although a1 arrived first; then a and b tie at one
+    # running each and the older head, a1, takes the third. FCFS across adapters would seat a0, a1, a2.
+    config = SchedulerConfig(max_num_seqs=3, adapter_cycle_time_s=1e9)
+    sched, slots = make_scheduler(config, num_blocks=64, num_slots=2)
+    for name, adapter in [("a0", "a"), ("a1", "a"), ("a2", "a"), ("b0", "b")]:
+        sched.add(make_seq(name, [1, 2, 3], 4, key(adapter)))
+    out = sched.schedule()
+    check_step(sched, slots, out)
+    assert sorted(c.seq.request_id for c in out.chunks) == ["a0", "a1", "b0"]
