@@ -6,7 +6,7 @@ A prompt is therefore a run of steps of bounded chunks (chunked prefill), and a 
 one token. Running decodes are scheduled first, then running prompts' next chunks, then new requests,
 so a long prompt never stalls the decodes. When the KV pool (or `max_batch_total_tokens`) runs dry,
 sequences are preempted, parked ones first (their KV sits idle; see below), then the most recently
-admitted running ones: their blocks are freed and they are recomputed later (mostly from the prefix
+admitted running ones, never the senior (see Liveness): their blocks are freed and they are recomputed later (mostly from the prefix
 cache).
 
 Admission across adapters. Waiting requests sit in one FIFO queue per adapter (FCFS within an
@@ -16,7 +16,9 @@ requests for a seat. Only `max_active_adapters` distinct adapters (S, at most th
 once; an adapter with waiting (or parked) requests and no slot stands in the *slot line*, a FIFO of
 adapters, and slots only ever pass to the head of the line. A request whose adapter has no slot waits
 without holding anyone back. A holder *expires* once it has held its slot for `adapter_cycle_steps`
-steps (C) or `adapter_cycle_time_s` seconds. Slots pass on in three ways, all in favour of the head:
+steps (C), or for `adapter_cycle_time_s` seconds and at least C / 2 steps (rounded up): when steps are
+slower than the cycle time, seconds alone would expire every holder at every step, and slots would pass
+on (a park and a slot load each) at every step (F12). Slots pass on in three ways, all in favour of the head:
 
 - *Parking* (the usual way). The head can start at once (it is parked, or it has a request waiting
   and a seat and KV blocks for its first chunk are free), and an expired holder *fits* it: its remaining work, the most steps its requests
@@ -39,7 +41,29 @@ steps (C) or `adapter_cycle_time_s` seconds. Slots pass on in three ways, all in
   parking serves the line, holders go on admitting: stopping them would only leave their waiting
   requests for a second wave.
 
-Starvation bound. Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
+Liveness: the senior. The *senior* is the unfinished request that arrived first (waiting, parked or
+running). It is never parked (its adapter is no parking or rotation candidate) and never preempted: KV
+and seat pressure take the newest other request. When it is not running at the start of a step, it is
+started at once: its adapter gets a slot (parking the holder with the least work left while none is
+free, which keeps that holder's KV), and if it is waiting it gets a seat (preempting the newest other
+request when every seat is taken); its KV blocks come as its chunk is scheduled, preempting others.
+It is scheduled first in its pass, and one token of the step's budget is held back for its prompt
+chunk while the decodes are scheduled. So every step with an unfinished request runs at least one
+token, the senior's. The one exception is a senior whose adapter cannot get a slot because the admin
+API pinned adapters into every slot.
+
+Completion bound. A request r added before step t finishes by step t + B(r) - 1, where
+B(r) = sum over r and every request added before r and unfinished at that point of
+(prompt tokens + max_new_tokens - 1). Proof: a request computes at most prompt + max_new_tokens - 1
+tokens in the KV cache from scratch (the last sampled token is never computed); as senior it is never
+preempted, so that is also the most it has left when it becomes senior, and it computes at least one
+each step: it is senior for at most that many steps. Requests added after r never become senior before
+r finishes, so the seniors from t on are the older unfinished requests, each finishing before the
+next becomes senior, then r. The scheduler's tests check this bound on random workloads
+(tests/engine/test_scheduler_liveness.py). It is a worst case for liveness; parking and the line
+below give the usual latencies.
+
+Starvation bound (first slot). Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
 absent preemption and parking). While an adapter stands in the line, every window of C + R steps passes
 each of the S slots to the head at least once: within C steps every holder has expired, and then either
 one that fits the head is parked, or, none fitting, all drain and finish within R. So an adapter p-th in
