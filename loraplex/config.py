@@ -81,7 +81,8 @@ class SchedulerConfig:
     and one with no more work left than the next waiting adapter is parked (its requests keep their KV and
     skip steps) to pass its slot on (loraplex/engine/scheduler.py)."""
     adapter_cycle_time_s: float = 2.0
-    """The same slot rotation after this many seconds holding the slot, whichever comes first."""
+    """The same slot rotation after this many seconds holding the slot, whichever comes first (seconds count
+    once the holder has had half of `adapter_cycle_steps`, so slow steps do not rotate slots every step)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens",

@@ -6,7 +6,7 @@ A prompt is therefore a run of steps of bounded chunks (chunked prefill), and a 
 one token. Running decodes are scheduled first, then running prompts' next chunks, then new requests,
 so a long prompt never stalls the decodes. When the KV pool (or `max_batch_total_tokens`) runs dry,
 sequences are preempted, parked ones first (their KV sits idle; see below), then the most recently
-admitted running ones: their blocks are freed and they are recomputed later (mostly from the prefix
+admitted running ones, never the senior (see Liveness): their blocks are freed and they are recomputed later (mostly from the prefix
 cache).
 
 Admission across adapters. Waiting requests sit in one FIFO queue per adapter (FCFS within an
@@ -16,7 +16,9 @@ requests for a seat. Only `max_active_adapters` distinct adapters (S, at most th
 once; an adapter with waiting (or parked) requests and no slot stands in the *slot line*, a FIFO of
 adapters, and slots only ever pass to the head of the line. A request whose adapter has no slot waits
 without holding anyone back. A holder *expires* once it has held its slot for `adapter_cycle_steps`
-steps (C) or `adapter_cycle_time_s` seconds. Slots pass on in three ways, all in favour of the head:
+steps (C), or for `adapter_cycle_time_s` seconds and at least C / 2 steps (rounded up): when steps are
+slower than the cycle time, seconds alone would expire every holder at every step, and slots would pass
+on (a park and a slot load each) at every step (F12). Slots pass on in three ways, all in favour of the head:
 
 - *Parking* (the usual way). The head can start at once (it is parked, or it has a request waiting
   and a seat and KV blocks for its first chunk are free), and an expired holder *fits* it: its remaining work, the most steps its requests
@@ -39,7 +41,29 @@ steps (C) or `adapter_cycle_time_s` seconds. Slots pass on in three ways, all in
   parking serves the line, holders go on admitting: stopping them would only leave their waiting
   requests for a second wave.
 
-Starvation bound. Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
+Liveness: the senior. The *senior* is the unfinished request that arrived first (waiting, parked or
+running). It is never parked (its adapter is no parking or rotation candidate) and never preempted: KV
+and seat pressure take the newest other request. When it is not running at the start of a step, it is
+started at once: its adapter gets a slot (parking the holder with the least work left while none is
+free, which keeps that holder's KV), and if it is waiting it gets a seat (preempting the newest other
+request when every seat is taken); its KV blocks come as its chunk is scheduled, preempting others.
+It is scheduled first in its pass, and one token of the step's budget is held back for its prompt
+chunk while the decodes are scheduled. So every step with an unfinished request runs at least one
+token, the senior's. The one exception is a senior whose adapter cannot get a slot because the admin
+API pinned adapters into every slot.
+
+Completion bound. A request r added before step t finishes by step t + B(r) - 1, where
+B(r) = sum over r and every request added before r and unfinished at that point of
+(prompt tokens + max_new_tokens - 1). Proof: a request computes at most prompt + max_new_tokens - 1
+tokens in the KV cache from scratch (the last sampled token is never computed); as senior it is never
+preempted, so that is also the most it has left when it becomes senior, and it computes at least one
+each step: it is senior for at most that many steps. Requests added after r never become senior before
+r finishes, so the seniors from t on are the older unfinished requests, each finishing before the
+next becomes senior, then r. The scheduler's tests check this bound on random workloads
+(tests/engine/test_scheduler_liveness.py). It is a worst case for liveness; parking and the line
+below give the usual latencies.
+
+Starvation bound (first slot). Let R be the most steps an admitted request runs (prefill chunks + max_new_tokens,
 absent preemption and parking). While an adapter stands in the line, every window of C + R steps passes
 each of the S slots to the head at least once: within C steps every holder has expired, and then either
 one that fits the head is parked, or, none fitting, all drain and finish within R. So an adapter p-th in
@@ -54,6 +78,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -133,9 +158,11 @@ class _StepBudget:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int,
                  adapters: AdapterSlots | None = None, num_slots: int | None = 0,
-                 enable_prefix_caching: bool = False) -> None:
-        """`num_slots`: the device slots behind `adapters` (None: unknown, `acquire` alone decides)."""
+                 enable_prefix_caching: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        """`num_slots`: the device slots behind `adapters` (None: unknown, `acquire` alone decides).
+        `clock`: seconds for `adapter_cycle_time_s` (tests pass a fake one)."""
         self.config = config
+        self.clock = clock
         self.pool = pool
         self.block_size = block_size
         self.adapters = adapters or BaseModelOnly()
@@ -159,6 +186,7 @@ class Scheduler:
         self._slot_line: OrderedDict[AdapterIdentity, None] = OrderedDict()
         self._arrivals = itertools.count()
         self._step = 0
+        self._senior: Sequence | None = None  # this step's (module docstring: liveness)
 
     def add(self, seq: Sequence) -> None:
         seq.arrival = next(self._arrivals)
@@ -200,10 +228,21 @@ class Scheduler:
         out = SchedulerOutput()
         budget = _StepBudget(self.config.max_num_batched_tokens, self.config.prefill_token_budget,
                              sum(s.num_computed_tokens for s in self.running), self.config.max_batch_total_tokens)
+        senior = self._senior = self._find_senior()
+        if senior is not None and senior.status is not SequenceStatus.RUNNING:
+            self._start_senior(senior, out, budget)
         self._rotate(out, budget)
         rotated = len(out.preempted)
+        # The senior's prompt chunk gets at least one token however many decodes run (module docstring).
+        held_back = int(senior is not None and senior.status is SequenceStatus.RUNNING and not senior.is_decode)
+        budget.tokens -= held_back
+        budget.prefill -= held_back
+        order = sorted(self.running, key=lambda s: s is not senior)  # the senior first in its pass
         for decodes in (True, False):
-            for seq in list(self.running):
+            if not decodes:
+                budget.tokens += held_back
+                budget.prefill += held_back
+            for seq in order:
                 if seq.status is not SequenceStatus.RUNNING or seq.is_decode is not decodes:
                     continue  # preempted earlier in this loop, or not in this pass
                 n = self._chunk_size(seq, seq.num_tokens - seq.num_computed_tokens, budget)
@@ -216,6 +255,55 @@ class Scheduler:
         # adapter slot so each adapter's tokens form one segment for the LoRA ops.
         out.chunks.sort(key=lambda c: (c.num_new_tokens != 1, c.seq.lora_slot))
         return out
+
+    def _find_senior(self) -> Sequence | None:
+        """The unfinished request that arrived first (each queue is in arrival order)."""
+        heads = [q[0] for q in self._queues.values()]
+        return min(itertools.chain(self.running, heads), key=lambda s: s.arrival, default=None)
+
+    def _start_senior(self, senior: Sequence, out: SchedulerOutput, budget: _StepBudget) -> None:
+        """Make the senior (parked or waiting) run this step: its adapter gets a slot, holders with the least
+        work left being parked until one is free; a waiting senior gets a seat, the newest other request
+        being preempted when none is free. Its KV blocks come as its chunk is scheduled (`_reserve`)."""
+        key, waiting = senior.adapter, senior.status is SequenceStatus.WAITING
+        if waiting:
+            while len(self.running) >= self.config.max_num_seqs:
+                victim = self._victim()
+                if victim is None:
+                    return
+                self._preempt(victim, out, budget)
+        running = self._running_by_adapter()
+        resumed = key is None or not self._is_parked(key) or self._make_room(
+            key, lambda: self._resume(key, running[key]), running)
+        if not resumed or not waiting:
+            return
+        if key is None or key in self._tenure:
+            acquired = self.adapters.acquire(senior)
+        else:
+            acquired = self._make_room(key, lambda: self.adapters.acquire(senior), running)
+        if acquired:
+            self._start(senior, self._cached_prefix(senior), budget)
+
+    def _make_room(self, key: AdapterIdentity, take: Callable[[], bool],
+                   running: dict[AdapterIdentity | None, list[Sequence]]) -> bool:
+        """Call `take` (which gives `key` a device slot) once `key` fits under the active-adapter limit,
+        parking the holder with the least work left while it does not succeed; False if it never does (every
+        slot pinned by the admin API)."""
+        limit = self.max_active_adapters
+        while True:
+            if (limit is None or len(self._tenure) < limit) and take():
+                return True
+            holders = [k for k in self._tenure if k != key]
+            if not holders:
+                return False
+            holder = min(holders, key=lambda k: (self._remaining(k, running[k]), self._num_running[k]))
+            self._park(holder, running[holder])
+
+    def _victim(self) -> Sequence | None:
+        """Whom KV or seat pressure preempts: the newest parked request (its KV sits idle), else the newest
+        running one; never the senior."""
+        others = [s for s in reversed(self.running) if s is not self._senior]
+        return next((s for s in others if s.status is SequenceStatus.PARKED), others[0] if others else None)
 
     def _rotate(self, out: SchedulerOutput, budget: _StepBudget) -> None:
         """Pass slots along the slot line: parked adapters the free slots reach resume; then expired
@@ -236,10 +324,12 @@ class Scheduler:
             return
         remaining = {k: self._remaining(k, running.get(k, [])) for k in (*self._tenure, *unseated)}
         cycle = self.config.adapter_cycle_steps
-        # Holders that may be parked, expired or not yet: least work left first, then fewest running.
-        candidates = sorted((k for k in self._tenure if remaining[k] > cycle // 2),
+        # Holders that may be parked, expired or not yet: least work left first, then fewest running. The
+        # senior's adapter is neither parked nor preempted (module docstring: liveness).
+        senior = self._senior.adapter if self._senior is not None else None
+        candidates = sorted((k for k in self._tenure if remaining[k] > cycle // 2 and k != senior),
                             key=lambda k: (remaining[k], self._num_running[k], self._tenure[k][0]))
-        preemptable = sorted((k for k in self._tenure if self.enable_prefix_caching
+        preemptable = sorted((k for k in self._tenure if self.enable_prefix_caching and k != senior
                               and self._may_preempt(k, running[k])),
                              key=lambda k: (self._num_running[k], self._tenure[k][0]))
         seats = self.config.max_num_seqs - len(self.running)
@@ -247,8 +337,7 @@ class Scheduler:
         for head in unseated:
             parked = self._is_parked(head)
             # A waiting request of the head also needs a seat and KV blocks for its first chunk.
-            first = 0 if parked else blocks_needed(min(self._queues[head][0].num_tokens,
-                                                       self.config.prefill_token_budget), self.block_size)
+            first = 0 if parked else self._first_chunk_blocks(self._queues[head][0])
             can_start = parked or (seats > 0 and first <= free_blocks)
             fits = [k for k in candidates if remaining[k] <= remaining[head]] if can_start else []
             holder = next((k for k in fits if self._expired(k)), None)
@@ -277,6 +366,14 @@ class Scheduler:
             # none does, the head waits for a holder to finish: expired holders stop admitting.
             self._draining = not fits
             return
+
+    def _first_chunk_blocks(self, seq: Sequence) -> int:
+        """Free blocks admitting waiting `seq` takes: its first chunk's new blocks, and its cached prefix
+        blocks that nobody holds (they leave the free count as it shares them)."""
+        hits = self._cached_prefix(seq)
+        n = min(seq.num_tokens - len(hits) * self.block_size, self.config.prefill_token_budget)
+        reclaimed = sum(1 for b in hits if self.pool.refs(b) == 0)
+        return blocks_needed(len(hits) * self.block_size + n, self.block_size) - len(hits) + reclaimed
 
     def _running_by_adapter(self) -> dict[AdapterIdentity | None, list[Sequence]]:
         running: dict[AdapterIdentity | None, list[Sequence]] = {}
@@ -316,7 +413,7 @@ class Scheduler:
         for seq in mine:
             seq.status = SequenceStatus.RUNNING
         self._slot_line.pop(key, None)
-        self._tenure[key] = (self._step, time.monotonic())
+        self._tenure[key] = (self._step, self.clock())
         return True
 
     def _chunk_size(self, seq: Sequence, remaining: int, budget: _StepBudget) -> int:
@@ -328,14 +425,15 @@ class Scheduler:
         return n
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput, budget: _StepBudget) -> bool:
-        """Make room for `n` more tokens of `seq`, preempting if needed: the newest parked sequence (its
-        KV sits idle), else the newest running one."""
+        """Make room for `n` more tokens of `seq`, preempting if needed (`_victim`)."""
         while True:
             need = blocks_needed(seq.num_computed_tokens + n, self.block_size) - len(seq.block_table)
             over_cap = budget.held_cap is not None and budget.held + n > budget.held_cap
             if need <= self.pool.num_free and not over_cap:
                 break
-            victim = next((s for s in reversed(self.running) if s.status is SequenceStatus.PARKED), self.running[-1])
+            victim = self._victim()
+            if victim is None:  # the senior alone: it fits the pool and the cap (the engine's admission checks)
+                return False
             self._preempt(victim, out, budget)
             if victim is seq:
                 return False
@@ -360,19 +458,24 @@ class Scheduler:
             if not self.adapters.acquire(seq):
                 refused.add(seq.adapter)
                 continue
-            self._dequeue(seq)
-            self.pool.share(hits)
-            seq.block_table = hits + self.pool.allocate(need)
-            seq.num_computed_tokens = cached
-            seq.num_cached_blocks = len(hits)
-            self.prefix_cache_queries += seq.num_tokens
-            self.prefix_cache_hits += cached
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            self._on_start(seq.adapter)
+            self._start(seq, hits, budget)
+            seq.block_table += self.pool.allocate(need)
             out.chunks.append(ScheduledChunk(seq, n))
-            budget.held += cached
             budget.take(seq, n)
+
+    def _start(self, seq: Sequence, hits: list[int], budget: _StepBudget) -> None:
+        """Admit waiting `seq` (its slot acquired) with the cached blocks `hits` as its first blocks."""
+        self._dequeue(seq)
+        self.pool.share(hits)
+        seq.block_table = list(hits)
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_cached_blocks = len(hits)
+        self.prefix_cache_queries += seq.num_tokens
+        self.prefix_cache_hits += seq.num_computed_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self._on_start(seq.adapter)
+        budget.held += seq.num_computed_tokens
 
     def _pick(self, refused: set[AdapterIdentity | None]) -> Sequence | None:
         """The head of the queue allowed to admit with the fewest running requests (then the oldest)."""
@@ -404,8 +507,10 @@ class Scheduler:
 
     def _expired(self, key: AdapterIdentity) -> bool:
         step, start = self._tenure[key]
-        return (self._step - step >= self.config.adapter_cycle_steps
-                or time.monotonic() - start >= self.config.adapter_cycle_time_s)
+        held, cycle = self._step - step, self.config.adapter_cycle_steps
+        # Seconds count only after half a cycle of steps: when steps are slower than the cycle time, expiring
+        # by time alone would park every holder at every step, each step a slot load per adapter (F12).
+        return held >= cycle or (held >= (cycle + 1) // 2 and self.clock() - start >= self.config.adapter_cycle_time_s)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of the longest cached prefix of `seq`, leaving at least its last token to compute (its
@@ -476,7 +581,7 @@ class Scheduler:
     def _on_start(self, key: AdapterIdentity | None) -> None:
         if key is not None and key not in self._tenure:
             assert not self._is_parked(key), "a parked adapter resumes before it admits"
-            self._tenure[key] = (self._step, time.monotonic())
+            self._tenure[key] = (self._step, self.clock())
             self._slot_line.pop(key, None)
         self._num_running[key] += 1
 

@@ -4,6 +4,7 @@ active-adapter limit, and the starvation bound of the module docstring."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -271,7 +272,8 @@ def test_cold_adapters_start_within_the_bound_behind_a_hot_backlog():
 @pytest.mark.parametrize("rotate", [True, False])
 def test_slots_rotate_while_hot_adapters_keep_them_busy(rotate):
     # Two hot adapters get new requests every step and would hold both slots forever; 6 cold adapters
-    # arrive at step 5. Rotation hands the slots over; without it (C huge) the cold ones never start.
+    # arrive at step 5. Rotation hands the slots over; without it (C huge) a cold one starts only once it
+    # is the senior (every older request has finished), so one at a time, each after the last finished.
     cycle, new_tokens = 6, 8
     config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512,
                              adapter_cycle_steps=cycle if rotate else 10**9, adapter_cycle_time_s=1e9)
@@ -284,7 +286,8 @@ def test_slots_rotate_while_hot_adapters_keep_them_busy(rotate):
     arrivals[5] += cold
     started = run_until_started(sched, runner, cold, max_steps=400, arrivals=arrivals)
     if not rotate:
-        assert not started
+        starts = [started[seq.request_id] for seq in cold]
+        assert all(later >= earlier + new_tokens for earlier, later in itertools.pairwise(starts)), starts
         return
     # At step 5 the hot adapters hold both slots; cold i is i-th in line (p = i), counted from step 5.
     for i, seq in enumerate(cold):
@@ -303,14 +306,18 @@ class RotationRun:
     max_parked: int = 0
 
 
-def run_rotation_workload(num_slots: int, prefix_caching: bool = True, max_num_seqs: int = 16) -> RotationRun:
-    """2 slots (or more): a busy adapter with 5 requests, two single-request adapters; 40 new tokens each."""
+def run_rotation_workload(num_slots: int, prefix_caching: bool = True, max_num_seqs: int = 16,
+                          base_first: bool = False) -> RotationRun:
+    """2 slots (or more): a busy adapter with 5 requests, two single-request adapters; 40 new tokens each.
+    `base_first`: a base-model request of 40 new tokens arrives first, so it is the senior (never parked)
+    rather than busy0."""
     cycle = 8
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256, adapter_cycle_steps=cycle,
                              adapter_cycle_time_s=1e9)
     sched, slots = make_scheduler(config, num_blocks=256, num_slots=num_slots, prefix_caching=prefix_caching)
     runner = FakeRunner(sched)
-    seqs = [make_seq(f"busy{i}", [1, 2, i], 40, key("busy")) for i in range(5)]
+    seqs = [make_seq("base", [9, 9, 9], 40, None)] if base_first else []
+    seqs += [make_seq(f"busy{i}", [1, 2, i], 40, key("busy")) for i in range(5)]
     seqs += [make_seq(f"solo{i}", [5, 6, 7, i], 40, key(f"solo{i}")) for i in range(2)]
     for seq in seqs:
         sched.add(seq)
@@ -325,14 +332,14 @@ def run_rotation_workload(num_slots: int, prefix_caching: bool = True, max_num_s
         runner.step(out)
         run.steps += 1
         assert run.steps < 500
-    assert len(runner.finished) == 7
+    assert len(runner.finished) == len(seqs)
     run.outputs = {seq.request_id: seq.output_token_ids for seq in seqs}
     return run
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_rotation_parks_the_holder_with_the_least_work_left(prefix_caching):
-    run = run_rotation_workload(num_slots=2, prefix_caching=prefix_caching)
+    run = run_rotation_workload(num_slots=2, prefix_caching=prefix_caching, base_first=True)
     # busy and solo0 take the two slots; solo1 waits. After the cycle (8 steps) both holders have 32
     # steps to go, as much as solo1: solo0, running fewer requests, is parked and solo1 takes its slot.
     # Later busy is parked too (least work left), so the three adapters share the two slots and all
@@ -343,7 +350,7 @@ def test_rotation_parks_the_holder_with_the_least_work_left(prefix_caching):
     assert run.max_parked == 5  # busy's five requests at once, each keeping its KV
     assert run.steps <= 60 + 8, run.steps
     # Parked requests keep their KV and go on where they stopped: the output of an unconstrained run.
-    unconstrained = run_rotation_workload(num_slots=3)
+    unconstrained = run_rotation_workload(num_slots=3, base_first=True)
     assert unconstrained.sched.num_parks == 0 and unconstrained.steps == 40
     assert run.outputs == unconstrained.outputs
 
@@ -458,17 +465,17 @@ def test_holders_keep_admitting_while_parking_serves_the_line():
 
 
 def test_parking_under_kv_pressure_never_stalls():
-    # One slot, a 12-block pool: a and b (4-token prompts, 30 new tokens) take turns through parking
-    # while q's 40-token prompt needs 10 blocks. Parked requests hold KV, so the pool runs dry: the
-    # newest parked one is preempted first (its KV sits idle), no holder is parked for a head the pool
-    # cannot take, and when only parked requests are left one resumes. Everything finishes, with the
-    # outputs of a roomy run.
+    # One slot, a 20-block pool: a base-model request s (the senior, 8 blocks at most) runs throughout;
+    # a and b (4-token prompts, 30 new tokens) take turns through parking while q's 40-token prompt needs
+    # 10 blocks. Parked requests hold KV, so the pool runs dry: the newest parked one is preempted first
+    # (its KV sits idle), and no holder is parked for a head the pool cannot take. No step is empty, and
+    # everything finishes with the outputs of a roomy run.
     def run(num_blocks: int, num_slots: int) -> tuple[Scheduler, dict[str, list[int]], int]:
         config = SchedulerConfig(adapter_cycle_steps=1, adapter_cycle_time_s=1e9)
         sched, slots = make_scheduler(config, num_blocks=num_blocks, num_slots=num_slots)
         runner = FakeRunner(sched)
-        seqs = [make_seq("a", [1, 2, 3, 4], 30, key("a")), make_seq("b", [5, 6, 7, 8], 30, key("b")),
-                make_seq("q", list(range(10, 50)), 4, key("q"))]
+        seqs = [make_seq("s", [9], 30, None), make_seq("a", [1, 2, 3, 4], 30, key("a")),
+                make_seq("b", [5, 6, 7, 8], 30, key("b")), make_seq("q", list(range(10, 50)), 4, key("q"))]
         for seq in seqs:
             sched.add(seq)
         idle = 0
@@ -479,21 +486,22 @@ def test_parking_under_kv_pressure_never_stalls():
             check_step(sched, slots, out)
             idle += not out.chunks
             runner.step(out)
-        assert len(runner.finished) == 3
+        assert len(runner.finished) == 4
         return sched, {s.request_id: s.output_token_ids for s in seqs}, idle
 
-    sched, outputs, idle = run(num_blocks=12, num_slots=1)
-    assert sched.num_parks > 0 and sched.num_preemptions > 0 and idle <= 2
+    sched, outputs, idle = run(num_blocks=20, num_slots=1)
+    assert sched.num_parks > 0 and sched.num_preemptions > 0 and idle == 0
     assert outputs == run(num_blocks=256, num_slots=3)[1]
 
 
 def test_kv_preemption_takes_a_parked_request_first():
-    # One slot, 7 blocks of 4 tokens. a is parked for b after its cycle, holding 2 blocks; b grows to
-    # 24 tokens (6 blocks) and the pool runs dry. The victim is the parked a, whose KV sits idle, not
-    # b, the newest running request, which would stop the only work in progress.
+    # One slot, 13 blocks of 4 tokens; a base-model request s (the senior) grows to 6 of them. a is
+    # parked for b after its cycle, holding 2 blocks; b grows to 24 tokens (6 blocks) and the pool runs
+    # dry. The victim is the parked a, whose KV sits idle, not b, the newest running request.
     config = SchedulerConfig(adapter_cycle_steps=4, adapter_cycle_time_s=1e9)
-    sched, slots = make_scheduler(config, num_blocks=7, num_slots=1)
+    sched, slots = make_scheduler(config, num_blocks=13, num_slots=1)
     runner = FakeRunner(sched)
+    sched.add(make_seq("s", [9], 24, None))
     for name in ("a", "b"):
         sched.add(make_seq(name, [1, 2, 3, 4], 20, key(name)))
     victims: list[tuple[str, bool, bool]] = []  # (request, it was parked, any request was parked)
@@ -511,4 +519,35 @@ def test_kv_preemption_takes_a_parked_request_first():
         runner.step(out)
     assert sched.num_parks > 0 and any(was for _, was, _ in victims), victims
     assert all(was or not any_parked for _, was, any_parked in victims), victims
-    assert len(runner.finished) == 2
+    assert len(runner.finished) == 3
+
+
+def test_kv_preemption_takes_the_newest_running_request():
+    # Base model, 9 blocks of 4 tokens: r0, r1, r2 (one block of prompt each, 12 new tokens) run side by
+    # side and each need a fourth block at the same step, with none free. The newest admitted (r2) is
+    # preempted: it has the least work to redo, and the oldest keep going.
+    sched, slots = make_scheduler(SchedulerConfig(), num_blocks=9, num_slots=1, prefix_caching=False)
+    runner = FakeRunner(sched)
+    for i in range(3):
+        sched.add(make_seq(f"r{i}", [i, i, i, i], 12, None))
+    preempted: list[str] = []
+    while sched.has_work():
+        out = sched.schedule()
+        check_step(sched, slots, out)
+        preempted += [s.request_id for s in out.preempted]
+        runner.step(out)
+    assert preempted and preempted[0] == "r2", preempted
+    assert len(runner.finished) == 3
+
+
+def test_admission_takes_the_adapter_with_the_fewest_running_first():
+    # Three seats, two slots. a0, a1, a2 (adapter a) arrive before b0 (adapter b). After a0 starts, b runs
+    # fewer requests than a, so b0 takes the second seat although a1 arrived first; then a and b tie at one
+    # running each and the older head, a1, takes the third. FCFS across adapters would seat a0, a1, a2.
+    config = SchedulerConfig(max_num_seqs=3, adapter_cycle_time_s=1e9)
+    sched, slots = make_scheduler(config, num_blocks=64, num_slots=2)
+    for name, adapter in [("a0", "a"), ("a1", "a"), ("a2", "a"), ("b0", "b")]:
+        sched.add(make_seq(name, [1, 2, 3], 4, key(adapter)))
+    out = sched.schedule()
+    check_step(sched, slots, out)
+    assert sorted(c.seq.request_id for c in out.chunks) == ["a0", "a1", "b0"]
