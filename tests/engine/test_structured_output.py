@@ -73,7 +73,14 @@ def test_unconstrained_requests_are_unchanged_by_constrained_neighbours(llm):
     alone_structured = llm.generate(PROMPTS, structured)
     mixed = llm.generate([*FREE_PROMPTS, *PROMPTS], [*free, *structured])
     assert [o.token_ids for o in mixed[:3]] == [o.token_ids for o in alone_free]
-    assert [o.logprobs for o in mixed[:3]] == [o.logprobs for o in alone_free]
+    # Same tokens and the same logprobs up to float rounding: a CPU GEMM's blocking (so its last bits)
+    # depends on the batch's row count, which the neighbours change.
+    for got, want in zip(mixed[:3], alone_free, strict=True):
+        assert (got.logprobs is None) == (want.logprobs is None)
+        for g, w in zip(got.logprobs or [], want.logprobs or [], strict=True):
+            assert g.token_id == w.token_id and [t for t, _ in g.top] == [t for t, _ in w.top]
+            assert [g.logprob, *(lp for _, lp in g.top)] == pytest.approx([w.logprob, *(lp for _, lp in w.top)],
+                                                                          rel=1e-4, abs=1e-5)
     assert [o.token_ids for o in mixed[3:]] == [o.token_ids for o in alone_structured]
     for out in mixed[3:]:
         _valid(out.text, PERSON)

@@ -4,9 +4,10 @@ prefix hashes rooted in the adapter identity."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from loraplex.adapters.ref import AdapterIdentity
-from loraplex.kv.block_pool import BlockPool
+from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
 from loraplex.kv.prefix_hash import extend_block_hashes, root_hash
 
 
@@ -71,3 +72,43 @@ def test_a_hash_cached_twice_keeps_its_first_block():
     assert pool.lookup([b"h"]) == [x] and pool.num_cached == 1
     pool.free([x, y])
     assert pool.num_cached_free == 1 and pool.num_free == 3
+
+
+def test_eviction_takes_the_least_recently_freed_cached_block_and_empty_blocks_come_back():
+    pool = BlockPool(3)
+    assert pool.num_blocks == 3 and pool.num_free == 3
+    a, b, c = pool.allocate(3)
+    pool.cache(a, b"a")
+    pool.cache(b, b"b")
+    pool.free([c])  # unhashed: empty again, handed out before any cached block
+    pool.free([a])
+    pool.free([b])  # a was freed before b: a is evicted first
+    assert pool.allocate(1) == [c]
+    assert pool.allocate(1) == [a]
+    assert pool.lookup([b"a"]) == [] and pool.lookup([b"b"]) == [b] and pool.num_cached == 1
+    assert pool.allocate(1) == [b] and pool.num_cached == 0
+
+
+def test_a_block_that_is_not_held_cannot_be_freed_or_cached():
+    pool = BlockPool(2)
+    assert [pool.refs(i) for i in range(2)] == [0, 0]
+    with pytest.raises(AssertionError, match="freed more often than held"):
+        pool.free([0])
+    with pytest.raises(AssertionError, match="is not held"):
+        pool.cache(1, b"h")
+    (b,) = pool.allocate(1)
+    assert pool.refs(b) == 1
+    pool.free([b])
+    with pytest.raises(AssertionError, match="freed more often than held"):
+        pool.free([b])
+
+
+def test_blocks_needed_and_kv_cache_shape():
+    assert [blocks_needed(n, 16) for n in (0, 1, 16, 17, 32)] == [0, 1, 1, 2, 2]
+    cache = KVCache(num_layers=2, num_blocks=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16,
+                    device=torch.device("cpu"))
+    k, v = cache.layer(1)
+    assert k.shape == v.shape == (3, 4, 2, 8) and cache.block_size == 4
+    k[0, 0, 0, 0] = 1.0
+    assert cache.data[1, 0, 0, 0, 0, 0] == 1.0 and cache.data[1, 1].abs().sum() == 0
+    assert KVCache.bytes_per_block(2, 4, 2, 8, torch.float16) == 2 * 2 * 4 * 2 * 8 * 2
