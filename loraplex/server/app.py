@@ -79,7 +79,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
-            state.draining = True
+            state.engine.drain()
             state.engine.stop()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan,
@@ -104,7 +104,7 @@ def create_app(state: ServerState) -> FastAPI:
         s = get_state(request)
         if not s.engine.alive:
             raise EngineDead(f"the engine loop has stopped: {s.engine.dead!r}")
-        if s.draining or s.engine.draining:
+        if s.engine.draining:
             raise EngineDead("the server is shutting down")
         return JSONResponse({"status": "ready"})
 

@@ -72,7 +72,6 @@ class DrainingServer(uvicorn.Server):
             self._drain_deadline = time.monotonic()  # a second signal: stop waiting
 
     def start_drain(self) -> None:
-        self._state.draining = True
         self._state.engine.drain()
         self._drain_deadline = time.monotonic() + self._state.config.shutdown_timeout_s
         log.warning("draining: %d requests in flight, at most %.0f s", self._state.engine.num_in_flight,

@@ -31,7 +31,6 @@ class ServerState:
     generation: Generation
     metrics: Metrics
     model_id: str
-    draining: bool = False
 
     def adapter_ref(self, adapter_id: str, source: str | None) -> AdapterRef:
         """The checked, canonically spelled adapter a client names (server.adapters.request_ref)."""

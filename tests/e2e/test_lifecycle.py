@@ -241,5 +241,4 @@ def test_drain_keeps_probes_answered_and_refuses_new_generation(server):
         asyncio.run(signalled.on_tick(1))  # nothing is in flight: the drain is over
         assert signalled.should_exit
     finally:
-        server.state.draining = False
         server.state.engine.draining = False
