@@ -113,7 +113,7 @@ def create_app(state: ServerState) -> FastAPI:
         s = get_state(request)
         core = s.engine.engine
         cfg = core.config
-        limit = native.token_limit(s)
+        limit = s.token_limit()
         return JSONResponse({
             "model_id": s.model_id,
             "model_sha": None,

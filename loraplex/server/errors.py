@@ -9,6 +9,7 @@ Nothing else in the server builds an error response.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -57,6 +58,16 @@ def error_body(path: str, status: int, error_type: str, message: str) -> dict[st
         return {"error": {"message": message, "type": error_type, "param": None, "code": status},
                 "error_type": error_type}
     return {"error": message, "error_type": error_type}
+
+
+def strict_json(data: object) -> str:
+    """`data` as JSON text for a stream event. JSON has no NaN or Infinity, so such a value raises
+    (RuntimeError: HTTP 500, the stream's error event) rather than go out as text no client parses;
+    JSONResponse bodies get the same check from Starlette."""
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError as e:
+        raise RuntimeError(f"a response holds a non-finite number ({e})") from e
 
 
 def error_response(request: Request, error: BaseException) -> JSONResponse:

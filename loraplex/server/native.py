@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
@@ -12,14 +11,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraplex.engine.request import SamplingParams
 from loraplex.lora.merge import MergeSpec
 from loraplex.server.adapters import AdapterSpec
-from loraplex.server.errors import error_body, status_of
+from loraplex.server.errors import error_body, status_of, strict_json
 from loraplex.server.generation import Completion, Event, Job, TokenInfo
 from loraplex.server.protocol import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerateParameters,
     GenerateRequest,
     TokenizeRequest,
-    max_new_tokens,
 )
 from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
@@ -85,7 +83,7 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
     # Token logprobs only where the response shows them (details, stream events) or best_of ranks by them.
     logprobs = 0 if (p.details or streaming or best_of > 1) else None
     params = SamplingParams(
-        max_new_tokens=token_budget(state, len(prompt_ids), p.max_new_tokens, DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"),
+        max_new_tokens=state.token_budget(len(prompt_ids), p.max_new_tokens, DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"),
         temperature=temperature,
         top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
@@ -102,22 +100,6 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         adapter = AdapterSpec("merged:" + "+".join(merge.ids), p.adapter_source or state.config.adapter_source, token,
                               merge)
     return Job(prompt_ids, params, adapter, best_of, inputs)
-
-
-def token_budget(state: ServerState, prompt_tokens: int, requested: int | None, default: int | None,
-                 name: str) -> int:
-    """max_new_tokens for a request of either API (protocol.max_new_tokens) under this server's limit:
-    `--max-total-tokens`, capped by the model's length and by what one request can hold in the KV cache
-    (so that OpenAI's "up to the limit" default is always admitted)."""
-    return max_new_tokens(prompt_tokens, requested, default, token_limit(state), name)
-
-
-def token_limit(state: ServerState) -> int:
-    """The most tokens one request may hold, prompt and generated together (what /info reports too)."""
-    core = state.engine.engine
-    limits = core.config.scheduler
-    held = [core.max_model_len, core.pool.num_blocks * core.kv_cache.block_size]
-    return min(held + [n for n in (limits.max_total_tokens, limits.max_batch_total_tokens) if n is not None])
 
 
 def _token(t: TokenInfo, alternatives: bool) -> dict[str, Any]:
@@ -199,14 +181,10 @@ async def _native_events(first: Event, events: AsyncGenerator[Event, None], body
                 data["generated_text"] = (body.inputs if p.return_full_text else "") + event.done.text
                 if p.details:
                     data["details"] = _summary(event.done, job)
-            try:  # JSON has no NaN or Infinity: such a value is an error, never an invalid event
-                line = json.dumps(data, allow_nan=False)
-            except ValueError as e:
-                raise RuntimeError(f"a stream event holds a non-finite number ({e})") from e
-            yield f"data:{line}\n\n"
+            yield f"data:{strict_json(data)}\n\n"
             event = await anext(events, None)
     except Exception as e:  # the stream has started: the error goes in the stream, as TGI does
         status, kind = status_of(e)
-        yield f"data:{json.dumps(error_body('/generate_stream', status, kind, str(e)), allow_nan=False)}\n\n"
+        yield f"data:{strict_json(error_body('/generate_stream', status, kind, str(e)))}\n\n"
     finally:
         await events.aclose()

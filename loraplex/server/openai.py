@@ -7,7 +7,6 @@ does: prompt i's j-th sample is choice i·n + j.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -19,9 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.engine.request import FinishReason, SamplingParams
 from loraplex.server.adapters import local_adapter_names
-from loraplex.server.errors import error_body, status_of
+from loraplex.server.errors import error_body, status_of, strict_json
 from loraplex.server.generation import Completion, Event, Job, TokenInfo, merge
-from loraplex.server.native import token_budget
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from loraplex.server.response_format import json_schema_of
 from loraplex.server.state import ServerState, bearer_token, get_state, run_until_disconnected
@@ -125,7 +123,7 @@ def _job(state: ServerState, body: OpenAISampling, ids: list[int], text: str | N
         raise ValueError("logit_bias is not supported")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     params = SamplingParams(
-        max_new_tokens=token_budget(state, len(ids), max_tokens, default_max_tokens, max_tokens_name),
+        max_new_tokens=state.token_budget(len(ids), max_tokens, default_max_tokens, max_tokens_name),
         temperature=body.temperature if body.temperature is not None else 1.0,
         top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0,
         repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
@@ -223,8 +221,4 @@ async def _openai_events(first: tuple[int, Event], rest: AsyncGenerator[tuple[in
 
 
 def _sse(data: dict[str, Any]) -> str:
-    try:  # JSON has no NaN or Infinity: such a value is an error, never an invalid chunk
-        line = json.dumps(data, allow_nan=False)
-    except ValueError as e:
-        raise RuntimeError(f"a stream chunk holds a non-finite number ({e})") from e
-    return f"data: {line}\n\n"
+    return f"data: {strict_json(data)}\n\n"

@@ -15,6 +15,7 @@ from loraplex.engine.async_engine import AsyncEngine
 from loraplex.server.adapters import AdapterSpec, request_ref
 from loraplex.server.generation import Generation
 from loraplex.server.metrics import Metrics
+from loraplex.server.protocol import max_new_tokens
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
@@ -42,6 +43,19 @@ class ServerState:
             return None
         ref = self.adapter_ref(adapter_id, source)
         return AdapterSpec(ref.request_id, ref.source, token)
+
+    def token_limit(self) -> int:
+        """The most tokens one request may hold, prompt and generated together (/info reports it):
+        `--max-total-tokens`, capped by the model's length and by what one request can hold in the KV
+        cache, so that OpenAI's "up to the limit" default is always admitted."""
+        core = self.engine.engine
+        limits = core.config.scheduler
+        held = [core.max_model_len, core.pool.num_blocks * core.kv_cache.block_size]
+        return min(held + [n for n in (limits.max_total_tokens, limits.max_batch_total_tokens) if n is not None])
+
+    def token_budget(self, prompt_tokens: int, requested: int | None, default: int | None, name: str) -> int:
+        """max_new_tokens for a request of either API under this server's limit (protocol.max_new_tokens)."""
+        return max_new_tokens(prompt_tokens, requested, default, self.token_limit(), name)
 
     def merge_ids(self, ids: list[str], source: str | None) -> tuple[str, ...]:
         """The parts of a merge, checked and canonically spelled; the engine reads them all with one source."""
