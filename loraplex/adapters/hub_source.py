@@ -35,7 +35,7 @@ from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
 from loraplex.adapters.ref import AdapterRef
-from loraplex.adapters.sources import Resolved
+from loraplex.adapters.sources import Resolved, fetch_error_detail
 from loraplex.config import AdapterSourceConfig
 from loraplex.lora.adapter import (
     BIN_FILE,
@@ -132,9 +132,7 @@ def _hub_errors(ref: AdapterRef, offline: bool) -> Iterator[None]:
                                   f"offline") from e
         raise AdapterFetchError(f"adapter {ref}: the hub could not be reached: {_first_line(e)}") from e
     except (httpx2.HTTPError, OSError) as e:
-        # An OSError's text names local files (the cache, a temp folder): only its kind reaches the client.
-        detail = f"{type(e).__name__}: {e.strerror or 'I/O error'}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-        raise AdapterFetchError(f"adapter {ref}: fetching from the hub failed: {detail}") from e
+        raise AdapterFetchError(f"adapter {ref}: fetching from the hub failed: {fetch_error_detail(e)}") from e
 
 
 def _first_line(error: Exception) -> str:

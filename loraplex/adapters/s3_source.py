@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.adapters.ref import AdapterRef
-from loraplex.adapters.sources import Resolved
+from loraplex.adapters.sources import Resolved, fetch_error_detail
 from loraplex.config import AdapterSourceConfig
 from loraplex.lora.adapter import (
     BIN_FILE,
@@ -128,6 +128,4 @@ def _s3_errors(ref: AdapterRef) -> Iterator[None]:
     except NoCredentialsError as e:
         raise AdapterAccessDenied(f"adapter {ref}: no AWS credentials found for S3") from e
     except (BotoCoreError, OSError) as e:
-        # An OSError's text names local files (the cache, a temp folder): only its kind reaches the client.
-        detail = f"{type(e).__name__}: {e.strerror or 'I/O error'}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-        raise AdapterFetchError(f"adapter {ref}: fetching from S3 failed: {detail}") from e
+        raise AdapterFetchError(f"adapter {ref}: fetching from S3 failed: {fetch_error_detail(e)}") from e

@@ -86,3 +86,11 @@ def build_sources(config: AdapterSourceConfig) -> dict[str, AdapterSource]:
     if unknown:
         raise ValueError(f"unknown adapter sources {unknown}; registered: {list(source_names())}")
     return {name: _REGISTRY[name](config) for name in config.sources}
+
+
+def fetch_error_detail(error: Exception) -> str:
+    """What a client is told of a remote source's failure. An OSError's text names local files (the disk
+    cache, a temp folder), so only its kind and reason go out; the log has the rest."""
+    if isinstance(error, OSError):
+        return f"{type(error).__name__}: {error.strerror or 'I/O error'}"
+    return f"{type(error).__name__}: {error}"
