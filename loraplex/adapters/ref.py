@@ -77,10 +77,10 @@ def parse_ref(adapter_id: str, source: str | None = None, default_source: str = 
     if not isinstance(adapter_id, str) or not adapter_id:
         raise AdapterIdInvalid(f"an adapter id must be a non-empty string, got {adapter_id!r}")
     if len(adapter_id) > MAX_ADAPTER_ID_CHARS:
-        raise AdapterIdInvalid(f"adapter id {_shown(adapter_id)} has {len(adapter_id)} characters; at most "
+        raise AdapterIdInvalid(f"adapter id {shown_id(adapter_id)} has {len(adapter_id)} characters; at most "
                                f"{MAX_ADAPTER_ID_CHARS} are allowed")
     if not adapter_id.isprintable():
-        raise AdapterIdInvalid(f"adapter id {_shown(adapter_id)} contains control characters")
+        raise AdapterIdInvalid(f"adapter id {shown_id(adapter_id)} contains control characters")
     if source is None:
         source = "s3" if adapter_id.startswith(S3_SCHEME) else default_source
     if source == "local":
@@ -95,8 +95,9 @@ def parse_ref(adapter_id: str, source: str | None = None, default_source: str = 
     return AdapterRef(source, adapter_id)  # a registered source: its own naming rules, checked when it resolves
 
 
-def _shown(adapter_id: str) -> str:
-    """The id quoted in an error: escaped (no control characters reach a log) and cut short."""
+def shown_id(adapter_id: str) -> str:
+    """An adapter id as an error message or a log line quotes it (ids come from clients): escaped, so no
+    control character reaches a log, and cut short."""
     return repr(adapter_id[:_SHOWN_CHARS]) + ("..." if len(adapter_id) > _SHOWN_CHARS else "")
 
 
@@ -104,22 +105,22 @@ def _segments(path: str, adapter_id: str) -> list[str]:
     """`path`'s '/'-separated names, without empty and `.` ones (`./a//b/` is `a/b`); `..` is refused."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise AdapterIdInvalid(f"adapter id {_shown(adapter_id)} may not contain '..'")
+        raise AdapterIdInvalid(f"adapter id {shown_id(adapter_id)} may not contain '..'")
     if not parts:
-        raise AdapterIdInvalid(f"adapter id {_shown(adapter_id)} names no folder")
+        raise AdapterIdInvalid(f"adapter id {shown_id(adapter_id)} names no folder")
     return parts
 
 
 def _local_id(adapter_id: str, paths: bool) -> str:
     absolute = adapter_id.startswith(("/", "~"))
     if absolute and not paths:
-        raise AdapterIdInvalid(f"local adapter {_shown(adapter_id)} is a path; this server serves local adapters "
+        raise AdapterIdInvalid(f"local adapter {shown_id(adapter_id)} is a path; this server serves local adapters "
                                f"by name (a folder under its adapter roots, e.g. 'team/name')")
     parts = _segments(adapter_id, adapter_id)
     if not paths:
         bad = next((p for p in parts if not _LOCAL_SEGMENT.fullmatch(p)), None)
         if bad is not None:
-            raise AdapterIdInvalid(f"local adapter id {_shown(adapter_id)}: the name {_shown(bad)} may use only "
+            raise AdapterIdInvalid(f"local adapter id {shown_id(adapter_id)}: the name {shown_id(bad)} may use only "
                                    f"letters, digits and '_', '-', '.', '+', '@', and may not start with '.'")
     return ("/" if adapter_id.startswith("/") else "") + "/".join(parts)
 
@@ -128,7 +129,7 @@ def _hub_id(repo: str, adapter_id: str) -> str:
     names = repo.split("/")
     if not 1 <= len(names) <= 2 or len(repo) > 96 or not all(_HUB_NAME.fullmatch(n) for n in names) \
             or "--" in repo or ".." in repo or repo.endswith(".git"):
-        raise AdapterIdInvalid(f"hub adapter id {_shown(adapter_id)} is not a Hugging Face repo id: 'org/name' "
+        raise AdapterIdInvalid(f"hub adapter id {shown_id(adapter_id)} is not a Hugging Face repo id: 'org/name' "
                                f"(letters, digits, '-', '_', '.', at most 96 characters) with an optional "
                                f"'@revision'")
     return repo
@@ -136,7 +137,7 @@ def _hub_id(repo: str, adapter_id: str) -> str:
 
 def _hub_revision(revision: str, adapter_id: str) -> str:
     if revision and (not _HUB_REVISION.fullmatch(revision) or ".." in revision or revision.endswith(("/", ".lock"))):
-        raise AdapterIdInvalid(f"hub adapter id {_shown(adapter_id)}: {_shown(revision)} is not a branch, tag "
+        raise AdapterIdInvalid(f"hub adapter id {shown_id(adapter_id)}: {shown_id(revision)} is not a branch, tag "
                                f"or commit name")
     return revision
 
@@ -144,10 +145,10 @@ def _hub_revision(revision: str, adapter_id: str) -> str:
 def _s3_id(path: str, adapter_id: str) -> str:
     bucket, _, prefix = path.partition("/")
     if not _S3_BUCKET.fullmatch(bucket) or ".." in bucket:
-        raise AdapterIdInvalid(f"s3 adapter id {_shown(adapter_id)}: {_shown(bucket)} is not an S3 bucket name "
+        raise AdapterIdInvalid(f"s3 adapter id {shown_id(adapter_id)}: {shown_id(bucket)} is not an S3 bucket name "
                                f"(3-63 lowercase letters, digits, '.' and '-')")
     if not prefix.strip("/"):
         return bucket
     if "//" in prefix.strip("/") or any(p in (".", "..") for p in prefix.split("/")):
-        raise AdapterIdInvalid(f"s3 adapter id {_shown(adapter_id)}: the prefix may not hold empty, '.' or '..' parts")
+        raise AdapterIdInvalid(f"s3 adapter id {shown_id(adapter_id)}: the prefix may not hold empty, '.' or '..' parts")
     return f"{bucket}/{prefix.strip('/')}"

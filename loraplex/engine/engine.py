@@ -9,7 +9,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 import torch
 
 from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
-from loraplex.adapters.ref import parse_ref
+from loraplex.adapters.ref import parse_ref, shown_id
 from loraplex.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
@@ -28,7 +28,6 @@ from loraplex.sampling.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 LOAD_POLL_S = 0.05
-_MAX_NAME_CHARS = 80  # of an adapter id quoted in an error message (ids come from clients)
 
 
 class EngineStepError(Exception):
@@ -294,8 +293,7 @@ def _adapter_error(name: str, error: Exception) -> AdapterError:
     whatever the load raised, naming the adapter but not the server's paths (the log has the rest)."""
     if isinstance(error, AdapterError):
         return error
-    log.warning("adapter %r failed to load: %r", name[:_MAX_NAME_CHARS], error)  # one line: clients choose ids
-    shown = name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS] + "..."
-    wrapped = AdapterError(f"adapter {shown!r} could not be loaded ({type(error).__name__})")
+    log.warning("adapter %s failed to load: %r", shown_id(name), error)
+    wrapped = AdapterError(f"adapter {shown_id(name)} could not be loaded ({type(error).__name__})")
     wrapped.__cause__ = error
     return wrapped

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.adapters.ref import shown_id
 from loraplex.engine.request import TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loraplex.engine.sequence import Sequence
@@ -222,7 +223,6 @@ class ModelRunner:
 
 def _non_finite_logits(seq: Sequence) -> Exception:
     if seq.adapter is not None:
-        name = seq.adapter.id if len(seq.adapter.id) <= 80 else seq.adapter.id[:80] + "..."
-        return AdapterInvalid(f"adapter {name!r} produced non-finite logits (NaN or infinity): its weights "
+        return AdapterInvalid(f"adapter {shown_id(seq.adapter.id)} produced non-finite logits (NaN or infinity): its weights "
                               "overflow this model's activations")
     return FloatingPointError("the model produced non-finite logits (NaN or infinity) for this request")
