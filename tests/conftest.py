@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig
+
+from tests.helpers import TINY, save_tiny
 
 
 @pytest.fixture(scope="session")
@@ -26,5 +29,22 @@ def two_torch_threads() -> Iterator[None]:
     machine (the count new threads start with follows this setting)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (tests.helpers.TINY) saved as an HF folder, one per test module that asks."""
+    return save_tiny(LlamaConfig(**TINY), tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch at one thread. A tiny model gains nothing from a second intra-op thread, and on a shared
+    2-core machine each of the hundreds of small copies of a slot load can wait for that thread to be
+    scheduled (seconds per load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)

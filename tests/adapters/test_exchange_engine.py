@@ -14,13 +14,12 @@ import math
 import random
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save as save_safetensors
-from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
 from loraplex.adapters import sources
@@ -32,7 +31,9 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.request import RequestOutput
 from loraplex.lora.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, AdapterInvalid, AdapterNotFound
 from tests.adapters.adapter_files import adapter_files, parse, write_adapter
-from tests.helpers import TINY, save_tiny
+from tests.helpers import TINY
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_ADAPTERS = 200
 SLOTS = 8
@@ -43,19 +44,6 @@ PARAMS = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPTS = [[3, 17, 101, 44, 9], [250, 7, 7, 311, 60, 2, 19], [88, 400, 5], [12, 13, 14, 15, 16, 17]]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # A tiny model gains nothing from a second intra-op thread, and on a shared 2-core machine each of the
-    # hundreds of small copies of a slot load can wait for that thread to be scheduled (seconds per load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny(LlamaConfig(**TINY, architectures=["LlamaForCausalLM"]), tmp_path_factory.mktemp("base"))
 
 
 def _drain(engine: Engine, pending: list[tuple[str, list[int], str | None]] | None = None,

@@ -8,18 +8,12 @@ import random
 
 import pytest
 from peft import LoraConfig
-from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
-from tests.helpers import TINY, save_tiny
 from tests.lora.peft_fixtures import make_adapter
 
 RANKS = [4, 8, 12, 16, 24, 32, 40, 48, 64]
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_tiny(LlamaConfig(**TINY), tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
 from loraplex.adapters import sources
@@ -32,7 +31,8 @@ from loraplex.engine.request import RequestOutput
 from loraplex.lora.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, AdapterInvalid
 from loraplex.lora.merge import MergeSpec
 from tests.adapters.adapter_files import adapter_files, write_adapter
-from tests.helpers import TINY, save_tiny
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = [[3, 17, 101, 44, 9], [250, 7, 7, 311, 60, 2, 19], [88, 400, 5], [12, 13, 14, 15, 16, 17]]
@@ -47,17 +47,6 @@ LOAD_ERRORS: dict[str, Exception] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny(LlamaConfig(**TINY, architectures=["LlamaForCausalLM"]), tmp_path_factory.mktemp("base"))
 
 
 class RaisingSource:

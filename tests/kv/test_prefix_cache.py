@@ -9,19 +9,13 @@ import shutil
 
 import pytest
 from peft import LoraConfig
-from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
-from tests.helpers import TINY, save_tiny
 from tests.lora.peft_fixtures import make_adapter
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPT = [(7 * i) % 500 + 1 for i in range(18)]  # 4 full blocks of 4 tokens + 2
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_tiny(LlamaConfig(**TINY), tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

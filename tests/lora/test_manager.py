@@ -8,20 +8,14 @@ import shutil
 
 import pytest
 from peft import LoraConfig
-from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
 from loraplex.lora import AdapterError
-from tests.helpers import TINY, save_tiny
 from tests.lora.peft_fixtures import make_adapter
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PARAMS = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_tiny(LlamaConfig(**TINY), tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
