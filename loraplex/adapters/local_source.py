@@ -67,15 +67,19 @@ class LocalSource:
         return next((root for root in self.roots or () if path.is_relative_to(root)), None)
 
     def _stamp(self, folder: Path, adapter_id: str) -> str:
+        """Digest of (name, size, mtime_ns) of the folder's files, from one listing; with roots, a file
+        that links outside them is refused."""
+        try:
+            files = [f for f in folder.iterdir() if f.is_file()]
+            entries = sorted((f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
+        except OSError:
+            raise AdapterNotFound(f"local adapter {adapter_id!r}: its folder cannot be listed") from None
         if self.roots is not None:
-            for file in _files(folder):
-                if self.root_of(_real(file, adapter_id)) is None:
-                    raise AdapterNotFound(f"local adapter {adapter_id!r}: its file {file.name!r} links outside "
-                                          f"the adapter roots")
-        stamp = file_stamp(folder)
-        if stamp is None:
-            raise AdapterNotFound(f"local adapter {adapter_id!r}: its folder cannot be listed")
-        return stamp
+            outside = next((f for f in files if self.root_of(_real(f, adapter_id)) is None), None)
+            if outside is not None:
+                raise AdapterNotFound(f"local adapter {adapter_id!r}: its file {outside.name!r} links outside "
+                                      f"the adapter roots")
+        return "stamp-" + hashlib.sha256(repr(entries).encode()).hexdigest()
 
 
 def _real(path: Path, adapter_id: str) -> Path:
@@ -91,19 +95,3 @@ def _is_dir(path: Path) -> bool:
     except (OSError, ValueError):  # a name too long for the file system, say
         return False
 
-
-def _files(folder: Path) -> list[Path]:
-    try:
-        return [f for f in folder.iterdir() if f.is_file()]
-    except OSError:
-        return []
-
-
-def file_stamp(folder: Path) -> str | None:
-    """Digest of (name, size, mtime_ns) of the folder's files; None when it cannot be listed."""
-    try:
-        entries = sorted((f.name, st.st_size, st.st_mtime_ns) for f in folder.iterdir()
-                         if f.is_file() for st in [f.stat()])
-    except OSError:
-        return None
-    return "stamp-" + hashlib.sha256(repr(entries).encode()).hexdigest()
