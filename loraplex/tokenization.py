@@ -74,16 +74,19 @@ def tool_call_text(name: str, arguments: Any) -> str:
 def _text_tool_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     names: dict[Any, Any] = {}  # call id → function name, so a result can say which function it answers
+    results_open = False  # the last turn out is a user turn of tool results that the next result joins
     for m in messages:
         if m["role"] == "tool":
             name = names.get(m.get("tool_call_id"), m.get("name"))
             result = json.dumps({"name": name, "content": _content(m)} if name else {"content": _content(m)})
             block = "<tool_response>\n" + result + "\n</tool_response>"
-            if out and out[-1].get("_tool_results"):
+            if results_open:
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "_tool_results": True})
+                out.append({"role": "user", "content": block})
+            results_open = True
             continue
+        results_open = False
         text = _content(m)
         calls = m.get("tool_calls") or []
         for c in calls:
@@ -92,4 +95,4 @@ def _text_tool_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             blocks = [tool_call_text(c.get("function", {}).get("name"), _arguments(c)) for c in calls]
             text = "\n".join([text, *blocks] if text else blocks)
         out.append({k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")} | {"content": text})
-    return [{k: v for k, v in m.items() if k != "_tool_results"} for m in out]
+    return out
