@@ -138,7 +138,7 @@ def measure(engine: Engine, folder: Path, rank: int, repeats: int) -> RankTiming
     if loader.stats().host_hits < repeats:
         raise RuntimeError(f"warm loads missed the host tier: {loader.stats()}")
     _to_slot(manager, loaded)
-    seq = Sequence("bench", [1], SamplingParams(), 0, torch.Generator())
+    seq = Sequence("bench", [1], SamplingParams(), 0)
     seq.adapter = loaded.identity
     hot = []
     for _ in range(repeats):

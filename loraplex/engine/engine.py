@@ -6,8 +6,6 @@ import logging
 import random
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
-import torch
-
 from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
 from loraplex.adapters.ref import parse_ref, shown_id
 from loraplex.config import EngineConfig
@@ -15,6 +13,7 @@ from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.engine.step_timer import NO_TIMER, NullTimer
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
 from loraplex.lora.adapter import AdapterError
 from loraplex.lora.manager import LoRAManager
@@ -62,6 +61,8 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
                                    enable_prefix_caching=config.cache.enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv_cache, device)
+        self.timer: NullTimer = NO_TIMER
+        """Times each step's phases when set to a `StepTimer` (loraplex.bench.overhead)."""
         self._seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
         log.info("loaded %s (%s) on %s as %s; %d KV blocks of %d tokens", self.model_name, cfg.architecture,
@@ -87,9 +88,8 @@ class Engine:
             prompt_token_ids = prompt_token_ids[-truncate:]
         self._check_lengths(prompt_token_ids, params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
-        seq = Sequence(request_id, list(prompt_token_ids), params, seed, generator, detok, prompt)
+        seq = Sequence(request_id, list(prompt_token_ids), params, seed, detok, prompt)
         if params.prompt_logprobs:
             seq.prompt_logprobs = [None] * len(prompt_token_ids)
         if params.json_schema is not None:
@@ -164,6 +164,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token or finished
         (including requests whose adapter failed to load, with `error` set)."""
+        timer = self.timer
+        timer.start()
         self._admit_loaded()
         sched = self.scheduler.schedule()
         failed, self._failed = self._failed, []
@@ -171,15 +173,20 @@ class Engine:
             if self._loading and not failed:  # only loads pending: wait for one rather than spin
                 wait([f for _, f, _ in self._loading.values()], timeout=LOAD_POLL_S, return_when=FIRST_COMPLETED)
             return failed
+        timer.lap("schedule")
         # A failure of the batch as a whole (the forward pass) raises; one of a request's own (its inputs,
         # its logits, its sampling) comes back in `broken` and ends that request alone.
-        sampled, result, broken = self.runner.execute(sched)
+        sampled, result, broken = self.runner.execute(sched, timer)
+        timer.lap("sample")
         broken_seqs = {seq for seq, _ in broken}
         for chunk in sched.chunks:
             if chunk.seq not in broken_seqs:  # a broken chunk's KV was not computed: never cache it
                 chunk.seq.num_computed_tokens += chunk.num_new_tokens
         failed += [self._fail(seq, error) for seq, error in broken]
-        return failed + self._postprocess(sampled, result)
+        outputs = failed + self._postprocess(sampled, result)
+        timer.lap("postprocess")
+        timer.stop(sched)
+        return outputs
 
     def wait_for_adapter_loads(self, timeout: float | None = None) -> None:
         """Block until every pending adapter load has finished, and admit those requests (tests, warm-up)."""
@@ -262,10 +269,11 @@ class Engine:
             reason: FinishReason | None = FinishReason.EOS_TOKEN
         else:
             if detok is not None:
-                detok.add_tokens([token])
-            if detok is not None and detok.stop_matched is not None:
-                return FinishReason.STOP_SEQUENCE
-            full = len(seq.output_token_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len
+                detok.add_token(token)
+                if detok.stop_matched is not None:
+                    return FinishReason.STOP_SEQUENCE
+            num_output = len(seq.output_token_ids)
+            full = num_output >= params.max_new_tokens or len(seq.prompt_token_ids) + num_output >= self.max_model_len
             reason = FinishReason.LENGTH if full else None
             if seq.grammar is not None and seq.grammar.done:  # the JSON is complete; only EOS could follow
                 reason = FinishReason.EOS_TOKEN

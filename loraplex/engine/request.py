@@ -91,10 +91,21 @@ class SamplingParams:
             from loraplex.sampling.structured import check_json_schema
 
             check_json_schema(self.json_schema)
+        # Not a field: read by the sampler for every row at every step, so computed once.
+        object.__setattr__(self, "plain_greedy", self.greedy and self.logprobs is None and not self.penalized)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty or the watermark changes the logits."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.watermark)
+
+    plain_greedy: bool = field(init=False, repr=False, compare=False, default=False)
+    """Greedy with no penalty and no logprobs: the token is the argmax of the raw logits."""
 
 
 def _finite(x: object) -> bool:

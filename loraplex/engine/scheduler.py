@@ -91,7 +91,7 @@ if TYPE_CHECKING:
     from loraplex.adapters.ref import AdapterIdentity
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
     num_new_tokens: int
@@ -223,8 +223,11 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self._step += 1
-        for seq in self.running:
-            self._cache_computed_blocks(seq)
+        if self.enable_prefix_caching:
+            bs = self.block_size
+            for seq in self.running:
+                if seq.num_computed_tokens // bs > seq.num_cached_blocks:
+                    self._cache_computed_blocks(seq)
         out = SchedulerOutput()
         budget = _StepBudget(self.config.max_num_batched_tokens, self.config.prefill_token_budget,
                              sum(s.num_computed_tokens for s in self.running), self.config.max_batch_total_tokens)
@@ -238,23 +241,44 @@ class Scheduler:
         budget.tokens -= held_back
         budget.prefill -= held_back
         order = sorted(self.running, key=lambda s: s is not senior)  # the senior first in its pass
-        for decodes in (True, False):
-            if not decodes:
-                budget.tokens += held_back
-                budget.prefill += held_back
-            for seq in order:
-                if seq.status is not SequenceStatus.RUNNING or seq.is_decode is not decodes:
-                    continue  # preempted earlier in this loop, or not in this pass
-                n = self._chunk_size(seq, seq.num_tokens - seq.num_computed_tokens, budget)
-                if n > 0 and self._reserve(seq, n, out, budget):
-                    out.chunks.append(ScheduledChunk(seq, n))
-                    budget.take(seq, n)
+        self._schedule_decodes(order, out, budget)
+        budget.tokens += held_back
+        budget.prefill += held_back
+        for seq in order:
+            if seq.status is not SequenceStatus.RUNNING or seq.is_decode:
+                continue  # preempted earlier in this step, or a decode (scheduled above)
+            n = self._chunk_size(seq, seq.num_tokens - seq.num_computed_tokens, budget)
+            if n > 0 and self._reserve(seq, n, out, budget):
+                out.chunks.append(ScheduledChunk(seq, n))
+                budget.take(seq, n)
         if len(out.preempted) == rotated:  # after a KV preemption there is no room to spare for newcomers
             self._admit(out, budget)
         # Single-token decodes first (the runner attends to them in one batched call), grouped by
         # adapter slot so each adapter's tokens form one segment for the LoRA ops.
         out.chunks.sort(key=lambda c: (c.num_new_tokens != 1, c.seq.lora_slot))
         return out
+
+    def _schedule_decodes(self, order: list[Sequence], out: SchedulerOutput, budget: _StepBudget) -> None:
+        """One token for each running decode in `order`, as `_chunk_size` and `_reserve` would give it, with
+        the common case (a token budget left, no new block needed, under the cap) done inline: this loop
+        runs for every running request at every step."""
+        bs, running, cap = self.block_size, SequenceStatus.RUNNING, budget.held_cap
+        chunks = out.chunks
+        for seq in order:
+            if seq.status is not running or not seq.output_token_ids:
+                continue
+            computed = seq.num_computed_tokens
+            if computed != len(seq.prompt_token_ids) + len(seq.output_token_ids) - 1:
+                continue  # not a decode: the prompt pass takes it
+            if budget.tokens <= 0:
+                continue
+            # Mid-block, the token's slot is in a block it holds; only a block boundary or the cap needs `_reserve`.
+            if (computed % bs == 0 or (cap is not None and budget.held + 1 > cap)) and not self._reserve(
+                    seq, 1, out, budget):
+                continue
+            chunks.append(ScheduledChunk(seq, 1))
+            budget.tokens -= 1
+            budget.held += 1
 
     def _find_senior(self) -> Sequence | None:
         """The unfinished request that arrived first (each queue is in arrival order)."""

@@ -1,12 +1,10 @@
-"""A request's mutable state inside the engine: its tokens, KV blocks, progress and random stream."""
+"""A request's mutable state inside the engine: its tokens, KV blocks, progress and seed."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import torch
 
 from loraplex.engine.request import FinishReason, SamplingParams, TokenLogprob
 
@@ -30,7 +28,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int
-    generator: torch.Generator
+    """Its draws' seed: the token of step t is drawn at a uniform number hashed from (seed, t)."""
     detokenizer: IncrementalDetokenizer | None = None
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
@@ -68,6 +66,13 @@ class Sequence:
     def is_decode(self) -> bool:
         """Whether the next step computes just the last sampled token (anything else is prefill)."""
         return bool(self.output_token_ids) and self.num_computed_tokens == self.num_tokens - 1
+
+    def token_at(self, i: int) -> int:
+        """Token i >= 0 of prompt + output."""
+        n = len(self.prompt_token_ids)
+        if i < 0:
+            raise IndexError(f"token {i} of a sequence of {self.num_tokens}")
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the whole history."""

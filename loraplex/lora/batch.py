@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 EMPTY_SLOT = -1
@@ -38,34 +39,29 @@ class LoRABatch:
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device | str) -> LoRABatch:
         """Segment `token_slots` (one slot per token, EMPTY_SLOT for none) into runs of equal slots."""
-        for slot in token_slots:
-            if slot < EMPTY_SLOT:
-                raise ValueError(f"token slot must be >= {EMPTY_SLOT}, got {slot}")
-        starts: list[int] = []
-        lens: list[int] = []
-        slots: list[int] = []
-        run_start = 0
-        for i in range(1, len(token_slots) + 1):
-            if i == len(token_slots) or token_slots[i] != token_slots[run_start]:
-                if token_slots[run_start] != EMPTY_SLOT:
-                    starts.append(run_start)
-                    lens.append(i - run_start)
-                    slots.append(token_slots[run_start])
-                run_start = i
-        active = sorted(set(slots))
+        slots_np = np.asarray(token_slots, dtype=np.int64)  # [num_tokens]
+        if slots_np.size and slots_np.min() < EMPTY_SLOT:
+            raise ValueError(f"token slot must be >= {EMPTY_SLOT}, got {int(slots_np.min())}")
+        # Runs start where the slot changes; the empty slot's runs are no segments.
+        run_starts = np.flatnonzero(np.diff(slots_np, prepend=EMPTY_SLOT - 1))  # [num_runs]
+        run_lens = np.diff(run_starts, append=slots_np.size)
+        run_slots = slots_np[run_starts]
+        keep = run_slots != EMPTY_SLOT
+        starts, lens, slots = run_starts[keep], run_lens[keep], run_slots[keep]
+        active = np.unique(slots)
 
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
+        def as_tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(values.astype(np.int64, copy=False)).to(device)
 
         return cls(
-            token_slots=as_tensor(token_slots),
+            token_slots=as_tensor(slots_np),
             seg_starts=as_tensor(starts),
             seg_lens=as_tensor(lens),
             seg_slots=as_tensor(slots),
             active_slots=as_tensor(active),
-            seg_starts_list=starts,
-            seg_lens_list=lens,
-            seg_slots_list=slots,
-            active_slots_list=active,
-            has_lora=bool(slots),
+            seg_starts_list=starts.tolist(),
+            seg_lens_list=lens.tolist(),
+            seg_slots_list=slots.tolist(),
+            active_slots_list=active.tolist(),
+            has_lora=bool(slots.size),
         )

@@ -7,15 +7,18 @@ a whole (the forward pass) raises, so one request can never fail the others.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from loraplex.adapters.ref import shown_id
 from loraplex.engine.request import TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loraplex.engine.sequence import Sequence
+from loraplex.engine.step_timer import NO_TIMER, NullTimer
 from loraplex.kv.block_pool import KVCache
 from loraplex.lora.adapter import AdapterInvalid
 from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
@@ -55,19 +58,21 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledChunk], SamplerOutput | None, Broken]:
+    def execute(self, sched: SchedulerOutput, timer: NullTimer = NO_TIMER
+                ) -> tuple[list[ScheduledChunk], SamplerOutput | None, Broken]:
         """Run one step; returns the chunks that sampled a token, the sampler's output for them, and the
-        requests that failed on their own (left out of the step). A failure of the whole batch raises."""
+        requests that failed on their own (left out of the step). A failure of the whole batch raises.
+        `timer` gets a lap as the inputs and the forward end (the caller's next lap is the sampling's)."""
         inputs = self.prepare(sched)
+        timer.lap("inputs")
         broken = list(inputs.broken)
         if not inputs.input_ids.numel():
             return [], None, broken
         logits = self.forward(inputs)
-        if logits is None:
-            return [], None, broken
-        if inputs.scored:
+        if logits is not None and inputs.scored:
             logits = self._score_prompts(logits, inputs.scored)
-        if not inputs.sampled:
+        timer.lap("forward")
+        if logits is None or not inputs.sampled:
             return [], None, broken
         sampled, logits = self._finite_rows(inputs.sampled, logits, broken)
         if not sampled:
@@ -79,8 +84,8 @@ class ModelRunner:
                 return [], None, broken + [(sampled[0].seq, e)]
             log.warning("sampling a batch of %d failed (%r); sampling its rows one by one", len(sampled), e)
         # Some row's own state (its grammar, its parameters) broke the batch: each row alone finds which. A
-        # row's token depends only on its logits and its generator, and every per-row processor runs
-        # before the random draws, so the rows that succeed get exactly the tokens the batch would give.
+        # row's token depends only on its logits, its seed and its step, and every per-row processor runs
+        # before the draws, so the rows that succeed get exactly the tokens the batch would give.
         kept: list[ScheduledChunk] = []
         token_ids: list[int] = []
         logprobs: list[TokenLogprob | None] = []
@@ -97,8 +102,7 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         mask = token_mask([s.grammar for s in seqs], logits.shape[-1], self.device)
-        return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                            [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs], mask)
+        return self.sampler(logits, seqs, mask)
 
     @staticmethod
     def _finite_rows(sampled: list[ScheduledChunk], logits: torch.Tensor,
@@ -146,7 +150,7 @@ class ModelRunner:
 
     def _lora_batch(self, slots: list[int]) -> LoRABatch | None:
         # Base-model-only steps build no LoRA metadata at all: the wrappers see None and add nothing.
-        if all(slot == EMPTY_SLOT for slot in slots):
+        if slots.count(EMPTY_SLOT) == len(slots):
             return None
         return LoRABatch.from_token_slots(slots, self.device)
 
@@ -167,8 +171,28 @@ class ModelRunner:
         broken: Broken = []
         long_from = getattr(self.model.rope, "long_from", None)
         for chunk in sched.chunks:
-            seq, start, n = chunk.seq, chunk.start, chunk.num_new_tokens
+            seq, n = chunk.seq, chunk.num_new_tokens
+            start = seq.num_computed_tokens
             table = seq.block_table
+            if n == 1 and long_from is None and seq.prompt_logprobs is None:
+                # The common row, a decode (or a prompt's last token), inline: this runs for every request
+                # at every step. Its token and KV slot come first, so a broken row appends nothing.
+                try:
+                    token = seq.token_at(start)
+                    slot = table[start // bs] * bs + start % bs
+                except Exception as e:
+                    broken.append((seq, e))
+                    continue
+                ids.append(token)
+                positions.append(start)
+                slots.append(slot)
+                token_slots.append(seq.lora_slot)
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+                if start + 1 == len(seq.prompt_token_ids) + len(seq.output_token_ids):  # reaches the end: it samples
+                    sample_rows.append(len(ids) - 1)
+                    sampled.append(chunk)
+                continue
             try:  # what may fail for one request's own state is built before anything is appended
                 chunk_ids = seq.tokens(start, start + n)
                 chunk_slots = [table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -196,13 +220,11 @@ class ModelRunner:
                 last = min(start + n, len(seq.prompt_token_ids) - 1)
                 score_rows += range(q_start, q_start + max(0, last - start))
                 scored += [(seq, p) for p in range(start, last)]
-        width = max((len(t) for t in decode_tables), default=0)
         device = self.device
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode=len(decode_tables),
-            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
-                                             dtype=torch.long, device=device).view(len(decode_tables), width),
+            decode_block_tables=_padded(decode_tables, device),
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
             prefills=prefills,
         )
@@ -219,6 +241,17 @@ class ModelRunner:
             scored=scored,
             broken=broken,
         )
+
+
+def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[len(tables), longest] long: the block tables, each padded with block 0 (one fill, no per-row lists)."""
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    width = int(lengths.max()) if len(tables) else 0
+    out = np.zeros((len(tables), width), dtype=np.int64)
+    # Row-major order of the cells left of each row's length is exactly the tables' concatenation.
+    out[np.arange(width) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64,
+                                                           count=int(lengths.sum()))
+    return torch.from_numpy(out).to(device)
 
 
 def _non_finite_logits(seq: Sequence) -> Exception:

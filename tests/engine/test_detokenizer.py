@@ -4,13 +4,22 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine import detokenizer
+from loraplex.engine.detokenizer import IncrementalDetokenizer, byte_table
 from loraplex.engine.request import SamplingParams
 
 # Multi-byte characters of every UTF-8 length: 2 (accents), 3 (CJK), 4 (emoji).
 PIECES = ["héllo", " wörld", " café", " naïve", " 😀", "🎉", " 日本語", "の", " 中文", " über", " the", " fox",
           " quick", "!", " ", "\n", "ß", "🚀🚀", " façade", " dog", "漢"]
 EOS, SPECIAL = "<|endoftext|>", "<|im_start|>"
+
+
+@pytest.fixture(autouse=True, params=["byte table", "decode window"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both paths: the byte-level table, and the decode window every tokenizer has."""
+    if request.param == "decode window":
+        monkeypatch.setattr(detokenizer, "byte_table", lambda *args: None)
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +173,42 @@ def test_prompt_context_keeps_leading_space_of_sentencepiece_tokens() -> None:
     assert detok.add_tokens([1]) == " world"
     assert detok.add_tokens([1]) == " world"
     assert IncrementalDetokenizer(tokenizer, [], SamplingParams()).add_tokens([1, 1]) == "world world"
+
+
+def test_byte_level_tokenizers_get_a_table_and_others_none(tokenizer: PreTrainedTokenizerFast) -> None:
+    table = byte_table(tokenizer, skip_special_tokens=True)
+    assert table is not None and len(table) == len(tokenizer)
+    assert table[tokenizer.convert_tokens_to_ids(SPECIAL)] == ""
+    assert byte_table(tokenizer, skip_special_tokens=False)[tokenizer.convert_tokens_to_ids(SPECIAL)] == SPECIAL
+    assert any(isinstance(piece, bytes) for piece in table)  # parts of multi-byte characters
+    word_level = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert byte_table(PreTrainedTokenizerFast(tokenizer_object=word_level), True) is None
+    metaspace = Tokenizer(models.BPE())
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace()
+    metaspace.decoder = decoders.Metaspace()
+    metaspace.train_from_iterator(["hello world"] * 4, trainers.BpeTrainer(vocab_size=40))
+    assert byte_table(PreTrainedTokenizerFast(tokenizer_object=metaspace), True) is None
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_demo_tokenizer_random_ids_decode_as_the_tokenizer_does(demo_model_path, decode_path: str,
+                                                                 skip: bool) -> None:
+    # Random ids, many of them byte tokens: split and invalid UTF-8, special tokens. The text equals the
+    # tokenizer's decode of the ids, except a last character still missing bytes (held back).
+    from loraplex.model.loader import open_checkpoint
+
+    tok = open_checkpoint(demo_model_path).tokenizer
+    assert tok is not None
+    if decode_path == "byte table":
+        assert byte_table(tok, skip) is not None
+    rng = random.Random(int(skip))
+    for _ in range(150):
+        ids = [rng.randrange(len(tok)) if rng.random() < 0.5 else rng.randrange(300) for _ in range(rng.randrange(1, 30))]
+        detok = IncrementalDetokenizer(tok, [5, 6, 7], SamplingParams(skip_special_tokens=skip))
+        deltas = [detok.add_tokens([i]) for i in ids]
+        deltas.append(detok.flush())
+        want = tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        assert "".join(deltas) == detok.text
+        held = want[len(detok.text):]
+        assert want.startswith(detok.text) and set(held) <= {"\ufffd"} and len(held) <= 3, (ids, detok.text, want)

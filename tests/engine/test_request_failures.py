@@ -136,7 +136,8 @@ def _raise_injected(*args: Any, **kwargs: Any) -> Any:
 
 
 def _break_inputs(engine: Engine, request_id: str) -> None:
-    engine._seqs[request_id].tokens = _raise_injected  # type: ignore[method-assign]
+    seq = engine._seqs[request_id]
+    seq.tokens = seq.token_at = _raise_injected  # type: ignore[method-assign]
 
 
 class BrokenDetokenizer:
@@ -156,10 +157,10 @@ def _break_sampling(engine: Engine, request_id: str) -> None:
     victim = engine._seqs[request_id].params
     sampler = engine.runner.sampler
 
-    def sample(logits: torch.Tensor, params: list[SamplingParams], *rest: Any) -> Any:
-        if any(p is victim for p in params):
+    def sample(logits: torch.Tensor, rows: list[Any], *rest: Any) -> Any:
+        if any(r.params is victim for r in rows):
             raise RuntimeError("injected failure")
-        return sampler(logits, params, *rest)
+        return sampler(logits, rows, *rest)
 
     engine.runner.sampler = sample  # type: ignore[assignment]
 

@@ -10,7 +10,6 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 from loraplex.adapters.ref import AdapterIdentity
 from loraplex.config import SchedulerConfig
@@ -86,7 +85,7 @@ class FakeRunner:
 
 
 def make_seq(request_id: str, prompt: list[int], max_new_tokens: int, adapter: AdapterIdentity | None) -> Sequence:
-    seq = Sequence(request_id, prompt, SamplingParams(max_new_tokens=max_new_tokens), 0, torch.Generator())
+    seq = Sequence(request_id, prompt, SamplingParams(max_new_tokens=max_new_tokens), 0)
     seq.adapter = adapter
     return seq
 

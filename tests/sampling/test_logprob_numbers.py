@@ -8,12 +8,11 @@ import torch
 
 from loraplex.engine.request import SamplingParams
 from loraplex.sampling import LOGPROB_FLOOR, MIN_TEMPERATURE, Sampler
+from tests.sampling.rows import rows
 
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams]):
-    generators = [torch.Generator().manual_seed(i) for i in range(len(params))]
-    n = len(params)
-    return Sampler()(logits, params, generators, [[1]] * n, [[]] * n)
+    return Sampler()(logits, rows(params))
 
 
 def test_a_tiny_temperature_gives_finite_logprobs_and_the_likeliest_token() -> None:

@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from transformers.generation.logits_process import (
 
 from loraplex.engine.request import SamplingParams
 from loraplex.sampling import Sampler, apply_filters, apply_penalties, apply_temperature
+from loraplex.sampling import sampler as sampler_module
+from loraplex.sampling.sampler import draw, uniforms
+from tests.sampling.rows import Row, rows
 
 VOCAB = 512
 
@@ -121,32 +125,22 @@ def test_frequency_and_presence_penalties_follow_openai_formula() -> None:
     assert ours[0, 40] == logits[0, 40] and ours[0, 41] == logits[0, 41]
 
 
-def _run(
-    sampler: Sampler,
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator],
-    outputs: list[list[int]] | None = None,
-):
-    n = len(params)
-    return sampler(logits, params, generators, [[0, 1]] * n, outputs or [[] for _ in range(n)])
+def _run(sampler: Sampler, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int] | None = None,
+         outputs: list[list[int]] | None = None):
+    return sampler(logits, rows(params, seeds, [[0, 1]] * len(params), outputs))
 
 
-def test_greedy_is_argmax_and_draws_nothing() -> None:
+def test_greedy_is_argmax() -> None:
     logits = _logits(5, seed=5)
-    generators = [torch.Generator().manual_seed(i) for i in range(5)]
-    states = [g.get_state() for g in generators]
-    out = _run(Sampler(), logits, [SamplingParams(temperature=0)] * 5, generators)
+    out = _run(Sampler(), logits, [SamplingParams(temperature=0)] * 5)
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.logprobs == [None] * 5
-    assert all(torch.equal(g.get_state(), s) for g, s in zip(generators, states, strict=True))
 
 
 def test_greedy_with_penalty_is_argmax_of_penalized() -> None:
     logits = torch.zeros(1, 10)
     logits[0, 3], logits[0, 4] = 2.0, 1.9
-    out = _run(Sampler(), logits, [SamplingParams(temperature=0, presence_penalty=0.5)],
-               [torch.Generator()], outputs=[[3]])
+    out = _run(Sampler(), logits, [SamplingParams(temperature=0, presence_penalty=0.5)], outputs=[[3]])
     assert out.token_ids == [4]
 
 
@@ -154,15 +148,15 @@ def test_input_logits_not_modified_and_low_precision_accepted() -> None:
     logits = _logits(2, seed=6)
     before = logits.clone()
     params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=1.0, top_k=5)] * 2
-    _run(Sampler(), logits, params, [torch.Generator(), torch.Generator()], outputs=[[1], [2]])
+    _run(Sampler(), logits, params, outputs=[[1], [2]])
     assert torch.equal(logits, before)
-    out = _run(Sampler(), logits.bfloat16(), params, [torch.Generator(), torch.Generator()])
+    out = _run(Sampler(), logits.bfloat16(), params)
     assert len(out.token_ids) == 2
 
 
 def test_mismatched_batch_raises() -> None:
     with pytest.raises(ValueError, match="batch size"):
-        Sampler()(_logits(2), [SamplingParams()], [torch.Generator()], [[0]], [[]])
+        Sampler()(_logits(2), rows([SamplingParams()]))
 
 
 TARGET = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=1234)
@@ -179,33 +173,61 @@ OTHERS = [
 
 def test_seeded_row_gives_same_tokens_alone_and_batched() -> None:
     steps, slot = 12, 3
-    alone_gen = torch.Generator().manual_seed(1234)
-    batch_gens = [torch.Generator().manual_seed(100 + i) for i in range(8)]
-    batch_gens[slot] = torch.Generator().manual_seed(1234)
-    params = OTHERS[:slot] + [TARGET] + OTHERS[slot:]
-    alone_out: list[int] = []
-    batch_outs: list[list[int]] = [[] for _ in range(8)]
-    sampler = Sampler()
+    alone = Row(TARGET, seed=1234, prompt_token_ids=[1, 2, 3])
+    batch = rows(OTHERS[:slot] + [TARGET] + OTHERS[slot:], seeds=[100 + i for i in range(8)],
+                 prompts=[[1, 2, 3]] * 8)
+    batch[slot].seed = 1234
+    sampler, alone_sampler = Sampler(), Sampler()
     for step in range(steps):
         logits = _logits(8, seed=1000 + step, scale=1.0)
-        a = sampler(logits[slot : slot + 1], [TARGET], [alone_gen], [[1, 2, 3]], [alone_out])
-        b = sampler(logits, params, batch_gens, [[1, 2, 3]] * 8, batch_outs)
-        alone_out = alone_out + a.token_ids
-        batch_outs = [seq + [t] for seq, t in zip(batch_outs, b.token_ids, strict=True)]
-    assert alone_out == batch_outs[slot]
-    assert len(set(alone_out)) > 1
+        a = alone_sampler(logits[slot : slot + 1], [alone])
+        b = sampler(logits, batch)
+        alone.output_token_ids.append(a.token_ids[0])
+        for row, token in zip(batch, b.token_ids, strict=True):
+            row.output_token_ids.append(token)
+    assert alone.output_token_ids == batch[slot].output_token_ids
+    assert len(set(alone.output_token_ids)) > 1
 
 
 def _sequence(seed: int, steps: int = 50) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
     logits = _logits(1, vocab=100, seed=7, scale=0.5)  # flat enough that seeds visibly disagree
-    params = [SamplingParams(temperature=1.0, top_p=0.95)]
-    return [_run(Sampler(), logits, params, [generator]).token_ids[0] for _ in range(steps)]
+    row = Row(SamplingParams(temperature=1.0, top_p=0.95), seed=seed)
+    sampler = Sampler()
+    for _ in range(steps):
+        row.output_token_ids += sampler(logits, [row]).token_ids
+    return row.output_token_ids
 
 
 def test_same_seed_same_sequence_different_seeds_differ() -> None:
     assert _sequence(11) == _sequence(11)
     assert _sequence(11) != _sequence(12)
+    assert len(set(_sequence(11))) > 10  # each step is a new draw, not the first one again
+
+
+def test_uniforms_are_uniform_and_independent_across_seeds_and_steps() -> None:
+    seeds = [s for s in range(200) for _ in range(50)]
+    steps = [t for _ in range(200) for t in range(50)]
+    u = uniforms(seeds, steps)
+    assert u.dtype == torch.float64 and bool(((u >= 0) & (u < 1)).all())
+    assert len(set(u.tolist())) == len(seeds)
+    counts = torch.histc(u.float(), bins=20, min=0, max=1)
+    expected = len(seeds) / 20
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 19 + 6 * math.sqrt(2 * 19), chi2
+    # Neighbouring seeds and steps are uncorrelated.
+    grid = u.view(200, 50)
+    assert abs(float(torch.corrcoef(torch.stack([grid[:-1].flatten(), grid[1:].flatten()]))[0, 1])) < 0.05
+    assert abs(float(torch.corrcoef(torch.stack([grid[:, :-1].flatten(), grid[:, 1:].flatten()]))[0, 1])) < 0.05
+    assert torch.equal(uniforms([7], [3]), uniforms([7, 8], [3, 3])[:1])
+
+
+def test_draw_never_picks_a_zero_probability_token() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    for u in (0.0, 0.25, 0.4999999, 0.5, 0.75, 1 - 2**-53):
+        tokens = draw(probs, torch.full((3,), u, dtype=torch.float64)).tolist()
+        assert tokens[0] in (1, 3) and tokens[1] == 4 and tokens[2] == 0
+    assert draw(probs[:1], torch.tensor([0.49], dtype=torch.float64)).tolist() == [1]
+    assert draw(probs[:1], torch.tensor([0.51], dtype=torch.float64)).tolist() == [3]
 
 
 @pytest.mark.parametrize(
@@ -219,19 +241,21 @@ def test_same_seed_same_sequence_different_seeds_differ() -> None:
 )
 def test_empirical_frequencies_match_filtered_softmax(params: SamplingParams) -> None:
     # Many rows and few steps: the per-call overhead, not the row count, dominates on a CPU.
-    vocab, rows, steps = 24, 6000, 2
-    logits = _logits(1, vocab=vocab, seed=8, scale=1.5).expand(rows, vocab)
-    prompts, outputs = [[0, 5]] * rows, [[] for _ in range(rows)]
-    generators = [torch.Generator().manual_seed(i) for i in range(rows)]
+    vocab, num_rows, steps = 24, 6000, 2
+    logits = _logits(1, vocab=vocab, seed=8, scale=1.5).expand(num_rows, vocab)
+    batch = rows([params] * num_rows, prompts=[[0, 5]] * num_rows)
     counts = torch.zeros(vocab)
     sampler = Sampler()
-    for _ in range(steps):
-        tokens = sampler(logits, [params] * rows, generators, prompts, outputs).token_ids
+    for step in range(steps):
+        # The rows' outputs stay empty (so the penalties stay the same); the step moves via the seeds.
+        for i, row in enumerate(batch):
+            row.seed = step * num_rows + i
+        tokens = sampler(logits, batch).token_ids
         counts += torch.bincount(torch.tensor(tokens), minlength=vocab)
 
-    penalized = apply_penalties(logits[:1], [params], prompts[:1], outputs[:1])
+    penalized = apply_penalties(logits[:1], [params], [[0, 5]], [[]])
     probs = apply_filters(apply_temperature(penalized, [params]), [params]).softmax(-1)[0]
-    expected = probs * rows * steps
+    expected = probs * num_rows * steps
     assert counts[probs == 0].sum() == 0
     kept = probs > 0
     chi2 = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
@@ -249,8 +273,7 @@ def test_logprobs_values_and_alternatives() -> None:
         SamplingParams(temperature=1.0),
     ]
     outputs = [[int(logits[0].argmax())], [4], [], []]
-    gens = [torch.Generator().manual_seed(i) for i in range(4)]
-    out = Sampler()(logits, params, gens, [[1]] * 4, outputs)
+    out = Sampler()(logits, rows(params, outputs=outputs))
 
     penalized = apply_penalties(logits, params, [[1]] * 4, outputs)
     for row, temperature, k in ((0, 0.5, 5), (1, 1.0, 3), (2, 1.0, 0)):
@@ -275,7 +298,7 @@ def test_logprobs_on_every_greedy_row_leave_the_logits_alone() -> None:
     before = logits.clone()
     params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0, logprobs=0),
               SamplingParams(temperature=1.0, top_k=1, logprobs=1)]
-    out = Sampler()(logits, params, [torch.Generator().manual_seed(i) for i in range(3)], [[1]] * 3, [[]] * 3)
+    out = Sampler()(logits, rows(params))
     assert torch.equal(logits, before)
     reference = logits.log_softmax(-1)
     for row, k in enumerate((2, 0, 1)):
@@ -295,8 +318,7 @@ def test_mixed_greedy_and_sampled_batch() -> None:
         SamplingParams(temperature=1.0, top_p=0.5),
         SamplingParams(temperature=1.0, typical_p=0.5),
     ]
-    gens = [torch.Generator().manual_seed(i) for i in range(6)]
-    out = _run(Sampler(), logits, params, gens)
+    out = _run(Sampler(), logits, params)
     argmax = logits.argmax(-1).tolist()
     assert out.token_ids[0] == argmax[0] and out.token_ids[3] == argmax[3]
     assert out.token_ids[1] == argmax[1]
@@ -304,7 +326,64 @@ def test_mixed_greedy_and_sampled_batch() -> None:
     for row in (4, 5):
         allowed = torch.isfinite(apply_filters(logits[row : row + 1], [params[row]]))[0]
         assert allowed[out.token_ids[row]]
-    # Each sampled row matches the same row run alone with a fresh generator of the same seed.
+    # Each sampled row matches the same row run alone with the same seed.
     for row in (2, 4, 5):
-        alone = _run(Sampler(), logits[row : row + 1], [params[row]], [torch.Generator().manual_seed(row)])
+        alone = _run(Sampler(), logits[row : row + 1], [params[row]], seeds=[row])
         assert alone.token_ids[0] == out.token_ids[row]
+
+
+@pytest.mark.parametrize("vocab", [64, 3000])
+def test_fast_top_k_top_p_equals_the_full_sort(vocab: int) -> None:
+    # The candidates path (topk) against the sort of the whole vocabulary, on peaked and flat rows; with
+    # 3000 tokens the flat rows' candidates hold too little mass and fall back to the sort.
+    params = [SamplingParams(top_k=k, top_p=p) for k in (0, 1, 7, 40, vocab + 5) for p in (1.0, 0.95, 0.5, 1e-6)
+              if k or p < 1.0]
+    for seed, scale in ((1, 3.0), (2, 0.05), (3, 1.0)):
+        logits = _logits(len(params), vocab=vocab, seed=seed, scale=scale)
+        fast = sampler_module._top_k_top_p(logits, params)
+        full = sampler_module._top_k_top_p_sorted(logits, params)
+        assert torch.equal(fast.isinf(), full.isinf()), (seed, scale)
+        assert torch.equal(fast[fast.isfinite()], logits[fast.isfinite()])
+
+
+def test_fast_top_k_keeps_ties_like_hf() -> None:
+    # Equal logits: top-k keeps every tie of the k-th, beyond the candidates (HF's rule); top-p keeps as
+    # many of a tie group as HF (which ones is up to the sort, in HF too).
+    logits = torch.zeros(3, 2000)
+    logits[:, :10] = 1.0
+    params = [SamplingParams(top_k=3), SamplingParams(top_k=3, top_p=0.5), SamplingParams(top_p=0.5)]
+    fast = sampler_module._top_k_top_p(logits, params)
+    for row, p in enumerate(params):
+        assert int(fast[row].isfinite().sum()) == int(_hf_warp(logits[row], p).isfinite().sum()), p
+    assert fast[0].isfinite().nonzero().flatten().tolist() == list(range(10))
+    assert int(fast[1].isfinite().sum()) == 5 and bool(fast[1, 10:].isinf().all())
+    # Top-p alone: the ten likelier tokens hold too little mass, the cut falls among the 1,990 others.
+    assert bool(fast[2, :10].isfinite().all()) and 10 < int(fast[2].isfinite().sum()) < 2000
+
+
+def test_penalty_history_equals_the_full_rebuild_as_rows_join_grow_and_leave() -> None:
+    vocab = 50
+    rng = random.Random(0)
+    kinds = [SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=0.7, presence_penalty=0.2),
+             SamplingParams(repetition_penalty=0.8, presence_penalty=-0.5), SamplingParams()]
+    live = [Row(kinds[i % 4], i, [rng.randrange(vocab + 3) for _ in range(5)]) for i in range(6)]
+    history = sampler_module._TokenHistory()
+    for step in range(40):
+        logits = _logits(len(live), vocab=vocab, seed=step)
+        got = history.penalize(logits, live)
+        want = apply_penalties(logits, [r.params for r in live], [r.prompt_token_ids for r in live],
+                               [r.output_token_ids for r in live])
+        assert torch.equal(got, want), step
+        for row in live:
+            row.output_token_ids.append(rng.randrange(vocab + 3))  # ids past the vocab are ignored
+        action = rng.random()
+        if action < 0.2 and len(live) > 1:
+            live.pop(rng.randrange(len(live)))
+        elif action < 0.4:
+            live.insert(rng.randrange(len(live) + 1), Row(kinds[step % 4], 100 + step, [rng.randrange(vocab)]))
+        elif action < 0.5:
+            rng.shuffle(live)
+        elif action < 0.55:
+            live[0].output_token_ids = live[0].output_token_ids[:1]  # an output that shrank: rebuilt
+        elif action < 0.6:
+            live = [Row(kinds[3], 999, [1])]  # no penalty at all: the history is dropped, then rebuilt

@@ -17,6 +17,7 @@ from loraplex.sampling.structured import (
     check_json_schema,
     token_mask,
 )
+from tests.sampling.rows import rows
 
 FLAG = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
                    "additionalProperties": False})
@@ -117,8 +118,7 @@ def test_sampler_draws_only_allowed_tokens_and_keeps_model_logprobs(compiler, to
     allowed = [set(row.nonzero().flatten().tolist()) for row in mask.allowed]
 
     def run(m):
-        gens = [torch.Generator().manual_seed(7 + i) for i in range(4)]
-        return Sampler()(logits, params, gens, [[1]] * 4, [[]] * 4, m)
+        return Sampler()(logits, rows(params, seeds=range(7, 11)), m)
 
     free, constrained = run(None), run(mask)
     assert constrained.token_ids[0] in allowed[0] and constrained.token_ids[2] in allowed[1]
@@ -137,7 +137,7 @@ def test_greedy_fast_path_applies_the_mask(compiler, tokenizer):
     logits = torch.randn(2, vocab)  # [batch, vocab]
     mask = token_mask([compiler.matcher(FLAG), None], vocab, torch.device("cpu"))
     assert mask is not None
-    out = Sampler()(logits, [SamplingParams(temperature=0)] * 2, [torch.Generator()] * 2, [[1]] * 2, [[]] * 2, mask)
+    out = Sampler()(logits, rows([SamplingParams(temperature=0)] * 2), mask)
     best = mask.allowed[0].nonzero().flatten()
     assert out.token_ids[0] == best[logits[0, best].argmax()].item()
     assert out.token_ids[1] == logits[1].argmax().item()
