@@ -47,8 +47,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
         self._pieces = byte_table(tokenizer, params.skip_special_tokens)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._split = False  # the UTF-8 decoder holds the first bytes of a character
+        self._pending = b""  # the first bytes of a character whose other bytes are still to come
         self._stops = params.stop
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
         # Only ids from prefix_offset on are kept: older ones are never decoded again.
@@ -75,12 +74,7 @@ class IncrementalDetokenizer:
                 self._ids.append(token_id)
                 self._decoded += self._decode_window()
             else:
-                piece = pieces[token_id] if 0 <= token_id < len(pieces) else ""
-                if isinstance(piece, str) and not self._split:
-                    self._decoded += piece  # whole characters: the common case, no decoding at all
-                else:  # part of a character, or the rest of one
-                    self._decoded += self._utf8.decode(piece if isinstance(piece, bytes) else piece.encode())
-                    self._split = bool(self._utf8.getstate()[0])
+                self._decoded += self._piece_text(pieces[token_id] if 0 <= token_id < len(pieces) else "")
             # Checked per token, so a batch of tokens stops where the same tokens one by one would.
             if self._stops and len(self._decoded) > old_len:
                 self._find_stop(old_len)
@@ -96,13 +90,22 @@ class IncrementalDetokenizer:
         """`add_tokens([token_id])` without building the delta (the engine reads `text`): for a token of
         whole characters and no stop strings, an append."""
         pieces = self._pieces
-        if pieces is not None and not self._stops and not self._split and 0 <= token_id < len(pieces):
-            piece = pieces[token_id]
-            if isinstance(piece, str):
-                self._decoded += piece
-                self._emitted = len(self._decoded)
-                return
+        if pieces is not None and not self._stops and self.stop_matched is None and 0 <= token_id < len(pieces):
+            self._decoded += self._piece_text(pieces[token_id])
+            self._emitted = len(self._decoded)
+            return
         self.add_tokens([token_id])
+
+    def _piece_text(self, piece: Piece) -> str:
+        """The text a token's piece completes: the piece itself when it is whole characters and no character
+        is pending, else what UTF-8 decoding of the pending bytes and the piece's gives, holding back the
+        bytes of a character still incomplete (as an incremental decoder does; invalid bytes become U+FFFD)."""
+        if isinstance(piece, str) and not self._pending:
+            return piece
+        data = self._pending + (piece if isinstance(piece, bytes) else piece.encode())
+        text, used = codecs.utf_8_decode(data, "replace", False)
+        self._pending = data[used:]
+        return text
 
     def flush(self) -> str:
         """Release text held back as a possible stop-string start; for a sequence that ended otherwise.

@@ -10,7 +10,7 @@ from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
 from loraplex.adapters.ref import parse_ref, shown_id
 from loraplex.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.engine.step_timer import NO_TIMER, NullTimer
@@ -215,10 +215,17 @@ class Engine:
         outputs: list[RequestOutput] = []
         if result is None:
             return outputs
+        # This loop runs for every request at every step: the common row (no grammar, no logprobs) takes
+        # no call but the finish check and its output.
         for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq = chunk.seq
             try:  # per request: its grammar or detokenizer breaking ends it alone
-                reason = self._append(seq, token, logprob)
+                seq.output_token_ids.append(token)
+                if seq.grammar is not None:
+                    seq.grammar.advance(token)
+                if logprob is not None:
+                    seq.logprobs.append(logprob)
+                reason = self._finish_reason(seq, token)
                 if reason is not None:
                     seq.finish_reason = reason
                     self._finish(seq)
@@ -227,14 +234,6 @@ class Engine:
             except Exception as e:
                 outputs.append(self._fail(seq, e))
         return outputs
-
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> FinishReason | None:
-        seq.output_token_ids.append(token)
-        if seq.grammar is not None:
-            seq.grammar.advance(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        return self._finish_reason(seq, token)
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """End `seq` alone because of `error` (its own failure): free what it holds, report the error."""
@@ -281,19 +280,14 @@ class Engine:
             detok.flush()  # text held back as a possible stop-string start is final now
         return reason
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids),
-            text=seq.detokenizer.text if seq.detokenizer is not None else "",
-            finished=seq.status is SequenceStatus.FINISHED,
-            finish_reason=seq.finish_reason,
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=seq.prompt_logprobs,
-            seed=seq.seed,
-            prompt=seq.prompt,
-        )
+    @staticmethod
+    def _output(seq: Sequence) -> RequestOutput:
+        # Positional, in RequestOutput's field order: built for every request at every step.
+        detok = seq.detokenizer
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids[:],
+                             detok.text if detok is not None else "", seq.status is SequenceStatus.FINISHED,
+                             seq.finish_reason, seq.logprobs[:] if seq.params.logprobs is not None else None,
+                             seq.prompt_logprobs, seq.seed, seq.prompt)
 
 
 def _adapter_error(name: str, error: Exception) -> AdapterError:

@@ -127,7 +127,7 @@ class TokenLogprob:
     """(token_id, logprob) pairs, most likely first."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What the engine reports for a request: cumulative so far, `finished` once it is done."""
 

@@ -76,6 +76,7 @@ blocks for it. Base-model requests need no slot and only wait for a seat.
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -89,6 +90,9 @@ from loraplex.kv.prefix_hash import extend_block_hashes
 
 if TYPE_CHECKING:
     from loraplex.adapters.ref import AdapterIdentity
+
+
+_ARRIVAL = operator.attrgetter("arrival")
 
 
 @dataclass(slots=True)
@@ -240,11 +244,14 @@ class Scheduler:
         held_back = int(senior is not None and senior.status is SequenceStatus.RUNNING and not senior.is_decode)
         budget.tokens -= held_back
         budget.prefill -= held_back
-        order = sorted(self.running, key=lambda s: s is not senior)  # the senior first in its pass
-        self._schedule_decodes(order, out, budget)
+        order = list(self.running)
+        if senior is not None and senior.status is SequenceStatus.RUNNING:  # the senior first in its pass
+            order.remove(senior)
+            order.insert(0, senior)
+        prompts = self._schedule_decodes(order, out, budget)
         budget.tokens += held_back
         budget.prefill += held_back
-        for seq in order:
+        for seq in prompts:
             if seq.status is not SequenceStatus.RUNNING or seq.is_decode:
                 continue  # preempted earlier in this step, or a decode (scheduled above)
             n = self._chunk_size(seq, seq.num_tokens - seq.num_computed_tokens, budget)
@@ -258,18 +265,21 @@ class Scheduler:
         out.chunks.sort(key=lambda c: (c.num_new_tokens != 1, c.seq.lora_slot))
         return out
 
-    def _schedule_decodes(self, order: list[Sequence], out: SchedulerOutput, budget: _StepBudget) -> None:
+    def _schedule_decodes(self, order: list[Sequence], out: SchedulerOutput, budget: _StepBudget) -> list[Sequence]:
         """One token for each running decode in `order`, as `_chunk_size` and `_reserve` would give it, with
         the common case (a token budget left, no new block needed, under the cap) done inline: this loop
-        runs for every running request at every step."""
+        runs for every running request at every step. Returns the running prompts, in order, for the
+        prompt pass."""
         bs, running, cap = self.block_size, SequenceStatus.RUNNING, budget.held_cap
         chunks = out.chunks
+        prompts: list[Sequence] = []
         for seq in order:
-            if seq.status is not running or not seq.output_token_ids:
+            if seq.status is not running:
                 continue
             computed = seq.num_computed_tokens
-            if computed != len(seq.prompt_token_ids) + len(seq.output_token_ids) - 1:
-                continue  # not a decode: the prompt pass takes it
+            if not seq.output_token_ids or computed != len(seq.prompt_token_ids) + len(seq.output_token_ids) - 1:
+                prompts.append(seq)  # not a decode: the prompt pass takes it
+                continue
             if budget.tokens <= 0:
                 continue
             # Mid-block, the token's slot is in a block it holds; only a block boundary or the cap needs `_reserve`.
@@ -279,11 +289,12 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, 1))
             budget.tokens -= 1
             budget.held += 1
+        return prompts
 
     def _find_senior(self) -> Sequence | None:
         """The unfinished request that arrived first (each queue is in arrival order)."""
         heads = [q[0] for q in self._queues.values()]
-        return min(itertools.chain(self.running, heads), key=lambda s: s.arrival, default=None)
+        return min(itertools.chain(self.running, heads), key=_ARRIVAL, default=None)
 
     def _start_senior(self, senior: Sequence, out: SchedulerOutput, budget: _StepBudget) -> None:
         """Make the senior (parked or waiting) run this step: its adapter gets a slot, holders with the least

@@ -165,7 +165,7 @@ class ModelRunner:
         scored: list[tuple[Sequence, int]] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        prefills: list[tuple[int, int, int, list[int]]] = []  # (q_start, q_len, context_len, block table)
         long_rope: list[bool] = []
         token_slots: list[int] = []
         broken: Broken = []
@@ -212,7 +212,7 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
-                prefills.append(PrefillChunk(q_start, n, start + n, torch.tensor(table, device=self.device)))
+                prefills.append((q_start, n, start + n, table))
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(chunk)
@@ -221,37 +221,53 @@ class ModelRunner:
                 score_rows += range(q_start, q_start + max(0, last - start))
                 scored += [(seq, p) for p in range(start, last)]
         device = self.device
+        (input_ids, positions_t, slot_mapping, context_lens, rows, *prefill_tables), block_tables = _upload(
+            [ids, positions, slots, decode_lens, sample_rows + score_rows, *(p[3] for p in prefills)],
+            decode_tables, device)
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            slot_mapping=slot_mapping,
             num_decode=len(decode_tables),
-            decode_block_tables=_padded(decode_tables, device),
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
-            prefills=prefills,
+            decode_block_tables=block_tables,
+            decode_context_lens=context_lens,
+            prefills=[PrefillChunk(q_start, n, ctx, table)
+                      for (q_start, n, ctx, _), table in zip(prefills, prefill_tables, strict=True)],
         )
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            input_ids=input_ids,
+            positions=positions_t,
             long_rope=torch.tensor(long_rope, device=device) if long_from is not None else None,
             attn=attn,
             lora=self._lora_batch(token_slots),
             sample_lora=(self._lora_batch([c.seq.lora_slot for c in sampled] + [s.lora_slot for s, _ in scored])
                          if self.model.lora_head is not None else None),
-            sample_rows=torch.tensor(sample_rows + score_rows, dtype=torch.long, device=device),
+            sample_rows=rows,
             sampled=sampled,
             scored=scored,
             broken=broken,
         )
 
 
-def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    """[len(tables), longest] long: the block tables, each padded with block 0 (one fill, no per-row lists)."""
-    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-    width = int(lengths.max()) if len(tables) else 0
-    out = np.zeros((len(tables), width), dtype=np.int64)
+def _upload(columns: list[list[int]], tables: list[list[int]],
+            device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The step's integer inputs on `device` in one host buffer and one copy: each of `columns` as a long
+    tensor [len], and `tables` as one [len(tables), longest] long tensor padded with block 0. On CUDA the
+    buffer is pinned and the copy asynchronous, so the host goes on preparing while it runs."""
+    lengths = [len(c) for c in columns]
+    flat = sum(lengths)
+    table_lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    width = int(table_lengths.max()) if len(tables) else 0
+    host = torch.empty(flat + len(tables) * width, dtype=torch.long, pin_memory=device.type == "cuda")
+    buffer = host.numpy()
+    buffer[:flat] = np.fromiter(itertools.chain.from_iterable(columns), dtype=np.int64, count=flat)
+    grid = buffer[flat:].reshape(len(tables), width)
+    grid.fill(0)
     # Row-major order of the cells left of each row's length is exactly the tables' concatenation.
-    out[np.arange(width) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64,
-                                                           count=int(lengths.sum()))
-    return torch.from_numpy(out).to(device)
+    grid[np.arange(width) < table_lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), dtype=np.int64, count=int(table_lengths.sum()))
+    on_device = host.to(device, non_blocking=True)
+    offsets = np.cumsum([0, *lengths]).tolist()
+    parts = [on_device[a:b] for a, b in itertools.pairwise(offsets)]
+    return parts, on_device[flat:].view(len(tables), width)
 
 
 def _non_finite_logits(seq: Sequence) -> Exception:

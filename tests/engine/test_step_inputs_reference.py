@@ -25,9 +25,10 @@ from tests.lora.test_batch import _segments_by_loop
 
 
 class ReferenceScheduler(Scheduler):
-    """The decode pass as it was: every running decode through `_chunk_size`, `_reserve` and `take`."""
+    """The decode pass as it was: every running decode through `_chunk_size`, `_reserve` and `take`, then
+    the prompt pass over every running request again."""
 
-    def _schedule_decodes(self, order: list[Sequence], out: SchedulerOutput, budget: _StepBudget) -> None:
+    def _schedule_decodes(self, order: list[Sequence], out: SchedulerOutput, budget: _StepBudget) -> list[Sequence]:
         for seq in order:
             if seq.status is not SequenceStatus.RUNNING or not seq.is_decode:
                 continue
@@ -35,6 +36,7 @@ class ReferenceScheduler(Scheduler):
             if n > 0 and self._reserve(seq, n, out, budget):
                 out.chunks.append(ScheduledChunk(seq, n))
                 budget.take(seq, n)
+        return order  # the prompt pass went over every running request
 
 
 def reference_prepare(runner: ModelRunner, sched: SchedulerOutput) -> StepInputs:
