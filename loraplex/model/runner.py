@@ -220,6 +220,12 @@ class ModelRunner:
                 last = min(start + n, len(seq.prompt_token_ids) - 1)
                 score_rows += range(q_start, q_start + max(0, last - start))
                 scored += [(seq, p) for p in range(start, last)]
+        lora = self._lora_batch(token_slots)
+        sample_lora = None
+        if self.model.lora_head is not None:
+            sample_slots = [c.seq.lora_slot for c in sampled] + [s.lora_slot for s, _ in scored]
+            # A decode-only step samples every token in order: the head's rows are the tokens' rows.
+            sample_lora = lora if sample_slots == token_slots else self._lora_batch(sample_slots)
         device = self.device
         (input_ids, positions_t, slot_mapping, context_lens, rows, *prefill_tables), block_tables = _upload(
             [ids, positions, slots, decode_lens, sample_rows + score_rows, *(p[3] for p in prefills)],
@@ -237,9 +243,8 @@ class ModelRunner:
             positions=positions_t,
             long_rope=torch.tensor(long_rope, device=device) if long_from is not None else None,
             attn=attn,
-            lora=self._lora_batch(token_slots),
-            sample_lora=(self._lora_batch([c.seq.lora_slot for c in sampled] + [s.lora_slot for s, _ in scored])
-                         if self.model.lora_head is not None else None),
+            lora=lora,
+            sample_lora=sample_lora,
             sample_rows=rows,
             sampled=sampled,
             scored=scored,
