@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 from loraplex.engine.request import SamplingParams
 from loraplex.sampling import Sampler, apply_filters, apply_penalties, apply_temperature
 from loraplex.sampling import sampler as sampler_module
+from loraplex.sampling.penalties import TokenHistory
 from loraplex.sampling.sampler import draw, uniforms
 from tests.sampling.rows import Row, rows
 
@@ -367,7 +368,7 @@ def test_penalty_history_equals_the_full_rebuild_as_rows_join_grow_and_leave() -
     kinds = [SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=0.7, presence_penalty=0.2),
              SamplingParams(repetition_penalty=0.8, presence_penalty=-0.5), SamplingParams()]
     live = [Row(kinds[i % 4], i, [rng.randrange(vocab + 3) for _ in range(5)]) for i in range(6)]
-    history = sampler_module._TokenHistory()
+    history = TokenHistory()
     for step in range(40):
         logits = _logits(len(live), vocab=vocab, seed=step)
         got = history.penalize(logits, live)

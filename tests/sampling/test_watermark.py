@@ -8,7 +8,7 @@ import pytest
 from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
-from loraplex.sampling.sampler import WATERMARK_GAMMA, watermark_greenlist
+from loraplex.sampling.penalties import WATERMARK_GAMMA, watermark_greenlist
 from tests.helpers import TINY, save_tiny
 
 
