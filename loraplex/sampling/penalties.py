@@ -111,10 +111,14 @@ class TokenHistory:
     def _update(self, rows: Sequence[SampleRow], vocab: int, device: torch.device, want_seen: bool,
                 want_counts: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         old_seen, old_counts = self._seen, self._counts
-        reusable = ((old_seen is not None or not want_seen) and (old_counts is not None or not want_counts)
-                    and (old_seen if old_seen is not None else old_counts).shape[1:] == (vocab,)  # type: ignore[union-attr]
-                    and (old_seen if old_seen is not None else old_counts).device == device)  # type: ignore[union-attr]
-        where = {id(r): i for i, r in enumerate(self._rows)} if reusable else {}
+        old_rows, old_included = self._rows, self._included
+        # Invalid until this update completes: one that raises half way leaves nothing to reuse, rather than
+        # tensors that already hold some rows' new tokens (which a later call would count again).
+        self._rows, self._included = [], []
+        some = old_seen if old_seen is not None else old_counts
+        reusable = (some is not None and some.shape[1] == vocab and some.device == device
+                    and (old_seen is not None or not want_seen) and (old_counts is not None or not want_counts))
+        where = {id(r): i for i, r in enumerate(old_rows)} if reusable else {}
         source: list[int] = []  # per new row: its old row, or -1
         seen_rows: list[int] = []
         seen_ids: list[int] = []
@@ -123,10 +127,10 @@ class TokenHistory:
         for j, row in enumerate(rows):
             i = where.get(id(row), -1)
             output = row.output_token_ids
-            if i >= 0 and (self._rows[i] is not row or len(output) < self._included[i]):
+            if i >= 0 and (old_rows[i] is not row or len(output) < old_included[i]):
                 i = -1
             source.append(i)
-            new = output[self._included[i]:] if i >= 0 else output
+            new = output[old_included[i]:] if i >= 0 else output
             if want_seen:
                 added = new if i >= 0 else [*row.prompt_token_ids, *output]
                 seen_rows += [j] * len(added)
@@ -134,7 +138,7 @@ class TokenHistory:
             if want_counts:
                 count_rows += [j] * len(new)
                 count_ids += new
-        identity = reusable and source == list(range(len(self._rows))) and len(rows) == len(self._rows)
+        identity = reusable and len(rows) == len(old_rows) and source == list(range(len(old_rows)))
         self._seen = _carry(old_seen, source, identity, (len(rows), vocab), torch.bool, device) if want_seen else None
         self._counts = (_carry(old_counts, source, identity, (len(rows), vocab), torch.float32, device)
                         if want_counts else None)

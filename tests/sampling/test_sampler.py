@@ -388,3 +388,32 @@ def test_penalty_history_equals_the_full_rebuild_as_rows_join_grow_and_leave() -
             live[0].output_token_ids = live[0].output_token_ids[:1]  # an output that shrank: rebuilt
         elif action < 0.6:
             live = [Row(kinds[3], 999, [1])]  # no penalty at all: the history is dropped, then rebuilt
+
+
+def test_penalty_history_that_failed_half_way_is_rebuilt_not_counted_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failure inside an update (after some rows' new tokens went in) must not leave counts that the
+    # next call adds the same tokens to again: every row's penalty would drift, not only the failing one's.
+    vocab = 20
+    live = [Row(SamplingParams(frequency_penalty=1.0), i, [1], [3, 4]) for i in range(3)]
+    history = TokenHistory()
+    logits = _logits(3, vocab=vocab, seed=1)
+    history.penalize(logits, live)
+    for row in live:
+        row.output_token_ids.append(5)
+    calls = 0
+    real_put = torch.Tensor.index_put_
+
+    def put_then_fail(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        real_put(self, *args, **kwargs)
+        raise RuntimeError("injected after the write")
+
+    monkeypatch.setattr(torch.Tensor, "index_put_", put_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        history.penalize(logits, live)
+    monkeypatch.undo()
+    assert calls == 1
+    want = apply_penalties(logits, [r.params for r in live], [r.prompt_token_ids for r in live],
+                           [r.output_token_ids for r in live])
+    assert torch.equal(history.penalize(logits, live), want)
