@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
 
 from loraplex.engine.request import SamplingParams
 from loraplex.sampling import Sampler, apply_filters, apply_penalties, apply_temperature
+from loraplex.sampling import filters as filters_module
 from loraplex.sampling import sampler as sampler_module
 from loraplex.sampling.penalties import TokenHistory
 from loraplex.sampling.sampler import draw, uniforms
@@ -341,8 +342,8 @@ def test_fast_top_k_top_p_equals_the_full_sort(vocab: int) -> None:
               if k or p < 1.0]
     for seed, scale in ((1, 3.0), (2, 0.05), (3, 1.0)):
         logits = _logits(len(params), vocab=vocab, seed=seed, scale=scale)
-        fast = sampler_module._top_k_top_p(logits, params)
-        full = sampler_module._top_k_top_p_sorted(logits, params)
+        fast = filters_module._top_k_top_p(logits, params)
+        full = filters_module._top_k_top_p_sorted(logits, params)
         assert torch.equal(fast.isinf(), full.isinf()), (seed, scale)
         assert torch.equal(fast[fast.isfinite()], logits[fast.isfinite()])
 
@@ -353,7 +354,7 @@ def test_fast_top_k_keeps_ties_like_hf() -> None:
     logits = torch.zeros(3, 2000)
     logits[:, :10] = 1.0
     params = [SamplingParams(top_k=3), SamplingParams(top_k=3, top_p=0.5), SamplingParams(top_p=0.5)]
-    fast = sampler_module._top_k_top_p(logits, params)
+    fast = filters_module._top_k_top_p(logits, params)
     for row, p in enumerate(params):
         assert int(fast[row].isfinite().sum()) == int(_hf_warp(logits[row], p).isfinite().sum()), p
     assert fast[0].isfinite().nonzero().flatten().tolist() == list(range(10))
@@ -417,3 +418,49 @@ def test_penalty_history_that_failed_half_way_is_rebuilt_not_counted_twice(monke
     want = apply_penalties(logits, [r.params for r in live], [r.prompt_token_ids for r in live],
                            [r.output_token_ids for r in live])
     assert torch.equal(history.penalize(logits, live), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_is_the_first_maximum(dtype: torch.dtype) -> None:
+    logits = _logits(64, vocab=300, seed=20).to(dtype)
+    logits[:, 7] = logits[:, 250] = 50.0  # a tie: the first one wins, as torch.argmax and HF's greedy pick
+    logits[0, 3] = 60.0
+    assert sampler_module.argmax(logits) == [3] + [7] * 63
+    assert sampler_module.argmax(logits[:, 100:]) == (logits[:, 100:].float().argmax(dim=-1)).tolist()
+
+
+def test_a_row_draws_the_same_token_from_its_candidates_as_from_the_full_sort() -> None:
+    # Which path settles a row depends on the batch (the candidates' width is the batch's largest top-k),
+    # so both must give the same token for the same logits and uniform number, ties included (logits in
+    # steps of 1/4, as coarse as a low-precision model's, so the candidates hold many equal values).
+    params = [SamplingParams(top_k=k, top_p=p) for k in (0, 3, 40) for p in (1.0, 0.9, 0.3) if k or p < 1.0]
+    logits = (_logits(len(params), vocab=3000, seed=21, scale=1.0) * 4).round() / 4
+    fast = filters_module.candidates(logits, params)
+    full = filters_module.candidates(logits, params, full=True)
+    assert not fast.unsettled or set(fast.unsettled) < set(range(len(params)))
+    settled = [i for i in range(len(params)) if i not in fast.unsettled]
+    for u in torch.linspace(0, 1 - 2**-40, 97, dtype=torch.float64):
+        us = torch.full((len(params),), float(u), dtype=torch.float64)
+        a = sampler_module._draw_ranked(fast, us)
+        b = sampler_module._draw_ranked(full, us)
+        assert a[settled].tolist() == b[settled].tolist(), float(u)
+
+
+def test_the_kept_parameter_table_follows_the_rows_parameters() -> None:
+    # The sampler keeps per-row parameter tensors while the same parameters come back; a row whose
+    # parameters change (or a new batch) must be sampled with the new ones, as a fresh sampler would.
+    logits = _logits(4, seed=22)
+    kinds = [SamplingParams(temperature=0.7, top_k=5, seed=1), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=1.2, top_p=0.5, repetition_penalty=1.3), SamplingParams(typical_p=0.6)]
+    batch = rows(kinds, prompts=[[1, 2]] * 4)
+    kept = Sampler()
+    for step in range(6):
+        if step == 3:
+            batch[1].params = SamplingParams(temperature=0.9, top_k=2)
+            batch[2].params = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+        if step == 5:
+            batch = batch[::-1]
+        got = kept(logits, batch).token_ids
+        assert got == Sampler()(logits, batch).token_ids, step
+        for row, token in zip(batch, got, strict=True):
+            row.output_token_ids.append(token)
