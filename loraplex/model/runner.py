@@ -24,6 +24,7 @@ from loraplex.lora.adapter import AdapterInvalid
 from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
 from loraplex.model.attention import AttentionMetadata, PrefillChunk
 from loraplex.model.context import ForwardContext, forward_context
+from loraplex.model.decode_rows import DecodeInputs, DecodeRows
 from loraplex.model.decoder import CausalLM
 from loraplex.sampling import LOGPROB_FLOOR, Sampler, SamplerOutput
 from loraplex.sampling.structured import token_mask
@@ -56,6 +57,9 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = device
         self.sampler = Sampler()
+        self._decode_rows = DecodeRows(self.block_size)
+        self._decode_lora_slots: list[int] = []  # the last decode-only step's LoRA batch, for the next
+        self._decode_lora: LoRABatch | None = None
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, timer: NullTimer = NO_TIMER
@@ -155,6 +159,10 @@ class ModelRunner:
         return LoRABatch.from_token_slots(slots, self.device)
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        long_from = getattr(self.model.rope, "long_from", None)
+        decode = self._decode_rows.build(sched.chunks) if long_from is None else None
+        if decode is not None:
+            return self._decode_inputs(sched, decode)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -169,7 +177,6 @@ class ModelRunner:
         long_rope: list[bool] = []
         token_slots: list[int] = []
         broken: Broken = []
-        long_from = getattr(self.model.rope, "long_from", None)
         for chunk in sched.chunks:
             seq, n = chunk.seq, chunk.num_new_tokens
             start = seq.num_computed_tokens
@@ -250,6 +257,29 @@ class ModelRunner:
             scored=scored,
             broken=broken,
         )
+
+
+    def _decode_inputs(self, sched: SchedulerOutput, rows: DecodeInputs) -> StepInputs:
+        """A decode-only step's inputs from its persistent rows (`DecodeRows`): every row samples."""
+        n = len(rows.input_ids)
+        tables = rows.tables
+        host = torch.empty(5 * n + tables.size, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        buffer = host.numpy()
+        for i, column in enumerate((rows.input_ids, rows.positions, rows.slots, rows.positions + 1, np.arange(n))):
+            buffer[i * n:(i + 1) * n] = column
+        buffer[5 * n:].reshape(tables.shape)[:] = tables
+        on_device = host.to(self.device, non_blocking=True)
+        input_ids, positions, slot_mapping, context_lens, sample_rows = on_device[:5 * n].view(5, n)
+        if rows.lora_slots != self._decode_lora_slots:
+            self._decode_lora_slots, self._decode_lora = rows.lora_slots, self._lora_batch(rows.lora_slots)
+        lora = self._decode_lora
+        attn = AttentionMetadata(slot_mapping=slot_mapping, num_decode=n,
+                                 decode_block_tables=on_device[5 * n:].view(tables.shape),
+                                 decode_context_lens=context_lens, prefills=[])
+        # Every row samples its token in order: the LM head's rows are the tokens' rows.
+        return StepInputs(input_ids=input_ids, positions=positions, long_rope=None, attn=attn, lora=lora,
+                          sample_lora=lora if self.model.lora_head is not None else None, sample_rows=sample_rows,
+                          sampled=list(sched.chunks))
 
 
 def _upload(columns: list[list[int]], tables: list[list[int]],

@@ -4,8 +4,9 @@ the liveness simulation produces, with prefix caching, prompt logprobs and LoRA 
 
 - The scheduler's inline decode pass (`_schedule_decodes`) against the per-request `_chunk_size` /
   `_reserve` / `take` loop it replaced: the same chunks, preemptions and pool state at every step.
-- The runner's step inputs (`ModelRunner.prepare`, with its inline decode rows and one-fill block tables)
-  against the list-built inputs of before, tensor for tensor.
+- The runner's step inputs (`ModelRunner.prepare`, with its inline decode rows and one-fill block tables,
+  and decode-only steps built from the persistent rows of `DecodeRows`) against the list-built inputs of
+  before, tensor for tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput, _StepBudget
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.model.attention import AttentionMetadata, PrefillChunk
+from loraplex.model.decode_rows import DecodeInputs, DecodeRows
 from loraplex.model.runner import ModelRunner, StepInputs
 from tests.engine.test_scheduler import BLOCK, FakeRunner, check_step
 from tests.engine.test_scheduler_liveness import Sim, random_sim
@@ -109,6 +111,8 @@ def _runner() -> ModelRunner:
     runner = ModelRunner.__new__(ModelRunner)  # prepare reads no weights: a model with a rope and a head
     runner.block_size, runner.device = BLOCK, torch.device("cpu")
     runner.model = SimpleNamespace(rope=SimpleNamespace(), lora_head=object())  # type: ignore[assignment]
+    runner._decode_rows = DecodeRows(BLOCK)
+    runner._decode_lora_slots, runner._decode_lora = [], None
     return runner
 
 
@@ -153,6 +157,16 @@ def test_fast_paths_equal_the_reference_in_lockstep(seed: int) -> None:
             if i % 5 == 0:
                 seq.prompt_logprobs = [None] * len(seq.prompt_token_ids)
     runner = _runner()
+    kept = 0  # steps built from the persistent decode rows
+    build = runner._decode_rows.build
+
+    def counted(chunks: list[ScheduledChunk]) -> DecodeInputs | None:
+        nonlocal kept
+        rows = build(chunks)
+        kept += rows is not None
+        return rows
+
+    runner._decode_rows.build = counted  # type: ignore[method-assign]
     fast_runner, ref_runner = FakeRunner(fast.sched), FakeRunner(ref.sched)
     fast_unfinished: list[Sequence] = []
     ref_unfinished: list[Sequence] = []
@@ -174,3 +188,4 @@ def test_fast_paths_equal_the_reference_in_lockstep(seed: int) -> None:
         step += 1
         assert step < 20_000
     assert not ref.sched.has_work()
+    assert kept > 0
