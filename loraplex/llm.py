@@ -58,9 +58,10 @@ class LLM:
                 request_id = f"offline-{next(self._ids)}"
                 if isinstance(prompt, str):
                     self.engine.add_request(request_id, self._encode(prompt), p, prompt=prompt, adapter_id=adapter,
-                                            merge=merge)
+                                            merge=merge, every_token=False)
                 else:
-                    self.engine.add_request(request_id, list(prompt), p, adapter_id=adapter, merge=merge)
+                    self.engine.add_request(request_id, list(prompt), p, adapter_id=adapter, merge=merge,
+                                            every_token=False)
                 request_ids.append(request_id)
         except BaseException:
             for request_id in request_ids:  # one bad prompt or adapter: queue nothing of this call

@@ -75,6 +75,7 @@ class _Add:
     adapter_source: str | None
     adapter_token: str | None = field(repr=False)
     merge: MergeSpec | None = None
+    every_token: bool = True
 
 
 @dataclass
@@ -171,7 +172,7 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
         self._inbox.put(_Add(request_id, prompt_token_ids, params, prompt, adapter_id, adapter_source, adapter_token,
-                             merge))
+                             merge, every_token))
         finished = False
         try:
             while True:
@@ -275,7 +276,7 @@ class AsyncEngine:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params,
                                         prompt=item.prompt, adapter_id=item.adapter_id,
                                         adapter_source=item.adapter_source, adapter_token=item.adapter_token,
-                                        merge=item.merge)
+                                        merge=item.merge, every_token=item.every_token)
             except Exception as e:  # refused: this request only
                 self._deliver(item.request_id, e)
 

@@ -58,6 +58,8 @@ class Engine:
         # request id → (its sequence, its adapter's load, the adapter as the request named it)
         self._loading: dict[str, tuple[Sequence, Future[LoadedAdapter], str]] = {}
         self._failed: list[RequestOutput] = []
+        self.last_step_rows = 0
+        """Requests that got a token in the last step."""
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
                                    enable_prefix_caching=config.cache.enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv_cache, device)
@@ -71,8 +73,10 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, adapter_id: str | None = None, *,
                     adapter_source: str | None = None, adapter_token: str | None = None,
-                    merge: MergeSpec | None = None, truncate: int | None = None) -> None:
-        """Queue a request. `truncate` keeps only the last `truncate` prompt tokens.
+                    merge: MergeSpec | None = None, truncate: int | None = None, every_token: bool = True) -> None:
+        """Queue a request. `truncate` keeps only the last `truncate` prompt tokens. With `every_token=False`
+        `step` reports the request only with its first token and when it finishes (or fails): a caller that
+        does not stream spares the step an output per request per token.
 
         `adapter_id` (None or "" = the base model) names an adapter of `adapter_source` (default `local`:
         a folder; `hub`: `org/name[@revision]`; `s3`: `s3://bucket/prefix`), fetched with `adapter_token`
@@ -90,6 +94,11 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
         seq = Sequence(request_id, list(prompt_token_ids), params, seed, detok, prompt)
+        seq.every_token = every_token
+        # A grammar allows EOS only where its JSON is complete, so there EOS ends it even with ignore_eos.
+        eos_ends = not params.ignore_eos or params.json_schema is not None
+        seq.stop_ids = frozenset(params.stop_token_ids) | (self.eos_token_ids if eos_ends else frozenset())
+        seq.max_output = min(params.max_new_tokens, self.max_model_len - len(seq.prompt_token_ids))
         if params.prompt_logprobs:
             seq.prompt_logprobs = [None] * len(prompt_token_ids)
         if params.json_schema is not None:
@@ -163,7 +172,9 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token or finished
-        (including requests whose adapter failed to load, with `error` set)."""
+        (including requests whose adapter failed to load, with `error` set), but for the tokens between a
+        request's first and last when it was added with `every_token=False`. `last_step_rows` is then
+        the number of requests that got a token."""
         timer = self.timer
         timer.start()
         self._admit_loaded()
@@ -177,6 +188,7 @@ class Engine:
         # A failure of the batch as a whole (the forward pass) raises; one of a request's own (its inputs,
         # its logits, its sampling) comes back in `broken` and ends that request alone.
         sampled, result, broken = self.runner.execute(sched, timer)
+        self.last_step_rows = len(sampled)
         timer.lap("sample")
         broken_seqs = {seq for seq, _ in broken}
         for chunk in sched.chunks:
@@ -230,7 +242,9 @@ class Engine:
                     seq.finish_reason = reason
                     self._finish(seq)
                     self._seqs.pop(seq.request_id, None)
-                outputs.append(self._output(seq))
+                    outputs.append(self._output(seq))
+                elif seq.every_token or len(seq.output_token_ids) == 1:
+                    outputs.append(self._output(seq))
             except Exception as e:
                 outputs.append(self._fail(seq, e))
         return outputs
@@ -259,21 +273,18 @@ class Engine:
         if seq.adapter is not None and self.lora is not None:
             self.lora.drop(seq.adapter)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    @staticmethod
+    def _finish_reason(seq: Sequence, token: int) -> FinishReason | None:
         """Feed the new token to the detokenizer unless it ends the sequence, and say why it finished."""
-        params, detok = seq.params, seq.detokenizer
-        # A grammar allows EOS only where its JSON is complete, so there EOS ends it even with ignore_eos.
-        eos_ends = not params.ignore_eos or seq.grammar is not None
-        if token in params.stop_token_ids or (eos_ends and token in self.eos_token_ids):
+        detok = seq.detokenizer
+        if token in seq.stop_ids:
             reason: FinishReason | None = FinishReason.EOS_TOKEN
         else:
             if detok is not None:
                 detok.add_token(token)
                 if detok.stop_matched is not None:
                     return FinishReason.STOP_SEQUENCE
-            num_output = len(seq.output_token_ids)
-            full = num_output >= params.max_new_tokens or len(seq.prompt_token_ids) + num_output >= self.max_model_len
-            reason = FinishReason.LENGTH if full else None
+            reason = FinishReason.LENGTH if len(seq.output_token_ids) >= seq.max_output else None
             if seq.grammar is not None and seq.grammar.done:  # the JSON is complete; only EOS could follow
                 reason = FinishReason.EOS_TOKEN
         if reason is not None and detok is not None:

@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from loraplex.engine.async_engine import AsyncEngine
-    from loraplex.engine.request import RequestOutput
 
 MAX_ADAPTER_LABELS = 64
 """Adapters with their own label value; requests of any other adapter count under OTHER_ADAPTERS."""
@@ -73,14 +72,16 @@ class Metrics:
             return adapter
         return OTHER_ADAPTERS
 
-    def observe_step(self, outputs: list[RequestOutput], seconds: float) -> None:
-        self.batch_size.observe(len(outputs))
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """One engine step: `rows` requests got a token in `seconds`."""
+        self.batch_size.observe(rows)
         self.step_duration.observe(seconds)
 
     def watch(self, engine: AsyncEngine) -> None:
         """Report `engine`'s state at every scrape."""
         self.registry.register(_EngineCollector(engine))
-        engine.on_step = self.observe_step
+        # Not the outputs' count: requests that do not stream report no output between their first and last.
+        engine.on_step = lambda _outputs, seconds: self.observe_step(engine.engine.last_step_rows, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -162,3 +162,26 @@ def test_scheduler_config_validation(bad, message):
 
     with pytest.raises(ValueError, match=message):
         SchedulerConfig(**bad)
+
+
+def test_a_request_that_does_not_stream_reports_its_first_and_final_tokens_only(tiny_llama):
+    llm = LLM(tiny_llama, num_blocks=256, block_size=4)
+    engine = llm.engine
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
+    engine.add_request("every", [5, 6, 7], params)
+    engine.add_request("quiet", [5, 6, 7], params, every_token=False)
+    seen: dict[str, list[int]] = {"every": [], "quiet": []}
+    final = {}
+    rows = []
+    while engine.has_unfinished():
+        outputs = engine.step()
+        rows.append(engine.last_step_rows)
+        for out in outputs:
+            seen[out.request_id].append(len(out.token_ids))
+            if out.finished:
+                final[out.request_id] = out
+    assert seen["every"] == list(range(1, 13))
+    assert seen["quiet"] == [1, 12]
+    assert final["quiet"].token_ids == final["every"].token_ids and final["quiet"].text == final["every"].text
+    assert final["quiet"].finish_reason is FinishReason.LENGTH
+    assert rows.count(2) == 12  # both requests got a token at every step, reported or not
