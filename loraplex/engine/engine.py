@@ -177,6 +177,7 @@ class Engine:
         the number of requests that got a token."""
         timer = self.timer
         timer.start()
+        self.last_step_rows = 0  # an empty step samples nothing: the metric must not repeat the last count
         self._admit_loaded()
         sched = self.scheduler.schedule()
         failed, self._failed = self._failed, []

@@ -53,14 +53,14 @@ class Sequence:
     grammar: GrammarMatcher | None = None
     """Structured output: where the output stands in `params.json_schema`'s grammar; None = unconstrained."""
     every_token: bool = True
+    """Whether the caller reads an output at every step; if not, the engine builds only the first (for
+    time-to-first-token) and the final one."""
     stop_ids: frozenset[int] = frozenset()
     """The tokens that end it as EOS_TOKEN: `params.stop_token_ids`, and the model's EOS tokens unless
     `params.ignore_eos` (a grammar's EOS always ends it). Set by the engine when it takes the request."""
     max_output: int = 1 << 62
     """Output tokens at which it ends as LENGTH: `params.max_new_tokens`, or fewer where the model's length
     runs out first. Set by the engine when it takes the request."""
-    """Whether the caller reads an output at every step; if not, the engine builds only the first (for
-    time-to-first-token) and the final one."""
 
     @property
     def computes_prompt_logprobs(self) -> bool:

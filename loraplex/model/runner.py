@@ -258,7 +258,6 @@ class ModelRunner:
             broken=broken,
         )
 
-
     def _decode_inputs(self, sched: SchedulerOutput, rows: DecodeInputs) -> StepInputs:
         """A decode-only step's inputs from its persistent rows (`DecodeRows`): every row samples."""
         n = len(rows.input_ids)

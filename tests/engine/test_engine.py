@@ -185,3 +185,5 @@ def test_a_request_that_does_not_stream_reports_its_first_and_final_tokens_only(
     assert final["quiet"].token_ids == final["every"].token_ids and final["quiet"].text == final["every"].text
     assert final["quiet"].finish_reason is FinishReason.LENGTH
     assert rows.count(2) == 12  # both requests got a token at every step, reported or not
+    engine.step()  # nothing left to run: the count must not repeat the last step's
+    assert engine.last_step_rows == 0
