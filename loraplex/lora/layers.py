@@ -55,24 +55,24 @@ class LoRAPackedLinear(nn.Module):
     def __init__(self, base: PackedLinear, shard_targets: tuple[str, ...], num_slots: int, max_rank: int,
                  op: AddLoRA) -> None:
         super().__init__()
-        assert base.weight_t is not None, "wrap a PackedLinear after its weights are loaded"
+        assert base.weight_t is not None or base.packed is not None, "wrap a PackedLinear after its weights are loaded"
         assert len(shard_targets) == len(base.shard_sizes)
         self.base = base
         self.shard_targets = shard_targets
         self.op = op
-        weight = base.weight_t
         packed_rank = len(shard_targets) * max_rank
         out_features = sum(base.shard_sizes)
-        self.a = weight.new_zeros(num_slots, packed_rank, base.in_features)  # [slots, shards·r, in]
-        self.b = weight.new_zeros(num_slots, packed_rank, out_features)      # [slots, shards·r, out]
+        dtype, device = base.dtype, base.device
+        self.a = torch.zeros(num_slots, packed_rank, base.in_features, dtype=dtype, device=device)  # [slots, shards·r, in]
+        self.b = torch.zeros(num_slots, packed_rank, out_features, dtype=dtype, device=device)      # [slots, shards·r, out]
         # Per slot and shard: rank row start, rank rows, output column start, output columns of its
         # block of B; an absent shard has zero rank rows.
         self.blocks = torch.zeros(num_slots, len(shard_targets), 4, dtype=torch.long)  # [slots, shards, 4]
-        self.ranks = torch.zeros(num_slots, dtype=torch.long, device=weight.device)  # [slots] packed rank
+        self.ranks = torch.zeros(num_slots, dtype=torch.long, device=device)  # [slots] packed rank
         # Scales are folded into B; a slot with nothing loaded has rank 0, which the ops skip.
-        self.scales = torch.ones(num_slots, dtype=torch.float32, device=weight.device)  # [slots]
+        self.scales = torch.ones(num_slots, dtype=torch.float32, device=device)  # [slots]
         # DoRA row factors over the whole packed output, 1 where a shard has no DoRA module.
-        self.dora = weight.new_ones(num_slots, out_features)  # [slots, out]
+        self.dora = torch.ones(num_slots, out_features, dtype=dtype, device=device)  # [slots, out]
         self.dora_slots: set[int] = set()
         self._slot_ranks = [0] * num_slots  # `ranks` on the host: an empty slot needs no emptying
 
@@ -131,8 +131,8 @@ class LoRAPackedLinear(nn.Module):
         return slice(start, start + self.base.shard_sizes[i])
 
     def _dora_factor(self, i: int, module: LoRAModule) -> torch.Tensor:
-        assert self.base.weight_t is not None and module.magnitude is not None
-        weight = self.base.weight_t[:, self._shard_rows(i)].T.float()       # [out_shard, in]
+        assert module.magnitude is not None
+        weight = self.base.dense_t()[:, self._shard_rows(i)].T.float()       # [out_shard, in]
         adapted = weight + module.scale * (module.b @ module.a).to(weight.device)
         return module.magnitude.to(weight.device) / torch.linalg.norm(adapted, dim=1)  # [out_shard]
 

@@ -10,6 +10,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from loraplex.model import gemm
+
 
 class RMSNorm(nn.Module):
     """RMS norm computed in float32. `offset` is 1.0 for Gemma, whose checkpoints store `weight - 1`."""
@@ -35,8 +37,9 @@ class PackedLinear(nn.Module):
 
     `shard_sizes` gives each projection's output width; checkpoints that store the projections
     separately load shard by shard, fused checkpoints (Phi-3) load whole. Weights load as
-    `[out, in]` like the checkpoint, then `finalize()` stores them transposed, `[in, out]`: CPU GEMMs
-    at decode batch sizes run up to 2x faster on that layout.
+    `[out, in]` like the checkpoint, then `finalize()` stores them for the linear backend
+    (`loraplex.model.gemm`): transposed, `[in, out]`, for ATen (CPU GEMMs at decode batch sizes run up to
+    2x faster on that layout than on `[out, in]`), or prepacked for oneDNN.
     """
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
@@ -47,7 +50,8 @@ class PackedLinear(nn.Module):
         out = sum(shard_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
-        self.weight_t: torch.Tensor | None = None  # [in, out]
+        self.weight_t: torch.Tensor | None = None  # [in, out], aten backend
+        self.packed: torch.Tensor | None = None  # the weight prepacked, onednn backend
 
     def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
         if shard is None:
@@ -60,12 +64,33 @@ class PackedLinear(nn.Module):
                              f"a parameter slice of shape {tuple(target.shape)}")
         target.copy_(tensor)
 
-    def finalize(self) -> None:
-        self.weight_t = self.weight.data.t().contiguous()
+    def finalize(self, backend: str = "aten") -> None:
+        """Store the loaded weight for `backend` (`aten` or `onednn`, see `loraplex.model.gemm`)."""
+        if backend == "onednn":
+            self.packed = gemm.prepack(self.weight.data)
+        else:
+            self.weight_t = self.weight.data.t().contiguous()
         # The [out, in] copy is no longer needed; keep an empty placeholder so the parameter name stays.
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dense_t(self) -> torch.Tensor:
+        """The weight as `[in, out]` whatever the backend (built anew for onednn: for rare uses)."""
+        if self.weight_t is not None:
+            return self.weight_t
+        assert self.packed is not None, "PackedLinear used before finalize()"
+        return gemm.unpack_t(self.packed, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return gemm.linear(x, self.packed, self.bias)
         assert self.weight_t is not None, "PackedLinear used before finalize()"
         if self.bias is None:
             return x @ self.weight_t

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from loraplex.model import gemm
 from loraplex.model.decoder import CausalLM, DecoderConfig
 from loraplex.model.layers import PackedLinear, RMSNorm
 
@@ -87,9 +88,11 @@ def _iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
 
 
-def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int) -> CausalLM:
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int,
+                linear_backend: str = "aten") -> CausalLM:
     """Construct the decoder for `ckpt` and fill every parameter from its tensors (strictly: a missing
-    or unexpected tensor is an error naming it)."""
+    or unexpected tensor is an error naming it), its linear layers stored for `linear_backend` (`aten`
+    or `onednn`, as `loraplex.model.gemm.resolve` decides)."""
     cfg = DecoderConfig.from_hf(ckpt.hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -126,8 +129,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
         raise CheckpointError(f"checkpoint {ckpt.name} lacks tensors for: {', '.join(missing[:8])}"
                               + (f" … ({len(missing)} in all)" if len(missing) > 8 else ""))
     for module in model.modules():
-        if isinstance(module, RMSNorm | PackedLinear):
+        if isinstance(module, PackedLinear):
+            module.finalize(linear_backend)
+        elif isinstance(module, RMSNorm):
             module.finalize()
+    if linear_backend == "onednn" and model.lm_head is None:
+        model.packed_head = gemm.prepack(model.model.embed_tokens.weight.data)
     return model.eval()
 
 

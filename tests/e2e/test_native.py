@@ -6,8 +6,10 @@ import json
 
 import httpx
 import pytest
+import torch
 
 from loraplex import SamplingParams
+from loraplex.model import gemm
 
 PROMPT = "The capital of France is"
 
@@ -154,6 +156,7 @@ def test_health_info_metrics(server):
     info = httpx.get(server.url + "/info").json()
     assert info["model_id"] == "SmolLM2-135M-Instruct" and info["model_dtype"] == "float32"
     assert info["max_best_of"] == 3 and info["max_total_tokens"] == 8192
+    assert info["linear_backend"] == gemm.resolve("auto", torch.device("cpu"), torch.float32)
     post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "adapter_id": "all16"}})
     text = httpx.get(server.url + "/metrics").text
     assert 'loraplex_requests_total{adapter="all16",status="ok"}' in text
