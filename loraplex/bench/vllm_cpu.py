@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         worker.stdin.flush()
         _read_json(worker)  # loaded and warmed up
         params = reference_params(args.new_tokens)
-        llms = {}
+        llms: dict[str, LLM] = {}
         for backend in args.linear_backends:
             llm = LLM(path, dtype="float32", device="cpu", linear_backend=backend)
             llm.generate(prompts[:2], params)  # warm-up
