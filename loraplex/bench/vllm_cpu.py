@@ -26,6 +26,7 @@ import time
 import torch
 
 from loraplex.bench.workload import add_workload_arguments, reference_params, reference_prompts
+from loraplex.model import gemm
 
 VLLM_WORKER = r'''
 import json, sys, time
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vllm-lora", action="store_true",
                     help="construct vLLM with LoRA enabled (max_loras 8, rank 64), as for the adapter workloads; "
                          "without it vLLM runs its base-model-only configuration, its fastest")
-    ap.add_argument("--linear-backends", nargs="+", default=["auto"], choices=["auto", "aten", "onednn"],
+    ap.add_argument("--linear-backends", nargs="+", default=["auto"], choices=gemm.BACKENDS,
                     help="loraplex's linear backends to time (each its own LLM, all alternating with vLLM)")
     args = ap.parse_args(argv)
 

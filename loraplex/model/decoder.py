@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraplex.model import gemm
 from loraplex.model.attention import paged_attention
 from loraplex.model.context import get_forward_context
 from loraplex.model.layers import GatedMLP, Linear, PackedLinear, RMSNorm, RotaryEmbedding
@@ -138,8 +137,6 @@ class CausalLM(nn.Module):
         self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else None
         self.lora_head: nn.Module | None = None
         """Installed by the LoRA manager once an adapter targets lm_head."""
-        self.packed_head: torch.Tensor | None = None
-        """A tied LM head prepacked for the onednn linear backend (the embedding keeps its table for lookups)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 long_rope: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,8 +156,6 @@ class CausalLM(nn.Module):
         """hidden: [rows, hidden] → logits [rows, vocab] in float32 (call inside the forward context)."""
         if self.lm_head is not None:
             logits = self.lm_head(hidden)
-        elif self.packed_head is not None:
-            logits = gemm.linear(hidden, self.packed_head, None)
         else:
             logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         if self.lora_head is not None:
