@@ -95,7 +95,8 @@ class LoRAPackedLinear(nn.Module):
             if module.magnitude is not None:
                 if dora is None:
                     dora = torch.ones(self.b.shape[2])
-                dora[rows] = self._dora_factor(i, module).cpu()
+                    dense = self.base.dense_t()  # [in, out]; unpacked anew on the onednn backend: once per pack
+                dora[rows] = self._dora_factor(dense[:, rows], module).cpu()
         if offset == 0:
             return None
         b = torch.zeros(offset, self.b.shape[2], dtype=self.b.dtype)  # [packed_rank, out]
@@ -130,9 +131,11 @@ class LoRAPackedLinear(nn.Module):
         start = self.base.shard_offsets[i]
         return slice(start, start + self.base.shard_sizes[i])
 
-    def _dora_factor(self, i: int, module: LoRAModule) -> torch.Tensor:
+    @staticmethod
+    def _dora_factor(shard_t: torch.Tensor, module: LoRAModule) -> torch.Tensor:
+        """The DoRA row factors of one shard, from its base weight `shard_t` `[in, out_shard]`."""
         assert module.magnitude is not None
-        weight = self.base.dense_t()[:, self._shard_rows(i)].T.float()       # [out_shard, in]
+        weight = shard_t.T.float()       # [out_shard, in]
         adapted = weight + module.scale * (module.b @ module.a).to(weight.device)
         return module.magnitude.to(weight.device) / torch.linalg.norm(adapted, dim=1)  # [out_shard]
 
