@@ -10,6 +10,7 @@ import torch
 from loraplex.model import gemm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ASYNC_OUTPUT = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ class SchedulerConfig:
     adapter_cycle_time_s: float = 2.0
     """The same slot rotation after this many seconds holding the slot, whichever comes first (seconds count
     once the holder has had half of `adapter_cycle_steps`, so slow steps do not rotate slots every step)."""
+    async_output: str = "auto"
+    """Make a step's outputs (text, stop strings) while the next step's forward runs: `on`, `off`, or `auto`
+    (on for CUDA, whose kernels run while the host works; off on a CPU, where it needs a thread beside the
+    forward's and measured no faster on 2 cores: docs/benchmarks.md). Outputs then come one step later."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens",
@@ -102,6 +107,8 @@ class SchedulerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.async_output not in ASYNC_OUTPUT:
+            raise ValueError(f"async_output must be one of {', '.join(ASYNC_OUTPUT)}, got {self.async_output!r}")
         if not self.adapter_cycle_time_s > 0:
             raise ValueError(f"adapter_cycle_time_s must be > 0, got {self.adapter_cycle_time_s}")
         if (self.max_input_length is not None and self.max_total_tokens is not None
@@ -112,6 +119,10 @@ class SchedulerConfig:
                 and self.max_total_tokens > self.max_batch_total_tokens):
             raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must be <= max_batch_total_tokens "
                              f"({self.max_batch_total_tokens}): a request that long could never run")
+
+    def resolved_async_output(self, device: torch.device) -> bool:
+        """`async_output` decided for `device`."""
+        return device.type == "cuda" if self.async_output == "auto" else self.async_output == "on"
 
     @property
     def prefill_token_budget(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,23 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from loraplex.config import SchedulerConfig
 from tests.helpers import TINY, save_tiny
+
+
+@pytest.fixture(scope="session", autouse=True)
+def async_output_from_environment() -> Iterator[None]:
+    """`LORAPLEX_TEST_ASYNC_OUTPUT=on` (or `off`) runs every in-process engine with that `async_output`
+    whatever its configuration says, so the suite can be run in both modes (docs/testing.md)."""
+    setting = os.environ.get("LORAPLEX_TEST_ASYNC_OUTPUT")
+    if setting is None:
+        yield
+        return
+    if setting not in ("on", "off"):
+        raise pytest.UsageError(f"LORAPLEX_TEST_ASYNC_OUTPUT must be on or off, got {setting!r}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SchedulerConfig, "resolved_async_output", lambda self, device: setting == "on")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,12 @@ class Engine:
         # request id → (its sequence, its adapter's load, the adapter as the request named it)
         self._loading: dict[str, tuple[Sequence, Future[LoadedAdapter], str]] = {}
         self._failed: list[RequestOutput] = []
+        self.async_output = config.scheduler.resolved_async_output(device)
+        """Whether a step's outputs are made while the next step's forward runs (see `step`)."""
+        self._pending: list[tuple[Sequence, int]] = []
+        """The last step's tokens whose outputs are still to be made (`_emit`)."""
+        self._late: list[Sequence] = []
+        """Requests `_emit` ended (a stop string, a broken detokenizer) for `_settle` to finish."""
         self.last_step_rows = 0
         """Requests that got a token in the last step."""
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
@@ -68,8 +74,9 @@ class Engine:
         """Times each step's phases when set to a `StepTimer` (loraplex.bench.overhead)."""
         self._seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
-        log.info("loaded %s (%s) on %s as %s, %s linears; %d KV blocks of %d tokens", self.model_name,
-                 cfg.architecture, device, dtype, self.linear_backend, num_blocks, block_size)
+        log.info("loaded %s (%s) on %s as %s, %s linears; %d KV blocks of %d tokens; async output %s",
+                 self.model_name, cfg.architecture, device, dtype, self.linear_backend, num_blocks, block_size,
+                 "on" if self.async_output else "off")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, adapter_id: str | None = None, *,
@@ -161,6 +168,8 @@ class Engine:
             raise ValueError(f"prompt + max_new_tokens = {total} tokens exceed max_batch_total_tokens ({cap})")
 
     def abort(self, request_id: str) -> None:
+        if self._pending:  # its last token's output (async output) is not wanted any more
+            self._pending = [entry for entry in self._pending if entry[0].request_id != request_id]
         seq = self._seqs.pop(request_id, None)
         if self._loading.pop(request_id, None) is not None:
             return  # it holds nothing yet
@@ -169,35 +178,53 @@ class Engine:
             self._finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._loading)
+        return self.scheduler.has_work() or bool(self._loading) or bool(self._pending)
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token or finished
         (including requests whose adapter failed to load, with `error` set), but for the tokens between a
         request's first and last when it was added with `every_token=False`. `last_step_rows` is then
-        the number of requests that got a token."""
+        the number of requests that got a token.
+
+        With `async_output` a step's tokens become outputs (text, stop strings, the output objects) while
+        the next step's forward runs, so each output comes one step later; a step with nothing to run
+        returns the last ones. A request whose stop string shows up then has been scheduled for one more
+        token: that token is dropped and the request ends as it would have without the overlap."""
         timer = self.timer
         timer.start()
         self.last_step_rows = 0  # an empty step samples nothing: the metric must not repeat the last count
         self._admit_loaded()
         sched = self.scheduler.schedule()
-        failed, self._failed = self._failed, []
+        outputs, self._failed = self._failed, []
+        pending, self._pending = self._pending, []
         if sched.empty:
-            if self._loading and not failed:  # only loads pending: wait for one rather than spin
+            outputs += self._emit(pending)
+            self._settle()
+            if self._loading and not outputs:  # only loads pending: wait for one rather than spin
                 wait([f for _, f, _ in self._loading.values()], timeout=LOAD_POLL_S, return_when=FIRST_COMPLETED)
-            return failed
+            return outputs
         timer.lap("schedule")
+
+        def alongside() -> None:
+            outputs.extend(self._emit(pending))
+
         # A failure of the batch as a whole (the forward pass) raises; one of a request's own (its inputs,
         # its logits, its sampling) comes back in `broken` and ends that request alone.
-        sampled, result, broken = self.runner.execute(sched, timer)
+        sampled, result, broken = self.runner.execute(sched, timer, alongside if pending else None)
         self.last_step_rows = len(sampled)
         timer.lap("sample")
         broken_seqs = {seq for seq, _ in broken}
         for chunk in sched.chunks:
             if chunk.seq not in broken_seqs:  # a broken chunk's KV was not computed: never cache it
                 chunk.seq.num_computed_tokens += chunk.num_new_tokens
-        failed += [self._fail(seq, error) for seq, error in broken]
-        outputs = failed + self._postprocess(sampled, result)
+        # A request that ended while this step ran (its stop string, in `alongside`) has had its output.
+        outputs += [self._fail(seq, error) for seq, error in broken if seq.finish_reason is None]
+        outputs += self._advance(sampled, result)
+        self._settle()
+        if not self.async_output:
+            pending, self._pending = self._pending, []
+            outputs += self._emit(pending)
+            self._settle()
         timer.lap("postprocess")
         timer.stop(sched)
         return outputs
@@ -225,31 +252,77 @@ class Engine:
             self.lora.hold(loaded.identity, loaded.weights)
             self.scheduler.add(seq)
 
-    def _postprocess(self, sampled: list[ScheduledChunk], result: SamplerOutput | None) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+    def _advance(self, sampled: list[ScheduledChunk], result: SamplerOutput | None) -> list[RequestOutput]:
+        """Append each row's token and end the requests it ends by token alone (an EOS or stop token, the
+        length, a complete grammar), so the next step's schedule is right; the tokens go to `_pending` for
+        `_emit`. Returns the outputs of requests that failed here. This loop runs for every request at
+        every step: the common row takes no call."""
+        failed: list[RequestOutput] = []
         if result is None:
-            return outputs
-        # This loop runs for every request at every step: the common row (no grammar, no logprobs) takes
-        # no call but the finish check and its output.
+            return failed
+        pending = self._pending
         for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq = chunk.seq
-            try:  # per request: its grammar or detokenizer breaking ends it alone
+            if seq.finish_reason is not None:  # it ended at a stop string while this step ran: a token too many
+                continue
+            try:  # per request: its grammar breaking ends it alone
                 seq.output_token_ids.append(token)
                 if seq.grammar is not None:
                     seq.grammar.advance(token)
                 if logprob is not None:
                     seq.logprobs.append(logprob)
-                reason = self._finish_reason(seq, token)
-                if reason is not None:
-                    seq.finish_reason = reason
+                if token in seq.stop_ids:
+                    seq.finish_reason = FinishReason.EOS_TOKEN
+                elif len(seq.output_token_ids) >= seq.max_output:
+                    seq.finish_reason = FinishReason.LENGTH
+                elif seq.grammar is not None and seq.grammar.done:  # the JSON is complete; only EOS could follow
+                    seq.finish_reason = FinishReason.EOS_TOKEN
+                if seq.finish_reason is not None:
                     self._finish(seq)
                     self._seqs.pop(seq.request_id, None)
-                    outputs.append(self._output(seq))
-                elif seq.every_token or len(seq.output_token_ids) == 1:
-                    outputs.append(self._output(seq))
+                pending.append((seq, token))
             except Exception as e:
-                outputs.append(self._fail(seq, e))
+                failed.append(self._fail(seq, e))
+        return failed
+
+    def _emit(self, pending: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """The outputs of tokens `_advance` took: each token's text, the stop strings. It touches nothing the
+        step holds (scheduler, blocks, adapters; no tensors), so it may run while a forward does: a request
+        that a stop string (or its detokenizer breaking) ends goes to `_late`, which `_settle` finishes."""
+        outputs: list[RequestOutput] = []
+        for seq, token in pending:
+            ended = seq.status is SequenceStatus.FINISHED
+            if ended and seq.finish_reason is FinishReason.ABORTED:
+                continue  # aborted or failed since the token was sampled: its last output has gone out
+            try:  # per request: its detokenizer breaking ends it alone
+                detok = seq.detokenizer
+                if detok is not None and token not in seq.stop_ids:  # a stop token is no text
+                    detok.add_token(token)
+                    if detok.stop_matched is not None:
+                        seq.finish_reason = FinishReason.STOP_SEQUENCE  # over the length or the grammar's end
+                        if not ended:
+                            self._late.append(seq)
+                        ended = True
+                if ended:
+                    if detok is not None:
+                        detok.flush()  # text held back as a possible stop-string start is final now
+                    outputs.append(self._output(seq, True))
+                elif seq.every_token or len(seq.output_token_ids) == 1:
+                    outputs.append(self._output(seq, False))
+            except Exception as e:
+                if not ended:
+                    seq.finish_reason = FinishReason.ABORTED
+                    self._late.append(seq)
+                outputs.append(self._failed_output(seq, self._step_error(seq, e)))
         return outputs
+
+    def _settle(self) -> None:
+        """Finish the requests `_emit` ended while they may have been in a step (their outputs went out)."""
+        late, self._late = self._late, []
+        for seq in late:
+            if seq.status is not SequenceStatus.FINISHED:
+                self._finish(seq)
+            self._seqs.pop(seq.request_id, None)
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """End `seq` alone because of `error` (its own failure): free what it holds, report the error."""
@@ -257,11 +330,17 @@ class Engine:
         if seq.status is not SequenceStatus.FINISHED:
             seq.finish_reason = FinishReason.ABORTED
             self._finish(seq)
-        if not isinstance(error, AdapterError | ValueError):  # a bug or a bad value: the log gets the details
-            log.error("request %s failed alone", seq.request_id, exc_info=error)
-            error = EngineStepError(f"generation failed for this request ({type(error).__name__}); "
-                                    "other requests were not affected")
-        return self._failed_output(seq, error)
+        return self._failed_output(seq, self._step_error(seq, error))
+
+    @staticmethod
+    def _step_error(seq: Sequence, error: Exception) -> Exception:
+        """What a client is told of `error`, its request's own failure: an adapter's or a value's error as
+        it is; anything else (a bug) as an EngineStepError, with the details in the log."""
+        if isinstance(error, AdapterError | ValueError):
+            return error
+        log.error("request %s failed alone", seq.request_id, exc_info=error)
+        return EngineStepError(f"generation failed for this request ({type(error).__name__}); "
+                               "other requests were not affected")
 
     @staticmethod
     def _failed_output(seq: Sequence, error: Exception) -> RequestOutput:
@@ -276,29 +355,11 @@ class Engine:
             self.lora.drop(seq.adapter)
 
     @staticmethod
-    def _finish_reason(seq: Sequence, token: int) -> FinishReason | None:
-        """Feed the new token to the detokenizer unless it ends the sequence, and say why it finished."""
-        detok = seq.detokenizer
-        if token in seq.stop_ids:
-            reason: FinishReason | None = FinishReason.EOS_TOKEN
-        else:
-            if detok is not None:
-                detok.add_token(token)
-                if detok.stop_matched is not None:
-                    return FinishReason.STOP_SEQUENCE
-            reason = FinishReason.LENGTH if len(seq.output_token_ids) >= seq.max_output else None
-            if seq.grammar is not None and seq.grammar.done:  # the JSON is complete; only EOS could follow
-                reason = FinishReason.EOS_TOKEN
-        if reason is not None and detok is not None:
-            detok.flush()  # text held back as a possible stop-string start is final now
-        return reason
-
-    @staticmethod
-    def _output(seq: Sequence) -> RequestOutput:
+    def _output(seq: Sequence, finished: bool) -> RequestOutput:
         # Positional, in RequestOutput's field order: built for every request at every step.
         detok = seq.detokenizer
         return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids[:],
-                             detok.text if detok is not None else "", seq.status is SequenceStatus.FINISHED,
+                             detok.text if detok is not None else "", finished,
                              seq.finish_reason, seq.logprobs[:] if seq.params.logprobs is not None else None,
                              seq.prompt_logprobs, seq.seed, seq.prompt)
 

@@ -7,8 +7,11 @@ a whole (the forward pass) raises, so one request can never fail the others.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,23 +59,29 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
+        self._helper: ThreadPoolExecutor | None = None  # runs a step's `alongside` work on a CPU
         self.sampler = Sampler()
         self._decode_rows = DecodeRows(self.block_size)
         self._decode_lora_slots: list[int] = []  # the last decode-only step's LoRA batch, for the next
         self._decode_lora: LoRABatch | None = None
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, timer: NullTimer = NO_TIMER
-                ) -> tuple[list[ScheduledChunk], SamplerOutput | None, Broken]:
+    def execute(self, sched: SchedulerOutput, timer: NullTimer = NO_TIMER,
+                alongside: Callable[[], None] | None = None) -> tuple[list[ScheduledChunk], SamplerOutput | None, Broken]:
         """Run one step; returns the chunks that sampled a token, the sampler's output for them, and the
         requests that failed on their own (left out of the step). A failure of the whole batch raises.
-        `timer` gets a lap as the inputs and the forward end (the caller's next lap is the sampling's)."""
+        `timer` gets a lap as the inputs and the forward end (the caller's next lap is the sampling's).
+
+        `alongside` (host work that touches no tensor: the last step's outputs) runs once while the forward
+        does: on a GPU right after the forward's kernels are queued, before anything waits for them; on a
+        CPU, whose kernels run as they are called, on a helper thread beside them."""
         inputs = self.prepare(sched)
         timer.lap("inputs")
         broken = list(inputs.broken)
-        if not inputs.input_ids.numel():
-            return [], None, broken
-        logits = self.forward(inputs)
+        logits = None
+        with self._beside(alongside):
+            if inputs.input_ids.numel():
+                logits = self.forward(inputs)
         if logits is not None and inputs.scored:
             logits = self._score_prompts(logits, inputs.scored)
         timer.lap("forward")
@@ -103,6 +112,25 @@ class ModelRunner:
             token_ids += out.token_ids
             logprobs += out.logprobs
         return kept, SamplerOutput(token_ids, logprobs) if kept else None, broken
+
+    @contextlib.contextmanager
+    def _beside(self, work: Callable[[], None] | None) -> Iterator[None]:
+        """Run `work` once while the body runs (see `execute`); its error is raised after the body's."""
+        if work is None:
+            yield
+        elif self.device.type == "cpu":
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(1, thread_name_prefix="loraplex-outputs")
+            done = self._helper.submit(work)
+            try:
+                yield
+            finally:
+                done.result()
+        else:
+            try:
+                yield  # the kernels are queued, not run: the host is free until something reads a result
+            finally:
+                work()
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         mask = token_mask([s.grammar for s in seqs], logits.shape[-1], self.device)

@@ -120,6 +120,7 @@ def create_app(state: ServerState) -> FastAPI:
             "model_dtype": str(cfg.model.torch_dtype()).removeprefix("torch."),
             "model_device_type": cfg.model.torch_device().type,
             "linear_backend": core.linear_backend,
+            "async_output": core.async_output,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": s.config.max_concurrent_requests,
             "max_best_of": s.config.max_best_of,

@@ -46,7 +46,8 @@ def test_sixteen_requests_over_nine_adapters_on_two_slots_all_finish(base, adapt
     while engine.has_unfinished():
         outputs = engine.step()
         steps += 1
-        assert outputs, f"step {steps} ran no request"
+        # (with async output a step's outputs are the last step's, and the last step only reports)
+        assert engine.last_step_rows or outputs, f"step {steps} ran no request"
         done.update({o.request_id: o.token_ids for o in outputs if o.finished})
         assert steps < 400, "the engine stopped making progress"
     assert len(done) == 16 and all(len(t) == new_tokens for t in done.values())
