@@ -3,7 +3,7 @@ out among each row's most likely tokens (its candidates) instead of the whole vo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -17,10 +17,13 @@ MIN_TEMPERATURE = 1e-2
 """Smaller positive temperatures sample as this one (as vLLM does): dividing logits by less overflows
 float32 to inf, and the softmax of inf is NaN. At 0.01 sampling is already all but greedy."""
 
-TOP_P_CANDIDATES = 1024
-"""Top-p without top-k looks for its cut among this many most likely tokens (one `topk` instead of a sort
-of the whole vocabulary, 45 times faster for 256 rows of 49,152 on a CPU); a row whose candidates hold
-less than its top_p of the mass falls back to the full sort."""
+TOP_P_CANDIDATES = (128, 1024)
+"""Top-p without top-k looks for its cut among this many most likely tokens, tier after tier (one `topk`
+per tier instead of a sort of the whole vocabulary); a row whose candidates hold less than its top_p of
+the mass goes on to the next tier with the other such rows, and after the last to the full sort. On the
+demo model's chat replies at temperature 0.8 the 128 most likely tokens hold 0.9 of the mass in 99 % of
+the steps (0.95 in 94 %); `topk` of 128 takes 11 ms for 256 rows of 49,152 on a 2-core CPU, of 1,024
+49 ms, and the full sort 410 ms."""
 _MASS_MARGIN = 1e-3  # candidates must hold top_p + this, so float rounding can never hide a kept token
 
 
@@ -75,7 +78,7 @@ class FilterTable:
         self.device = device
         self.top_k = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
         self.all_k = all(self.top_k)
-        self.width = min(vocab, max((k + 1 if k else TOP_P_CANDIDATES for k in self.top_k), default=1))
+        self.width = min(vocab, max((k + 1 if k else TOP_P_CANDIDATES[0] for k in self.top_k), default=1))
         self.has_k = vector([k > 0 for k in self.top_k], torch.bool, device).unsqueeze(1)  # [n, 1]
         self.kth_index = vector([max(k, 1) - 1 for k in self.top_k], torch.long, device).unsqueeze(1)  # [n, 1]
         wants_p = [p.top_p < 1.0 for p in params]
@@ -85,11 +88,31 @@ class FilterTable:
         self.cutoff = column([1.0 - p.top_p for p in params], device)  # [n, 1]
 
 
+def candidate_tiers(logits: torch.Tensor, params: Sequence[SamplingParams],
+                    table: FilterTable | None = None) -> Iterator[tuple[torch.Tensor | None, Candidates]]:
+    """`candidates` of every row, then of the rows they left unsettled among wider candidates (the tiers of
+    TOP_P_CANDIDATES, then the whole vocabulary), until every row is settled. Yields (the rows, as an index
+    into `logits`, None for all of them; their candidates): a row's last candidates are the ones that
+    settle it, so a caller that overwrites a row's result tier after tier ends with the right one."""
+    vocab = logits.shape[-1]
+    c = candidates(logits, params, table=table)
+    yield None, c
+    width = c.values.shape[-1]
+    rows = c.unsettled
+    while rows:
+        width = next((w for w in TOP_P_CANDIDATES if w > width), vocab)
+        index = vector(rows, torch.long, logits.device)
+        c = candidates(logits.index_select(0, index), [params[i] for i in rows], full=width >= vocab, width=width)
+        yield index, c
+        rows = [rows[j] for j in c.unsettled]
+
+
 def candidates(logits: torch.Tensor, params: Sequence[SamplingParams], full: bool = False,
-               table: FilterTable | None = None) -> Candidates:
+               table: FilterTable | None = None, width: int | None = None) -> Candidates:
     """Top-k, then top-p (HF's warpers, `min_tokens_to_keep=1`) among each row's most likely tokens: the k + 1
-    most likely for top-k rows, TOP_P_CANDIDATES for top-p alone, the whole vocabulary (one sort) if `full`.
-    `table`: the rows' `FilterTable` for this vocabulary and device, if the caller keeps one.
+    most likely for top-k rows, TOP_P_CANDIDATES[0] for top-p alone (or `width`, at least as many), the
+    whole vocabulary (one sort) if `full`. `table`: the rows' `FilterTable` for this vocabulary and device,
+    if the caller keeps one.
 
     Top-k keeps the tokens at least as likely as the k-th (ties with it survive, as in HF). Top-p then
     works on the top-k survivors in HF's ascending order (equal logits by token id, as HF's stable sort
@@ -98,7 +121,7 @@ def candidates(logits: torch.Tensor, params: Sequence[SamplingParams], full: boo
     n, vocab = logits.shape
     device = logits.device
     t = table or FilterTable(params, vocab, device)
-    width = vocab if full else t.width
+    width = vocab if full else min(vocab, max(t.width, width or 0))
     if width == vocab:
         ascending, ascending_ids = logits.sort(dim=-1, stable=True)  # equal logits by token id
         values, ids = ascending.flip(1), ascending_ids.flip(1)
@@ -149,12 +172,10 @@ def _scatter(logits: torch.Tensor, c: Candidates) -> torch.Tensor:
 
 
 def _top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Top-k then top-p from the candidates, the rows they cannot settle by the full sort."""
-    c = candidates(logits, params)
-    out = _scatter(logits, c)
-    if c.unsettled:
-        index = vector(c.unsettled, torch.long, logits.device)
-        out = out.index_copy(0, index, _top_k_top_p_sorted(logits[index], [params[i] for i in c.unsettled]))
+    """Top-k then top-p from the candidates, the rows they cannot settle from wider ones (`candidate_tiers`)."""
+    out = logits
+    for index, c in candidate_tiers(logits, params):
+        out = _scatter(logits, c) if index is None else out.index_copy(0, index, _scatter(logits[index], c))
     return out
 
 

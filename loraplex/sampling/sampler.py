@@ -14,7 +14,7 @@ from loraplex.sampling.filters import (
     Candidates,
     FilterTable,
     apply_filters,
-    candidates,
+    candidate_tiers,
     temperature_column,
     uses_candidates,
 )
@@ -122,13 +122,13 @@ class Sampler:
         token_ids = [0] * n
         ranked, in_order = table.ranked, table.in_order
         if ranked:
-            x, ranked_params = _rows(logits, ranked), table.ranked_params
-            c = candidates(x, ranked_params, table=table.filters)
-            picked = _draw_ranked(c, _rows(u, ranked))
-            if c.unsettled:
-                index = vector(c.unsettled, torch.long, logits.device)
-                full = candidates(x[index], [ranked_params[i] for i in c.unsettled], full=True)
-                picked = picked.index_copy(0, index, _draw_ranked(full, _rows(u, ranked).index_select(0, index)))
+            x, u_ranked = _rows(logits, ranked), _rows(u, ranked)
+            picked = u_ranked  # overwritten: the first tier covers every row
+            for index, c in candidate_tiers(x, table.ranked_params, table.filters):
+                if index is None:
+                    picked = _draw_ranked(c, u_ranked)
+                else:
+                    picked = picked.index_copy(0, index, _draw_ranked(c, u_ranked.index_select(0, index)))
             for i, token in zip(ranked, picked.tolist(), strict=True):
                 token_ids[i] = token
         if in_order:

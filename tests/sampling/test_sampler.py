@@ -348,6 +348,33 @@ def test_fast_top_k_top_p_equals_the_full_sort(vocab: int) -> None:
         assert torch.equal(fast[fast.isfinite()], logits[fast.isfinite()])
 
 
+def test_top_p_rows_go_through_wider_candidates_until_settled() -> None:
+    # Row 0 is peaked (128 candidates settle it), row 1 spreads its mass over 500 tokens (1,024 do),
+    # row 2 over all 3,000 (only the full sort does); each gets what the full sort gives, in draws too.
+    vocab = 3000
+    logits = torch.full((3, vocab), -30.0)
+    logits[0, :5] = 5.0
+    logits[1, 1000:1500] = torch.linspace(0, 0.5, 500)
+    logits[2] = torch.linspace(0, 0.1, vocab)
+    params = [SamplingParams(temperature=1.0, top_p=0.9)] * 3
+    tiers = list(filters_module.candidate_tiers(logits, params))
+    widths = [(None if index is None else index.tolist(), c.values.shape[-1]) for index, c in tiers]
+    assert widths == [(None, 128), ([1, 2], 1024), ([2], vocab)]
+    assert torch.equal(filters_module._top_k_top_p(logits, params).isinf(),
+                       filters_module._top_k_top_p_sorted(logits, params).isinf())
+    full = filters_module.candidates(logits, params, full=True)
+    for u in torch.linspace(0, 1 - 2**-40, 33, dtype=torch.float64):
+        us = torch.full((3,), float(u), dtype=torch.float64)
+        got = sampler_module._draw_ranked(tiers[0][1], us)
+        for index, c in tiers[1:]:
+            assert index is not None
+            got = got.index_copy(0, index, sampler_module._draw_ranked(c, us[index]))
+        assert got.tolist() == sampler_module._draw_ranked(full, us).tolist(), float(u)
+    batch = [Row(p, seed=i) for i, p in enumerate(params)]  # the sampler takes the same path
+    want = sampler_module._draw_ranked(full, uniforms([0, 1, 2], [0, 0, 0])).tolist()
+    assert Sampler()(logits, batch).token_ids == want
+
+
 def test_fast_top_k_keeps_ties_like_hf() -> None:
     # Equal logits: top-k keeps every tie of the k-th, beyond the candidates (HF's rule); top-p keeps as
     # many of a tie group as HF (which ones is up to the sort, in HF too).
