@@ -177,6 +177,11 @@ class Engine:
             seq.finish_reason = FinishReason.ABORTED
             self._finish(seq)
 
+    @property
+    def num_loading(self) -> int:
+        """Requests waiting for their adapter to load (not in the scheduler yet)."""
+        return len(self._loading)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._loading) or bool(self._pending)
 

@@ -11,14 +11,14 @@ import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from loraplex.adapters.loader import LoadedAdapter
 from loraplex.adapters.ref import AdapterIdentity, AdapterRef
 from loraplex.engine.engine import Engine
 from loraplex.lora.adapter import AdapterNotFound
 from loraplex.server.errors import Unauthorized
-from loraplex.server.protocol import AdapterAdminRequest
+from loraplex.server.protocol import AdapterAdminRequest, DynamicLoRARequest
 from loraplex.server.state import ServerState, bearer_token, get_state
 
 
@@ -32,6 +32,9 @@ def require_admin(request: Request, authorization: str | None = Header(default=N
 
 
 router = APIRouter(prefix="/v1/adapters", tags=["admin"], dependencies=[Depends(require_admin)])
+dynamic_lora = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+"""vLLM's dynamic LoRA routes, as the Gateway API Inference Extension's adapter syncer calls them, on top of
+`load` and `unload` (same admin token; the answers are vLLM's plain-text ones)."""
 
 
 @router.get("")
@@ -76,6 +79,26 @@ async def unload(body: AdapterAdminRequest, request: Request) -> JSONResponse:
 
     removed = await state.engine.call(drop)
     return JSONResponse({"adapter_id": body.adapter_id, "removed_from": [t for t, done in removed.items() if done]})
+
+
+@dynamic_lora.post("/load_lora_adapter")
+async def load_lora_adapter(body: DynamicLoRARequest, request: Request) -> PlainTextResponse:
+    await load(_admin_request(body), request)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@dynamic_lora.post("/unload_lora_adapter")
+async def unload_lora_adapter(body: DynamicLoRARequest, request: Request) -> PlainTextResponse:
+    await unload(_admin_request(body), request)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _admin_request(body: DynamicLoRARequest) -> AdapterAdminRequest:
+    if body.lora_path is not None and body.lora_path != body.lora_name:
+        raise ValueError("lora_path must equal lora_name: loraplex serves an adapter under its own id (a name "
+                         "under --adapter-root, a Hub id, or an s3:// URL), which is also the `model` clients "
+                         "send; it has no aliases")
+    return AdapterAdminRequest(adapter_id=body.lora_name)
 
 
 def _ref(state: ServerState, body: AdapterAdminRequest) -> AdapterRef:

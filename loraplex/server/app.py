@@ -89,6 +89,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(admin.dynamic_lora)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> JSONResponse:

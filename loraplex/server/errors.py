@@ -25,7 +25,8 @@ from loraplex.server.state import ClientDisconnected
 
 log = logging.getLogger(__name__)
 
-OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models",
+                   "/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # vLLM's OpenAI server's routes
 
 
 class Unauthorized(Exception):

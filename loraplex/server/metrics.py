@@ -8,12 +8,15 @@ step loop pays nothing for it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from loraplex.engine.sequence import SequenceStatus
 
 if TYPE_CHECKING:
     from loraplex.engine.async_engine import AsyncEngine
@@ -113,6 +116,7 @@ class _EngineCollector(Collector):
                                   value=sched.prefix_cache_queries)
         yield CounterMetricFamily("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                                   value=sched.prefix_cache_hits)
+        yield from _gateway_metrics(self.engine)
         if core.lora is not None:
             resident = GaugeMetricFamily("loraplex_adapter_resident", "1 for each adapter in a tier",
                                          labels=["adapter", "tier"])
@@ -137,3 +141,41 @@ class _EngineCollector(Collector):
                                           value=getattr(stats, f"{stage}_seconds"))
             yield CounterMetricFamily("loraplex_adapter_load_failures", "Adapter loads that failed",
                                       value=stats.failures)
+
+
+def _gateway_metrics(engine: AsyncEngine) -> Iterator[GaugeMetricFamily]:
+    """What the Gateway API Inference Extension's endpoint picker reads of a model server (its model-server
+    protocol, docs/proposals/003-model-server-protocol): queued and running requests, KV-cache use as a
+    fraction, and the LoRA info gauge, under vLLM's names, which are the picker's defaults (docs/deploy.md).
+
+    As in vLLM, `running_lora_adapters` are the adapters of requests that run (each holds a device slot)
+    and `waiting_lora_adapters` those of requests that wait (queued, or parked for a slot); `max_lora` is
+    the number of device slots. Adapters are named as a client names them in `model`. Requests whose
+    adapter is still loading count as waiting requests, but their adapter ids (not checked yet: the load
+    may fail) are no label: only adapters that loaded appear, so a client cannot fill the labels."""
+    core = engine.engine
+    sched, pool = core.scheduler, core.pool
+    running = list(sched.running)  # one C call: the step loop may change the list while this reads it
+    waiting = sched.waiting
+    loading = core.num_loading
+    yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to run (gateway protocol: TotalQueuedRequests)",
+                            value=len(waiting) + loading)
+    yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (gateway protocol: TotalRunningRequests)",
+                            value=len(running))
+    usage = 1 - pool.num_free / pool.num_blocks
+    for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # the picker's newer and older default
+        yield GaugeMetricFamily(name, "Fraction of KV blocks in use, 0 to 1 (gateway protocol: KVCacheUtilization)",
+                                value=usage)
+    cache = GaugeMetricFamily("vllm:cache_config_info", "KV cache settings (gateway protocol: BlockSize)",
+                              labels=["block_size", "num_gpu_blocks"])
+    cache.add_metric([str(core.kv_cache.block_size), str(pool.num_blocks)], 1)
+    yield cache
+    active = {s.adapter.id for s in running if s.adapter is not None and s.status is not SequenceStatus.PARKED}
+    queued = {s.adapter.id for s in running if s.adapter is not None and s.status is SequenceStatus.PARKED}
+    queued |= {s.adapter.id for s in waiting if s.adapter is not None}
+    info = GaugeMetricFamily("vllm:lora_requests_info", "Adapters of running and waiting requests; the value is "
+                             "when this was read (gateway protocol: LoRA adapter serving)",
+                             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+    info.add_metric([",".join(sorted(active)), ",".join(sorted(queued)),
+                     str(core.config.lora.max_loras)], time.time())
+    yield info

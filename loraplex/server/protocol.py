@@ -231,6 +231,15 @@ class AdapterAdminRequest(_Body):
     api_token: str | None = None
 
 
+class DynamicLoRARequest(_Body):
+    """vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` body, which the inference gateway's
+    adapter syncer sends. loraplex names an adapter by its id, so `lora_name` is that id (the name a
+    client then sends as `model`); `lora_path`, if given, must name the same adapter: there are no aliases."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+
+
 def max_new_tokens(prompt_tokens: int, requested: int | None, default: int | None, limit: int,
                    name: str) -> int:
     """The one max-tokens policy of both APIs: how many tokens a request may generate.

@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.config import ServerConfig
 from tests.e2e.conftest import start_server
@@ -95,3 +96,24 @@ def test_unload_leaves_the_slot_of_a_running_request(admin_server):
     assert len(streamed) == 24
     again = call(admin_server, "POST", "/v1/adapters/unload", adapter_id="all16").json()
     assert again["removed_from"] == ["device"]  # idle now: the slot goes
+
+
+def test_the_inference_gateways_dynamic_lora_routes(admin_server):
+    # vLLM's routes, as the Gateway API Inference Extension's adapter syncer calls them: the same admin
+    # token, vLLM's plain-text answers, and the adapter then reported in the gateway's LoRA metric.
+    assert call(admin_server, "POST", "/v1/load_lora_adapter", token=None, lora_name="all16").status_code == 401
+    r = call(admin_server, "POST", "/v1/load_lora_adapter", lora_name="all16", lora_path="all16")
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'all16' added successfully."
+    assert "device" in listing(admin_server)["all16"]["tiers"]
+    alias = call(admin_server, "POST", "/v1/load_lora_adapter", lora_name="my-alias", lora_path="all16")
+    assert alias.status_code == 422 and "no aliases" in alias.json()["error"]["message"]  # OpenAI's shape, as vLLM
+    assert call(admin_server, "POST", "/v1/load_lora_adapter", lora_name="nope").status_code == 404
+    body = {"model": "all16", "prompt": "Hello", "max_tokens": 3}
+    assert httpx.post(admin_server.url + "/v1/completions", json=body, timeout=120).status_code == 200
+    metrics = httpx.get(admin_server.url + "/metrics", timeout=30).text
+    (info,) = next(f for f in text_string_to_metric_families(metrics) if f.name == "vllm:lora_requests_info").samples
+    assert info.labels == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "2"}
+    r = call(admin_server, "POST", "/v1/unload_lora_adapter", lora_name="all16")
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'all16' removed successfully."
+    assert "all16" not in listing(admin_server)
+    assert call(admin_server, "POST", "/v1/unload_lora_adapter", lora_name="all16").status_code == 404
