@@ -154,6 +154,27 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(EngineConfig.from_options(**engine_options(args)), server)
 
 
+def _ray_serve(args: argparse.Namespace) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError("loraplex ray-serve needs Ray Serve: pip install 'ray[serve]' (or loraplex[ray])") from None
+    from loraplex.ray_serve import build_app
+
+    server = ServerConfig(**config_options(args, (ServerConfig,)))  # checked before Ray starts
+    options: dict[str, Any] = {**config_options(args, (ServerConfig,)), **engine_options(args),
+                               "num_replicas": args.num_replicas, "replica_cpus": args.replica_cpus}
+    if args.autoscaling_config:
+        options["autoscaling_config"] = json.loads(args.autoscaling_config)
+    for name in ("hostname", "port"):  # Ray Serve's HTTP proxy listens; the replicas listen on nothing
+        options.pop(name, None)
+    ray.init()  # the cluster at $RAY_ADDRESS, else a local one
+    serve.start(http_options={"host": server.hostname, "port": server.port})
+    serve.run(build_app(options), route_prefix="/", blocking=True)
+    return 0
+
+
 def _download(args: argparse.Namespace) -> int:
     from loraplex.download import download_demo
 
@@ -192,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(srv, (ServerConfig,))
     add_engine_flags(srv)
     srv.set_defaults(func=_serve)
+    rs = sub.add_parser("ray-serve", help="serve the same API from N replicas on Ray Serve, routed by adapter "
+                                          "(docs/deploy.md)")
+    rs.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default: 2)")
+    rs.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (default: 1)")
+    rs.add_argument("--autoscaling-config", default=None,
+                    help="Ray Serve autoscaling as JSON, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4, "
+                         "\"target_ongoing_requests\": 32}' (instead of --num-replicas)")
+    add_config_flags(rs, (ServerConfig,))
+    add_engine_flags(rs)
+    rs.set_defaults(func=_ray_serve)
     return parser
 
 
