@@ -9,31 +9,66 @@ one adapter. Errors name the id, never a host path, and do not say whether a fol
 With no roots configured (None) any folder is accepted, named by its resolved path, which suits the
 offline Python API, not a server.
 
-The version is a digest of the folder's file names, sizes and mtimes: a stat, cheap enough to redo
-on every request, and any rewrite of a file changes it.
+The version is a digest of the folder's file names and contents, so every replica that holds a copy of
+an adapter (its own volume, synced, its files' times differing) names it with one identity, and prefix
+caches, disk tiers and the admin listing agree across replicas. The contents are read once per change:
+each request only lists the folder (names, sizes, mtimes) and finds the digest of that listing in a
+cache; any rewrite of a file changes the listing, and the contents are read again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from loraplex.adapters.ref import AdapterRef
 from loraplex.adapters.sources import Resolved
 from loraplex.lora.adapter import AdapterInvalid, AdapterNotFound
 
+CONTENT_DIGESTS_KEPT = 4096
+"""Folder listings whose content digest a LocalSource remembers (a few hundred bytes each)."""
+
 
 class LocalSource:
     def __init__(self, roots: tuple[str, ...] | None) -> None:
         self.roots = None if roots is None else tuple(Path(r).expanduser().resolve() for r in roots)
+        self._digests: OrderedDict[str, str] = OrderedDict()  # listing digest → content digest, LRU
+        self._lock = threading.Lock()  # resolve runs on the loader's worker threads
 
     def resolve(self, ref: AdapterRef, token: str | None) -> Resolved:
         if ref.revision is not None:
             raise AdapterInvalid(f"adapter {ref}: local adapters have no revisions")
         folder, name = self.locate(ref.id)
-        stamp = self._stamp(folder, ref.id)
-        return Resolved(version=stamp, path=folder, ttl_s=0.0, id=name)
+        return Resolved(version=self._version(folder, ref.id), path=folder, ttl_s=0.0, id=name)
+
+    def _version(self, folder: Path, adapter_id: str) -> str:
+        """The digest of the folder's file names and contents, read again only when its listing changed."""
+        stamp = self._stamp(folder, adapter_id)
+        with self._lock:
+            known = self._digests.get(stamp)
+            if known is not None:
+                self._digests.move_to_end(stamp)
+                return known
+        digest = hashlib.sha256()
+        try:
+            for f in sorted((f for f in folder.iterdir() if f.is_file()), key=lambda f: f.name):
+                content = hashlib.sha256()
+                with f.open("rb") as stream:
+                    while chunk := stream.read(1 << 20):
+                        content.update(chunk)
+                digest.update(f"{f.name}\0{content.hexdigest()}\0".encode())
+        except OSError:
+            raise AdapterNotFound(f"local adapter {adapter_id!r}: its files cannot be read") from None
+        version = "sha256-" + digest.hexdigest()
+        if self._stamp(folder, adapter_id) == stamp:  # not rewritten while it was read: the digest is its
+            with self._lock:
+                self._digests[stamp] = version
+                while len(self._digests) > CONTENT_DIGESTS_KEPT:
+                    self._digests.popitem(last=False)
+        return version
 
     def fetch(self, ref: AdapterRef, resolved: Resolved, token: str | None, dest: Path) -> None:
         assert resolved.path is not None, "a local adapter always resolves to its folder"
@@ -79,7 +114,7 @@ class LocalSource:
             if outside is not None:
                 raise AdapterNotFound(f"local adapter {adapter_id!r}: its file {outside.name!r} links outside "
                                       f"the adapter roots")
-        return "stamp-" + hashlib.sha256(repr(entries).encode()).hexdigest()
+        return hashlib.sha256(f"{folder}\0{entries!r}".encode()).hexdigest()
 
 
 def _real(path: Path, adapter_id: str) -> Path:

@@ -1,7 +1,7 @@
 """What a request names (AdapterRef) and what was actually loaded for it (AdapterIdentity).
 
 A ref is the user's words: a source, an id and maybe a revision (a branch or tag can move). An identity
-pins a version: the hub's commit sha, the S3 objects' ETags, or a local folder's file stamp. The prefix
+pins a version: the hub's commit sha, the S3 objects' ETags, or a local folder's content digest. The prefix
 cache, the slot table and the metrics key on identities, so a changed adapter under the same name is a
 different adapter. Tokens are never part of either: they travel beside the ref and are never logged.
 
@@ -58,7 +58,7 @@ class AdapterIdentity:
     source: str
     id: str
     version: str
-    """Hub commit sha, digest of the S3 ETags, or digest of a local folder's file stamp."""
+    """Hub commit sha, digest of the S3 ETags, or digest of a local folder's file names and contents."""
 
     def __str__(self) -> str:
         return f"{self.source}:{self.id}#{self.version[:12]}"

@@ -24,7 +24,7 @@ from loraplex.config import AdapterSourceConfig
 @dataclass(frozen=True)
 class Resolved:
     version: str
-    """What the identity pins: commit sha, ETag digest, file-stamp digest."""
+    """What the identity pins: commit sha, ETag digest, a local folder's content digest."""
     path: Path | None = None
     """The adapter folder when it is already on this machine (no fetch, no disk tier)."""
     ttl_s: float | None = None

@@ -325,3 +325,48 @@ def test_every_spelling_of_a_local_folder_is_one_host_entry(tmp_path: Path, cloc
         assert {a.identity.id for a in loaded} == {"upper"}
         assert all(a is loaded[0] for a in loaded)
         assert loader.stats().host_entries == 1 and loader.stats().parses == 1
+
+
+def test_replicas_with_their_own_copies_of_an_adapter_name_it_alike(tmp_path: Path, clock: Clock) -> None:
+    # Two replicas, each with its own copy of the adapter (a synced volume: other mtimes). The identity
+    # (and so the prefix cache key, the disk tier entry, the admin listing) is the content's, the same on
+    # both; a change of the files is seen by both at their next request (local adapters are rechecked
+    # on every request), and a touch alone changes nothing.
+    import os
+    import shutil
+
+    first = write_adapter(tmp_path / "replica-a" / "mine", seed=1)
+    second = tmp_path / "replica-b" / "mine"
+    shutil.copytree(first, second)
+    for f in second.iterdir():
+        os.utime(f, ns=(1, 1))  # the copy's own times
+    sources = [LocalSource((str(tmp_path / r),)) for r in ("replica-a", "replica-b")]
+    with AdapterLoader({"local": sources[0]}, parse, clock=clock) as a, \
+            AdapterLoader({"local": sources[1]}, parse, clock=clock) as b:
+        mine = AdapterRef("local", "mine")
+        ia, ib = (loader.request(mine).result(timeout=30).identity for loader in (a, b))
+        assert ia == ib and ia.version.startswith("sha256-")
+        for folder in (first, second):
+            write_adapter(folder, seed=2)
+        ja, jb = (loader.request(mine).result(timeout=30).identity for loader in (a, b))
+        assert ja == jb != ia
+        for f in second.iterdir():
+            os.utime(f, ns=(2, 2))
+        assert b.request(mine).result(timeout=30).identity == jb
+
+
+def test_a_local_version_reads_the_contents_once_per_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_adapter(tmp_path / "root" / "mine", seed=1)
+    source = LocalSource((str(tmp_path / "root"),))
+    opened: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: object, **kwargs: object) -> object:
+        opened.append(self.name)
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    versions = {source.resolve(AdapterRef("local", "mine"), None).version for _ in range(5)}
+    assert len(versions) == 1 and len(opened) == len(list(folder.iterdir()))
+    write_adapter(folder, seed=3)
+    assert source.resolve(AdapterRef("local", "mine"), None).version not in versions
