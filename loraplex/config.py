@@ -28,7 +28,14 @@ class ModelConfig:
     `aten`; `onednn`: weights prepacked once for oneDNN, faster at decode batch sizes, a tied LM head then
     takes vocab × hidden × 4 bytes more memory; `aten`: torch's matmul). See loraplex/model/gemm.py."""
 
+    attention_backend: str = "auto"
+    """Paged attention (`auto`: `triton` on CUDA where triton imports, else `torch`; `triton`: the paged
+    Triton kernels, CUDA only (CPU under TRITON_INTERPRET=1); `torch`: a gather of the cached blocks, then
+    SDPA). See loraplex/model/attention.py."""
+
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be one of auto, torch, triton, got {self.attention_backend!r}")
         if self.linear_backend not in gemm.BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(gemm.BACKENDS)}, got {self.linear_backend!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -47,6 +54,12 @@ class ModelConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def resolved_attention_backend(self) -> str:
+        """`attention_backend` with `auto` decided for this device (ValueError if it cannot run)."""
+        from loraplex.model.attention import resolve_attention_backend
+
+        return resolve_attention_backend(self.attention_backend, self.torch_device())
 
     def resolved_linear_backend(self) -> str:
         """`linear_backend` with `auto` decided for this device and dtype (ValueError if it cannot run)."""
@@ -136,7 +149,8 @@ class LoRAConfig:
     max_lora_rank: int = 16
     """Largest adapter rank accepted; slot buffers are sized for it."""
     lora_backend: str = "auto"
-    """LoRA op backend (`auto`: `native` where it builds, else `torch`; `native`: a C kernel compiled on
+    """LoRA op backend (`auto`: on CUDA `triton` where triton imports, else `native` where it builds, else
+    `torch`; `native`: a C kernel compiled on
     first use for this CPU, float32 CPU tensors, needs a C compiler; `torch`: the pure-torch path;
     `reference`: the per-token loop; `triton`: the GPU kernels, CUDA tensors only, needs triton)."""
 

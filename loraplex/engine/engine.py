@@ -18,6 +18,7 @@ from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
 from loraplex.lora.adapter import AdapterError
 from loraplex.lora.manager import LoRAManager
 from loraplex.lora.merge import MergeSpec, merged_future
+from loraplex.model.attention import attention_op
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.runner import ModelRunner
 from loraplex.paths import resolve_model
@@ -46,7 +47,9 @@ class Engine:
         self.model_name = ckpt.name
         self.max_model_len = config.model.max_model_len or ckpt.hf_config.max_position_embeddings
         self.linear_backend = config.model.resolved_linear_backend()
+        self.attention_backend = config.model.resolved_attention_backend()
         model = build_model(ckpt, dtype, device, self.max_model_len, self.linear_backend)
+        model.use_attention(attention_op(self.attention_backend, device))
         cfg = model.config
         block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks or max(1, config.cache.kv_cache_bytes // KVCache.bytes_per_block(
@@ -74,8 +77,9 @@ class Engine:
         """Times each step's phases when set to a `StepTimer` (loraplex.bench.overhead)."""
         self._seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
-        log.info("loaded %s (%s) on %s as %s, %s linears; %d KV blocks of %d tokens; async output %s",
-                 self.model_name, cfg.architecture, device, dtype, self.linear_backend, num_blocks, block_size,
+        log.info("loaded %s (%s) on %s as %s; backends: %s linears, %s attention, %s LoRA; %d KV blocks of %d "
+                 "tokens; async output %s", self.model_name, cfg.architecture, device, dtype, self.linear_backend,
+                 self.attention_backend, self.lora.backend if self.lora else "no", num_blocks, block_size,
                  "on" if self.async_output else "off")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

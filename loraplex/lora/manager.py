@@ -19,7 +19,7 @@ from loraplex.engine.sequence import Sequence
 from loraplex.lora.adapter import AdapterInvalid, AdapterWeights, LoRAModule, load_adapter
 from loraplex.lora.batch import EMPTY_SLOT
 from loraplex.lora.layers import LoRAHead, wrap_decoder_layers
-from loraplex.lora.ops import get_lora_op
+from loraplex.lora.ops import get_lora_op, resolve_lora_backend
 from loraplex.model.decoder import CausalLM
 
 
@@ -32,7 +32,9 @@ class LoRAManager:
         self.config = config
         self.base_config = model.config
         self._model = model
-        self._op = get_lora_op(config.lora_backend)
+        self.backend = resolve_lora_backend(config.lora_backend, model.model.embed_tokens.weight.device)
+        """The LoRA op backend that runs (`auto` decided for the model's device)."""
+        self._op = get_lora_op(self.backend)
         self._wrapped = wrap_decoder_layers(model.model.layers, config.max_loras, config.max_lora_rank, self._op)
         self._head: LoRAHead | None = None
         self._slot_owner: list[AdapterIdentity | None] = [None] * config.max_loras

@@ -7,10 +7,19 @@ before it plus itself, causally).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+"""`torch`: this module (a gather of the cached blocks, then SDPA); `triton`: the paged kernels of
+loraplex/model/triton_attention.py (CUDA, or CPU under TRITON_INTERPRET=1); `auto`: triton on CUDA where
+triton imports, else torch."""
 
 
 @dataclass
@@ -98,3 +107,40 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.T
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=True)  # [heads, n, head_dim]
     return out.transpose(0, 1)
+
+
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata,
+                           float, int | None], torch.Tensor]
+"""`paged_attention`'s signature: (q, k, v, k_cache, v_cache, meta, scale, window) -> out."""
+
+
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """`backend` with `auto` decided for `device`; ValueError for one that cannot run there."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        try:
+            attention_op("triton", device)
+        except ValueError as e:
+            log.warning("%s; using the torch attention", e)
+            return "torch"
+        return "triton"
+    attention_op(backend, device)
+    return backend
+
+
+def attention_op(backend: str, device: torch.device) -> PagedAttention:
+    """The paged attention of a resolved backend (`torch` or `triton`)."""
+    if backend == "torch":
+        return paged_attention
+    try:  # imported on selection only: triton is optional, and importing it costs seconds
+        import triton
+
+        from loraplex.model.triton_attention import paged_attention_triton
+    except ImportError as e:
+        raise ValueError(f"attention backend 'triton' needs the triton package, which failed to import: {e}") from e
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError("attention backend 'triton' runs on CUDA (or on CPU under TRITON_INTERPRET=1)")
+    return paged_attention_triton

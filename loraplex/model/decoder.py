@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraplex.model.attention import paged_attention
+from loraplex.model.attention import PagedAttention, paged_attention
 from loraplex.model.context import get_forward_context
 from loraplex.model.layers import GatedMLP, Linear, PackedLinear, RMSNorm, RotaryEmbedding
 from loraplex.model.registry import arch_spec
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.window = cfg.layer_windows[layer]
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-
+        self.attend: PagedAttention = paged_attention  # CausalLM.use_attention picks the backend
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -99,7 +99,7 @@ class Attention(nn.Module):
         q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_cache.layer(self.layer)
-        out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.scale, self.window)
+        out = self.attend(q, k, v, k_cache, v_cache, ctx.attn, self.scale, self.window)
         return self.o_proj(out.reshape(tokens, -1))
 
 
@@ -137,6 +137,12 @@ class CausalLM(nn.Module):
         self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else None
         self.lora_head: nn.Module | None = None
         """Installed by the LoRA manager once an adapter targets lm_head."""
+
+    def use_attention(self, attend: PagedAttention) -> None:
+        """Run every layer's paged attention with `attend` (loraplex.model.attention.attention_op)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attend = attend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 long_rope: torch.Tensor | None = None) -> torch.Tensor:

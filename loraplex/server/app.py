@@ -121,6 +121,8 @@ def create_app(state: ServerState) -> FastAPI:
             "model_dtype": str(cfg.model.torch_dtype()).removeprefix("torch."),
             "model_device_type": cfg.model.torch_device().type,
             "linear_backend": core.linear_backend,
+            "attention_backend": core.attention_backend,
+            "lora_backend": core.lora.backend if core.lora is not None else None,
             "async_output": core.async_output,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": s.config.max_concurrent_requests,

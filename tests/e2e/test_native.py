@@ -157,6 +157,8 @@ def test_health_info_metrics(server):
     assert info["model_id"] == "SmolLM2-135M-Instruct" and info["model_dtype"] == "float32"
     assert info["max_best_of"] == 3 and info["max_total_tokens"] == 8192
     assert info["linear_backend"] == gemm.resolve("auto", torch.device("cpu"), torch.float32)
+    assert info["attention_backend"] == "torch" and info["lora_backend"] in ("native", "torch")  # CPU defaults
+    assert isinstance(info["async_output"], bool)
     post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "adapter_id": "all16"}})
     text = httpx.get(server.url + "/metrics").text
     assert 'loraplex_requests_total{adapter="all16",status="ok"}' in text

@@ -53,6 +53,21 @@ def _auto_op() -> AddLoRA:
         return add_lora
 
 
+def resolve_lora_backend(backend: str, device: torch.device) -> str:
+    """`backend` with `auto` decided for `device`: on CUDA `triton` where triton imports (else `torch`),
+    elsewhere `native` where its kernel builds (else `torch`); ValueError for a backend that cannot run."""
+    if backend != "auto":
+        get_lora_op(backend)
+        return backend
+    choice = "triton" if device.type == "cuda" else "native"
+    try:
+        get_lora_op(choice)
+    except ValueError as exc:
+        log.warning("%s; using the 'torch' backend", exc)
+        return "torch"
+    return choice
+
+
 LORA_OP_BACKENDS: dict[str, Callable[[], AddLoRA]] = {
     "auto": _auto_op,
     "native": _native_op,
@@ -72,4 +87,4 @@ def get_lora_op(backend: str) -> AddLoRA:
     return loader()
 
 
-__all__ = ["LORA_OP_BACKENDS", "AddLoRA", "add_lora", "add_lora_reference", "get_lora_op"]
+__all__ = ["LORA_OP_BACKENDS", "AddLoRA", "add_lora", "add_lora_reference", "get_lora_op", "resolve_lora_backend"]
