@@ -15,8 +15,10 @@ for r_max and nothing past a slot's rank is read (its padding may hold anything)
 EMPTY_SLOT get no program work and their rows of `out` are never written.
 
 Operands are upcast to float32 in registers. bfloat16 and float16 values are exact in tf32, so for
-16-bit inputs a tf32 dot is a 16-bit dot with float32 accumulation; float32 inputs use an IEEE dot so
-they match the torch reference to float32 rounding. (It also avoids triton 3.9's interpreter, which
+16-bit inputs the shrink's tf32 dot is a 16-bit dot with float32 accumulation; float32 inputs use an
+IEEE dot so they match the torch reference to float32 rounding. The expand's left operand is the float32
+scratch `h`, which tf32 would round to 10 bits (on an H200 that put a float16 result 1.7e-3 off the
+float32 reference, beyond one float16 rounding), so the expand always uses an IEEE dot. (It also avoids triton 3.9's interpreter, which
 gets bfloat16 `tl.dot` wrong.) The op is memory bound at LoRA ranks, so the slower tf32 rate does not
 show.
 
@@ -212,7 +214,7 @@ def add_lora_triton_segments(
     _expand_segments_kernel[(num_segments, row_tiles, triton.cdiv(out_features, BLOCK_N))](
         h, b, out, batch.seg_starts, batch.seg_lens, batch.seg_slots, ranks, scales, out_features,
         h.stride(0), h.stride(1), b.stride(0), b.stride(2), b.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, PRECISION="ieee",  # h is float32: no tf32 (docstring)
     )
     return out
 
