@@ -116,6 +116,24 @@ def peft_adapters(base_path: Path, configs: Iterable[tuple[str, Any]]) -> Iterat
         yield model, name
 
 
+def load_peft_adapters(base: Any, adapters: Iterable[Path]) -> Any:
+    """A PeftModel over HF model `base` holding every adapter folder, named a0, a1 ... in order, in eval mode."""
+    from peft import PeftModel
+
+    model: Any = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, path in enumerate(adapters):
+            # low_cpu_mem_usage skips initialising each LoRA layer before its weights are loaded over it.
+            if model is None:
+                model = PeftModel.from_pretrained(base, str(path), adapter_name="a0", low_cpu_mem_usage=True)
+            else:
+                model.load_adapter(str(path), adapter_name=f"a{i}", low_cpu_mem_usage=True)
+    if model is None:
+        raise ValueError("no adapters given")
+    return model.eval()
+
+
 def _build(base_path: Path, set_dir: Path, indices: list[int]) -> None:
     from peft import LoraConfig
 

@@ -31,13 +31,13 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loraplex.bench.adapters import load_peft_adapters
 from loraplex.paths import loraplex_home
 
 MODEL_1B: dict[str, Any] = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -176,7 +176,6 @@ def hf_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int]], ne
              peft_prompts: list[list[int]], peft_tokens: int, device: str, dtype: torch.dtype,
              repeats: int) -> dict[str, float]:
     """HF `generate` on the base model, and PEFT's mixed batch over the adapters."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -191,12 +190,7 @@ def hf_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int]], ne
 
     generate(model, prompts[:4], 2)
     rates = {"hf generate base": timed(lambda: generate(model, prompts, new_tokens), repeats)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0", low_cpu_mem_usage=True)
-        for i, path in enumerate(adapters[1:], start=1):
-            peft.load_adapter(str(path), adapter_name=f"a{i}", low_cpu_mem_usage=True)
-    peft.eval()
+    peft = load_peft_adapters(model, adapters)
     names = [f"a{i % len(adapters)}" for i in range(len(peft_prompts))]
     generate(peft, peft_prompts[:2], 2, adapter_names=names[:2])
     rates["hf+peft distinct"] = timed(lambda: generate(peft, peft_prompts, peft_tokens, adapter_names=names), 1)
@@ -206,7 +200,6 @@ def hf_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int]], ne
 def fp32_parity(config: dict[str, Any], root: Path, device: str) -> tuple[int, int, int]:
     """(requests whose greedy tokens equal PEFT's, requests, adapter requests whose tokens differ from the
     base model's) for a mixed batch on a 2-layer fp32 model."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from loraplex import LLM, SamplingParams
@@ -224,12 +217,7 @@ def fp32_parity(config: dict[str, Any], root: Path, device: str) -> tuple[int, i
     changed = sum(a is not None and x != y for a, x, y in zip(ids, ours, plain, strict=True))
     base: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     base = base.to(device).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
-        for i, path in enumerate(adapters[1:], start=1):
-            peft.load_adapter(str(path), adapter_name=f"a{i}")
-    peft.eval()
+    peft = load_peft_adapters(base, adapters)
     equal = 0
     for prompt, adapter, got in zip(prompts, ids, ours, strict=True):
         ids_t = torch.tensor([prompt], device=device)

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loraplex.bench.adapters import make_bench_adapters
+from loraplex.bench.adapters import load_peft_adapters, make_bench_adapters
 from loraplex.bench.offline import _time
 from loraplex.bench.workload import add_workload_arguments, reference_params, reference_prompts
 
@@ -61,18 +60,11 @@ def run_loraplex(llm: Any, prompts: list[str], new_tokens: int,
 def run_hf_peft(model_path: str, adapters: list[Path], prompts: list[str], new_tokens: int,
                 adapter_index: Sequence[int]) -> Callable[[], int]:
     """A timed call: HF `generate` on one left-padded batch, prompt i with adapter `adapter_index[i]`."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # low_cpu_mem_usage skips initialising each LoRA layer before its weights are loaded over it.
-        model = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0", low_cpu_mem_usage=True)
-        for i, path in enumerate(adapters[1:], start=1):
-            model.load_adapter(str(path), adapter_name=f"a{i}", low_cpu_mem_usage=True)
-    model.eval()
+    model = load_peft_adapters(base, adapters)
     batch = tok(prompts, return_tensors="pt", padding=True)
     names = [f"a{i}" for i in adapter_index]
 
