@@ -101,9 +101,23 @@ def test_a_file_linking_outside_the_roots_is_refused(roots: tuple[Path, Path, Pa
 def test_an_unresolvable_id_is_not_found_without_an_os_error(roots: tuple[Path, Path, Path]) -> None:
     first, _, _ = roots
     (first / "loop").symlink_to(first / "loop")
-    for adapter_id in ("loop", "x" * 5000, "x\u0000y"):
-        with pytest.raises(AdapterNotFound):
+    for adapter_id, message in (("loop", "'loop' cannot be resolved"), ("x" * 300, "is not a folder under"),
+                                ("x" * 5000, "local adapter"), ("x\u0000y", "local adapter")):
+        with pytest.raises(AdapterNotFound, match=message):  # the id named, never a host path or an OSError
             local(first).resolve(AdapterRef("local", adapter_id), None)
+    with pytest.raises(AdapterNotFound, match="loop' cannot be resolved"):  # also without roots (the offline API)
+        LocalSource(None).resolve(AdapterRef("local", str(first / "loop")), None)
+
+
+def test_fetch_copies_the_folder(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # The loader reads a local adapter in place (its resolved path), but the source keeps the protocol.
+    first, _, _ = roots
+    source = local(first)
+    resolved = source.resolve(AdapterRef("local", "a"), None)
+    dest = tmp_path / "copy"
+    source.fetch(AdapterRef("local", "a"), resolved, None, dest)
+    assert sorted(f.name for f in dest.iterdir()) == sorted(f.name for f in (first / "a").iterdir())
+    assert all((dest / f.name).read_bytes() == f.read_bytes() for f in (first / "a").iterdir())
 
 
 def test_missing_folder_is_not_found(roots: tuple[Path, Path, Path]) -> None:
