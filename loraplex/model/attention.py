@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor   # [num_decode, max_blocks] long, padded with 0
     decode_context_lens: torch.Tensor   # [num_decode] long
     prefills: list[PrefillChunk]
+    kernel_cache: dict[str, Any] = field(default_factory=dict)
+    """What a kernel backend derives from this step's metadata once, for all the layers to reuse."""
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Triton paged attention (the GPU backend): KV-cache write, batched decode and per-chunk prefill.
+"""Triton paged attention (the GPU backend): KV-cache write, batched decode and batched prefill.
 
 Same semantics and cache layout as the torch path in `loraplex.model.attention` (the reference):
 caches are `[num_blocks, block_size, kv_heads, head_dim]` (one layer of `KVCache`), token slot
@@ -10,6 +10,10 @@ copy, and blocks wholly outside the causal or sliding window are never read. The
 at a finite floor rather than -inf: a row whose first blocks are all masked (sliding window) then
 rescales by exp(0) instead of producing NaN from -inf - -inf.
 
+A step's attention is three launches per layer whatever its mix: the KV write, every decode, and every
+prefill chunk (a chunk per program-grid slice; the chunks' metadata is built once per step and reused by
+every layer through `AttentionMetadata.kernel_cache`).
+
 Operands are upcast to float32 in registers, as in `loraplex.lora.ops.triton_ops` (16-bit values are
 exact in tf32; float32 inputs use an IEEE dot). On CPU the kernels run only under Triton's
 interpreter (`TRITON_INTERPRET=1` set before this module is imported).
@@ -17,11 +21,13 @@ interpreter (`TRITON_INTERPRET=1` set before this module is imported).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from loraplex.model.attention import AttentionMetadata
+from loraplex.model.attention import AttentionMetadata, PrefillChunk
 
 PREFILL_BLOCK_M = 16  # query rows per prefill program
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
@@ -105,58 +111,66 @@ def _decode_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr, scale, window, q_len, ctx,
+    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, q_starts_ptr, q_lens_ptr, ctx_lens_ptr, out_ptr, scale, window,
     head_dim, block_size,
-    stride_qt, stride_qh, stride_qd, stride_cb, stride_cp, stride_ch, stride_cd,
+    stride_qt, stride_qh, stride_qd, stride_cb, stride_cp, stride_ch, stride_cd, stride_tc, stride_tb,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One tile of a chunk's queries for one head, causally over the sequence's cached keys."""
+    """One tile of one chunk's queries for one head, causally over its sequence's cached keys. Every
+    prefill chunk of a step is in one launch: program axis 2 is the chunk; tiles past a chunk's length exit."""
     m0 = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
-    kvh = head // GROUP
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < q_len
-    d_mask = offs_d < head_dim
-    q = tl.load(q_ptr + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    q = q.to(tl.float32) * scale
-    query_pos = ctx - q_len + offs_m  # [BLOCK_M]
-    # Keys past the tile's last query, or before its first query's window, are never read.
-    last_key = tl.minimum(ctx - q_len + m0 + BLOCK_M, ctx)
-    first_key = 0
-    if HAS_WINDOW:
-        first_key = tl.maximum(ctx - q_len + m0 - window + 1, 0)
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for blk in range(first_key // block_size, tl.cdiv(last_key, block_size)):
-        physical = tl.load(block_table_ptr + blk)
-        key_pos = blk * block_size + offs_n  # [BLOCK_N]
-        key_valid = (offs_n < block_size) & (key_pos < ctx)
-        kv_off = (physical * stride_cb + offs_n[:, None] * stride_cp + kvh * stride_ch
-                  + offs_d[None, :] * stride_cd)  # [BLOCK_N, BLOCK_D]
-        kv_mask = key_valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        mask = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
+    chunk = tl.program_id(2)
+    q_len = tl.load(q_lens_ptr + chunk)
+    if m0 < q_len:
+        q_start = tl.load(q_starts_ptr + chunk)
+        ctx = tl.load(ctx_lens_ptr + chunk)
+        block_table_ptr = tables_ptr + chunk * stride_tc
+        kvh = head // GROUP
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < head_dim
+        rows = q_start + offs_m
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        q = q.to(tl.float32) * scale
+        query_pos = ctx - q_len + offs_m  # [BLOCK_M]
+        # Keys past the tile's last query, or before its first query's window, are never read.
+        last_key = tl.minimum(ctx - q_len + m0 + BLOCK_M, ctx)
+        first_key = 0
         if HAS_WINDOW:
-            mask = mask & (key_pos[None, :] > query_pos[:, None] - window)
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
-    # Rows past q_len are not stored; keep their divisor nonzero so they stay finite.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+            first_key = tl.maximum(ctx - q_len + m0 - window + 1, 0)
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for blk in range(first_key // block_size, tl.cdiv(last_key, block_size)):
+            physical = tl.load(block_table_ptr + blk * stride_tb)
+            key_pos = blk * block_size + offs_n  # [BLOCK_N]
+            key_valid = (offs_n < block_size) & (key_pos < ctx)
+            kv_off = (physical * stride_cb + offs_n[:, None] * stride_cp + kvh * stride_ch
+                      + offs_d[None, :] * stride_cd)  # [BLOCK_N, BLOCK_D]
+            kv_mask = key_valid[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            mask = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
+            if HAS_WINDOW:
+                mask = mask & (key_pos[None, :] > query_pos[:, None] - window)
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            m_i = m_new
+        # Rows past q_len are not stored; keep their divisor nonzero so they stay finite.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def _tile(n: int) -> int:
@@ -241,19 +255,47 @@ def paged_prefill_attention_triton(
     out: torch.Tensor | None = None,  # [q_len, heads, head_dim], written when given
 ) -> torch.Tensor:
     """A chunk's queries (the last q_len positions) over the cached keys, causally; the torch `_prefill`."""
-    _check_inputs(q, k_cache, v_cache)
-    q_len, heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
+    q_len = q.shape[0]
     if not q_len <= context_len:
         raise ValueError(f"a chunk of {q_len} tokens cannot end a context of {context_len}")
-    if out is None:
-        out = torch.empty_like(q)
-    if q_len == 0:
+    chunks = PrefillChunks.of([PrefillChunk(0, q_len, context_len, block_table)], q.device)
+    return _prefill(q, k_cache, v_cache, chunks, scale, window, torch.empty_like(q) if out is None else out)
+
+
+@dataclass
+class PrefillChunks:
+    """A step's prefill chunks as the one-launch kernel reads them: [chunks] tensors and padded tables."""
+
+    q_starts: torch.Tensor  # [chunks] int32
+    q_lens: torch.Tensor  # [chunks] int32
+    ctx_lens: torch.Tensor  # [chunks] int32
+    tables: torch.Tensor  # [chunks, max_blocks] long, padded with 0
+    max_q_len: int
+
+    @staticmethod
+    def of(chunks: list[PrefillChunk], device: torch.device) -> PrefillChunks:
+        tables = torch.nn.utils.rnn.pad_sequence([c.block_table for c in chunks], batch_first=True)  # pads with 0
+        # One copy to the device; each row contiguous, as the kernel indexes them by chunk.
+        info = torch.tensor([[c.q_start for c in chunks], [c.q_len for c in chunks], [c.context_len for c in chunks]],
+                            dtype=torch.int32).to(device)
+        return PrefillChunks(info[0], info[1], info[2], tables, max(c.q_len for c in chunks))
+
+
+def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks: PrefillChunks, scale: float,
+             window: int | None, out: torch.Tensor) -> torch.Tensor:
+    """Every chunk's queries (rows q_start .. q_start + q_len of `q`) in one launch, into the same rows of `out`."""
+    _check_inputs(q, k_cache, v_cache)
+    heads, head_dim = q.shape[1:]
+    _, block_size, kv_heads, _ = k_cache.shape
+    if chunks.max_q_len == 0:
         return out
-    _prefill_kernel[(triton.cdiv(q_len, PREFILL_BLOCK_M), heads)](
-        q, k_cache, v_cache, block_table, out, scale, window or 0, q_len, context_len, head_dim, block_size,
+    grid = (triton.cdiv(chunks.max_q_len, PREFILL_BLOCK_M), heads, chunks.q_lens.numel())
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, chunks.tables, chunks.q_starts, chunks.q_lens, chunks.ctx_lens, out, scale,
+        window or 0, head_dim, block_size,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        chunks.tables.stride(0), chunks.tables.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=heads // kv_heads, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=_tile(block_size),
         BLOCK_D=_tile(head_dim), HAS_WINDOW=window is not None, PRECISION=_dot_precision(q.dtype),
@@ -274,8 +316,10 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     if d:
         paged_decode_attention_triton(q[:d], k_cache, v_cache, meta.decode_block_tables,
                                       meta.decode_context_lens, scale, window, out=out[:d])
-    for chunk in meta.prefills:
-        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        paged_prefill_attention_triton(q[rows], k_cache, v_cache, chunk.block_table, chunk.context_len,
-                                       scale, window, out=out[rows])
+    if meta.prefills:
+        # Built once per step (the first layer's call) and kept on the step's metadata for the others.
+        chunks = meta.kernel_cache.get("triton_prefills")
+        if chunks is None:
+            chunks = meta.kernel_cache["triton_prefills"] = PrefillChunks.of(meta.prefills, q.device)
+        _prefill(q, k_cache, v_cache, chunks, scale, window, out)
     return out
