@@ -152,3 +152,36 @@ def test_a_revision_is_refused(roots: tuple[Path, Path, Path]) -> None:
     first, _, _ = roots
     with pytest.raises(AdapterInvalid, match="no revisions"):
         local(first).resolve(AdapterRef("local", "a", "main"), None)
+
+
+def test_content_digests_are_kept_for_the_most_recent_listings(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplex.adapters import local_source
+
+    monkeypatch.setattr(local_source, "CONTENT_DIGESTS_KEPT", 2)
+    for name in "abc":
+        write_adapter(tmp_path / name)
+    source = local(tmp_path)
+    opened: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: object, **kwargs: object) -> object:
+        opened.append(self.parent.name)
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", counting_open)
+
+    def reads(name: str) -> int:
+        before = len(opened)
+        source.resolve(AdapterRef("local", name), None)
+        return len(opened) - before
+
+    assert reads("a") and reads("b")  # first listings: contents read
+    assert not reads("a") and not reads("b")  # both kept (2): no read; "a" is now the older
+    assert reads("c")  # a third listing: the least recently used ("a") goes, "b" stays
+    assert not reads("b") and reads("a")
+
+
+def test_no_roots_names_the_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(AdapterNotFound, match="nope': no such folder"):
+        LocalSource(None).resolve(AdapterRef("local", str(tmp_path / "nope")), None)
