@@ -88,23 +88,24 @@ class FilterTable:
         self.cutoff = column([1.0 - p.top_p for p in params], device)  # [n, 1]
 
 
-def candidate_tiers(logits: torch.Tensor, params: Sequence[SamplingParams],
-                    table: FilterTable | None = None) -> Iterator[tuple[torch.Tensor | None, Candidates]]:
-    """`candidates` of every row, then of the rows they left unsettled among wider candidates (the tiers of
-    TOP_P_CANDIDATES, then the whole vocabulary), until every row is settled. Yields (the rows, as an index
-    into `logits`, None for all of them; their candidates): a row's last candidates are the ones that
-    settle it, so a caller that overwrites a row's result tier after tier ends with the right one."""
-    vocab = logits.shape[-1]
-    c = candidates(logits, params, table=table)
-    yield None, c
-    width = c.values.shape[-1]
-    rows = c.unsettled
-    while rows:
-        width = next((w for w in TOP_P_CANDIDATES if w > width), vocab)
-        index = vector(rows, torch.long, logits.device)
-        c = candidates(logits.index_select(0, index), [params[i] for i in rows], full=width >= vocab, width=width)
-        yield index, c
-        rows = [rows[j] for j in c.unsettled]
+def candidate_tiers(logits: torch.Tensor, params: Sequence[SamplingParams], table: FilterTable | None = None
+                    ) -> tuple[Candidates, Iterator[tuple[torch.Tensor, Candidates]]]:
+    """`candidates` of every row, and then, lazily, the candidates of the rows those left unsettled among
+    wider ones (the tiers of TOP_P_CANDIDATES, then the whole vocabulary) until every row is settled: (the
+    rows, an index into `logits`; their candidates). A row's last candidates are the ones that settle it,
+    so a caller that overwrites each row's result tier after tier ends with the right one."""
+    first = candidates(logits, params, table=table)
+
+    def wider() -> Iterator[tuple[torch.Tensor, Candidates]]:
+        vocab, width, rows = logits.shape[-1], first.values.shape[-1], first.unsettled
+        while rows:
+            width = next((w for w in TOP_P_CANDIDATES if w > width), vocab)
+            index = vector(rows, torch.long, logits.device)
+            c = candidates(logits.index_select(0, index), [params[i] for i in rows], full=width >= vocab, width=width)
+            yield index, c
+            rows = [rows[j] for j in c.unsettled]
+
+    return first, wider()
 
 
 def candidates(logits: torch.Tensor, params: Sequence[SamplingParams], full: bool = False,
@@ -173,9 +174,10 @@ def _scatter(logits: torch.Tensor, c: Candidates) -> torch.Tensor:
 
 def _top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Top-k then top-p from the candidates, the rows they cannot settle from wider ones (`candidate_tiers`)."""
-    out = logits
-    for index, c in candidate_tiers(logits, params):
-        out = _scatter(logits, c) if index is None else out.index_copy(0, index, _scatter(logits[index], c))
+    first, wider = candidate_tiers(logits, params)
+    out = _scatter(logits, first)
+    for index, c in wider:
+        out = out.index_copy(0, index, _scatter(logits[index], c))
     return out
 
 

@@ -123,12 +123,10 @@ class Sampler:
         ranked, in_order = table.ranked, table.in_order
         if ranked:
             x, u_ranked = _rows(logits, ranked), _rows(u, ranked)
-            picked = u_ranked  # overwritten: the first tier covers every row
-            for index, c in candidate_tiers(x, table.ranked_params, table.filters):
-                if index is None:
-                    picked = _draw_ranked(c, u_ranked)
-                else:
-                    picked = picked.index_copy(0, index, _draw_ranked(c, u_ranked.index_select(0, index)))
+            first, wider = candidate_tiers(x, table.ranked_params, table.filters)
+            picked = _draw_ranked(first, u_ranked)
+            for index, c in wider:
+                picked = picked.index_copy(0, index, _draw_ranked(c, u_ranked.index_select(0, index)))
             for i, token in zip(ranked, picked.tolist(), strict=True):
                 token_ids[i] = token
         if in_order:

@@ -357,17 +357,17 @@ def test_top_p_rows_go_through_wider_candidates_until_settled() -> None:
     logits[1, 1000:1500] = torch.linspace(0, 0.5, 500)
     logits[2] = torch.linspace(0, 0.1, vocab)
     params = [SamplingParams(temperature=1.0, top_p=0.9)] * 3
-    tiers = list(filters_module.candidate_tiers(logits, params))
-    widths = [(None if index is None else index.tolist(), c.values.shape[-1]) for index, c in tiers]
-    assert widths == [(None, 128), ([1, 2], 1024), ([2], vocab)]
+    first, wider = filters_module.candidate_tiers(logits, params)
+    tiers = list(wider)
+    assert first.values.shape[-1] == 128 and first.unsettled == [1, 2]
+    assert [(index.tolist(), c.values.shape[-1]) for index, c in tiers] == [([1, 2], 1024), ([2], vocab)]
     assert torch.equal(filters_module._top_k_top_p(logits, params).isinf(),
                        filters_module._top_k_top_p_sorted(logits, params).isinf())
     full = filters_module.candidates(logits, params, full=True)
     for u in torch.linspace(0, 1 - 2**-40, 33, dtype=torch.float64):
         us = torch.full((3,), float(u), dtype=torch.float64)
-        got = sampler_module._draw_ranked(tiers[0][1], us)
-        for index, c in tiers[1:]:
-            assert index is not None
+        got = sampler_module._draw_ranked(first, us)
+        for index, c in tiers:
             got = got.index_copy(0, index, sampler_module._draw_ranked(c, us[index]))
         assert got.tolist() == sampler_module._draw_ranked(full, us).tolist(), float(u)
     batch = [Row(p, seed=i) for i, p in enumerate(params)]  # the sampler takes the same path
