@@ -41,8 +41,6 @@ from loraplex.config import EngineConfig, ServerConfig
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-loraplex-replica"
-MAX_ADAPTERS_PER_REPLICA = 16
-"""Adapters a replica reports to Ray Serve's router as its own (the ones it served last)."""
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")
 NATIVE_PATHS = ("/", "/generate", "/generate_stream")
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "host"}
@@ -113,20 +111,11 @@ class LoraplexReplica:
             self._preloaded = asyncio.ensure_future(self.state.engine.call(lambda _: preload(self.state)))
         await self._preloaded
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
-    async def _hold(self, adapter_id: str) -> str:
-        """Ray Serve's record of the adapters this replica serves (its router prefers such replicas); the
-        adapter itself loads through the engine's tiers on the request, which evict on their own."""
-        return adapter_id
-
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                      body: bytes) -> AsyncIterator[Any]:
         """Run one HTTP request through this replica's app: yields (status, headers) first, then the
         body's chunks as the app sends them (a stream stays a stream)."""
         await self._ready()
-        adapter = serve.get_multiplexed_model_id()
-        if adapter:
-            await self._hold(adapter)
         async for item in _asgi(self.app, method, path, query, headers, body, self.replica):
             yield item
 
