@@ -38,6 +38,8 @@ from typing import Any
 import torch
 
 from loraplex.bench.adapters import load_peft_adapters
+from loraplex.config import DTYPES
+from loraplex.kv.block_pool import KVCache
 from loraplex.paths import loraplex_home
 
 MODEL_1B: dict[str, Any] = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -100,10 +102,6 @@ def build_adapters(model_dir: Path, config: dict[str, Any], n: int, dtype: torch
     return paths
 
 
-def config_of(model_dir: Path) -> dict[str, Any]:
-    return dict(json.loads((model_dir / "config.json").read_text()))
-
-
 def timed(fn: Callable[[], int], repeats: int) -> float:
     """Median tokens per second of `fn` (which returns the tokens it generated) over `repeats` runs."""
     rates = []
@@ -139,8 +137,9 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
     from loraplex import LLM, SamplingParams
 
     # KV for every request's whole length at once (no preemption), with a quarter to spare.
-    per_token = 2 * config_of(model_dir)["num_hidden_layers"] * config_of(model_dir)["num_key_value_heads"] * (
-        config_of(model_dir)["hidden_size"] // config_of(model_dir)["num_attention_heads"]) * (2 if dtype != "float32" else 4)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    per_token = KVCache.bytes_per_block(cfg["num_hidden_layers"], 1, cfg["num_key_value_heads"],
+                                        cfg["hidden_size"] // cfg["num_attention_heads"], DTYPES[dtype])
     kv_bytes = int(1.25 * per_token * len(prompts) * (len(prompts[0]) + new_tokens + 16))
     llm = LLM(str(model_dir), device=device, dtype=dtype, max_loras=len(adapters), max_lora_rank=RANK,
               max_num_seqs=len(prompts), max_num_batched_tokens=max(8192, len(prompts)),
