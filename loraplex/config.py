@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from loraplex.model import gemm
+from loraplex.model.attention import ATTENTION_BACKENDS, resolve_attention_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ASYNC_OUTPUT = ("auto", "on", "off")
@@ -34,8 +35,9 @@ class ModelConfig:
     SDPA). See loraplex/model/attention.py."""
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be one of auto, torch, triton, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.linear_backend not in gemm.BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(gemm.BACKENDS)}, got {self.linear_backend!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -57,8 +59,6 @@ class ModelConfig:
 
     def resolved_attention_backend(self) -> str:
         """`attention_backend` with `auto` decided for this device (ValueError if it cannot run)."""
-        from loraplex.model.attention import resolve_attention_backend
-
         return resolve_attention_backend(self.attention_backend, self.torch_device())
 
     def resolved_linear_backend(self) -> str:
