@@ -33,8 +33,20 @@ class ModelConfig:
     """Paged attention (`auto`: `triton` on CUDA where triton imports, else `torch`; `triton`: the paged
     Triton kernels, CUDA only (CPU under TRITON_INTERPRET=1); `torch`: a gather of the cached blocks, then
     SDPA). See loraplex/model/attention.py."""
+    enforce_eager: bool = False
+    """Run every step op by op. Otherwise, on CUDA with the triton attention, decode steps replay CUDA
+    graphs captured at startup (loraplex/model/cuda_graphs.py); prefill and mixed steps always run eager."""
+    cuda_graph_max_batch: int | None = None
+    """Largest decode batch captured as a CUDA graph (larger ones run eager); None = max_num_seqs."""
+    cuda_graph_capture_s: float = 120.0
+    """Time allowed for capturing the CUDA graphs at startup; sizes left when it is spent run in the next
+    larger captured graph, padded."""
 
     def __post_init__(self) -> None:
+        if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
+        if not self.cuda_graph_capture_s > 0:
+            raise ValueError(f"cuda_graph_capture_s must be > 0, got {self.cuda_graph_capture_s}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

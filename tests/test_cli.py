@@ -25,3 +25,15 @@ def test_generate_reports_bad_input_clearly(tmp_path):
     assert "no config.json" in done.stderr and "Traceback" not in done.stderr
     done = _loraplex("generate", "--temperature", "-1", "hi")
     assert done.returncode == 2 and "temperature must be >= 0" in done.stderr
+
+
+def test_a_boolean_flag_alone_means_true_and_takes_a_value(monkeypatch) -> None:
+    from loraplex.cli import build_parser, engine_options
+
+    monkeypatch.delenv("LORAPLEX_ENFORCE_EAGER", raising=False)
+    parse = build_parser().parse_args
+    assert engine_options(parse(["serve"]))["enforce_eager"] is False
+    assert engine_options(parse(["serve", "--enforce-eager"]))["enforce_eager"] is True
+    assert engine_options(parse(["serve", "--enforce-eager", "false", "--model", "demo"]))["enforce_eager"] is False
+    options = engine_options(parse(["serve", "--enable-prefix-caching", "--cuda-graph-max-batch", "64"]))
+    assert options["enable_prefix_caching"] is True and options["cuda_graph_max_batch"] == 64

@@ -10,12 +10,13 @@ prompt tokens, greedy, ignoring EOS. Prints generated tokens per second of
     loraplex base                  every request on the base model
     loraplex one adapter           every request on adapter 0
     loraplex distinct              request i on adapter i % N
+    loraplex base, eager           the base model again with --enforce-eager (no CUDA graphs)
     hf generate base               HF transformers `generate`, one batch
     hf+peft distinct               PEFT's mixed batch (`adapter_names=`), on --peft-requests requests
                                    of --peft-new-tokens tokens (it is ~20x slower; the rate is comparable)
 
 then the ratios against shared/BENCHMARKS.md's targets, batch-1 milliseconds per decoded token (base and
-with an adapter), and an fp32 parity check: a mixed batch of 8 requests over 4 adapters on a 2-layer
+with an adapter, and base eager), the CUDA graphs captured and their capture time, and an fp32 parity check: a mixed batch of 8 requests over 4 adapters on a 2-layer
 model of the same shapes, loraplex's greedy tokens against PEFT's (each request alone through HF).
 
 Without CUDA it says so and exits 0. `--device cpu --tiny` runs every part on a tiny model instead (the
@@ -132,8 +133,11 @@ def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int, device: str,
-                   dtype: str, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Throughput (base, one adapter, distinct) and batch-1 ms per decoded token (base, adapter)."""
+                   dtype: str, repeats: int, enforce_eager: bool = False,
+                   cases: tuple[str, ...] = ("base", "one adapter", "distinct"),
+                   ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """Throughput of `cases` (of base, one adapter, distinct), batch-1 ms per decoded token (base, and with an
+    adapter when the cases use adapters), and the engine's CUDA graphs as `/info` reports them."""
     from loraplex import LLM, SamplingParams
 
     # KV for every request's whole length at once (no preemption), with a quarter to spare.
@@ -143,21 +147,23 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
     kv_bytes = int(1.25 * per_token * len(prompts) * (len(prompts[0]) + new_tokens + 16))
     llm = LLM(str(model_dir), device=device, dtype=dtype, max_loras=len(adapters), max_lora_rank=RANK,
               max_num_seqs=len(prompts), max_num_batched_tokens=max(8192, len(prompts)),
-              kv_cache_bytes=max(1 << 28, kv_bytes))
+              kv_cache_bytes=max(1 << 28, kv_bytes), enforce_eager=enforce_eager)
     engine = llm.engine
     print(f"loraplex backends: {engine.linear_backend} linears, {engine.attention_backend} attention, "
-          f"{engine.lora.backend if engine.lora else '-'} LoRA", flush=True)
+          f"{engine.lora.backend if engine.lora else '-'} LoRA; CUDA graphs: {engine.cuda_graphs}", flush=True)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    cases: dict[str, list[str | None]] = {"base": [None] * len(prompts), "one adapter": [str(adapters[0])] * len(prompts),
-             "distinct": [str(adapters[i % len(adapters)]) for i in range(len(prompts))]}
-    llm.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True), adapter_id=cases["distinct"])  # warm
+    every: dict[str, list[str | None]] = {"base": [None] * len(prompts), "one adapter": [str(adapters[0])] * len(prompts),
+                                          "distinct": [str(adapters[i % len(adapters)]) for i in range(len(prompts))]}
+    runs = {name: every[name] for name in cases}
+    llm.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True), adapter_id=list(runs.values())[-1])  # warm
     rates = {}
-    for name, ids in cases.items():
+    for name, ids in runs.items():
         def go(ids: list[str | None] = ids) -> int:
             return sum(len(o.token_ids) for o in llm.generate(prompts, params, adapter_id=ids))
         rates[name] = timed(go, repeats)
     latency = {}
-    for name, adapter in (("base", None), ("adapter", str(adapters[0]))):
+    singles = (("base", None), ("adapter", str(adapters[0])))
+    for name, adapter in singles if cases != ("base",) else singles[:1]:
         def one(tokens: int, adapter: str | None = adapter) -> float:
             sync()
             start = time.perf_counter()
@@ -168,7 +174,7 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
         one(new_tokens + 1)  # warm
         decode = statistics.median(one(new_tokens + 1) - one(1) for _ in range(repeats))
         latency[name] = decode / new_tokens * 1e3
-    return rates, latency
+    return rates, latency, engine.cuda_graphs
 
 
 def hf_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int,
@@ -261,22 +267,32 @@ def main(argv: list[str] | None = None) -> int:
     adapters = build_adapters(model_dir, config, args.adapters, dtype)
     print(f"model and adapters ready in {time.perf_counter() - start:.0f} s", flush=True)
     prompts = prompts_for(args.requests, args.prompt_tokens, config["vocab_size"])
-    ours, latency = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
-                                   args.repeats)
+    ours, latency, graphs = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
+                                           args.repeats)
+    free_memory()
+    # The base model once more without CUDA graphs, to show what they buy.
+    eager, eager_latency, _ = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
+                                             args.repeats, enforce_eager=True, cases=("base",))
     free_memory()
     theirs = hf_rates(model_dir, adapters, prompts, args.new_tokens, prompts[:args.peft_requests],
                       args.peft_new_tokens, args.device, dtype, args.repeats)
-    rows = {f"loraplex {k}": v for k, v in ours.items()} | theirs
+    rows = {f"loraplex {k}": v for k, v in ours.items()} | {"loraplex base, eager": eager["base"]} | theirs
     for label, rate in rows.items():
         print(f"{label:<26} {rate:>10.1f} tokens/s", flush=True)
     ratios = {"distinct / base": ours["distinct"] / ours["base"], "one adapter / base": ours["one adapter"] / ours["base"],
               "distinct / hf+peft": ours["distinct"] / theirs["hf+peft distinct"],
-              "base / hf generate base": ours["base"] / theirs["hf generate base"]}
+              "base / hf generate base": ours["base"] / theirs["hf generate base"],
+              "base: graphs / eager": ours["base"] / eager["base"]}
     for label, ratio in ratios.items():
         target = f"   (target >= {TARGETS[label]:g})" if label in TARGETS else ""
         print(f"ratio {label:<24} {ratio:>7.2f}x{target}")
-    for label, ms in latency.items():
-        print(f"batch-1 ms per token, {label:<8} {ms:>7.2f}   (target <= 3)")
+    for label, ms in (latency | {"base, eager": eager_latency["base"]}).items():
+        print(f"batch-1 ms per token, {label:<11} {ms:>7.2f}   (target <= 3)")
+    if graphs.get("enabled"):
+        print(f"CUDA graphs: {graphs['graphs']} captured in {graphs['capture_s']} s for batch sizes "
+              f"{graphs['batch_sizes'][0]}–{graphs['batch_sizes'][-1]}")
+    else:
+        print(f"CUDA graphs: off ({graphs.get('reason')})")
     free_memory()
     equal, total, changed = fp32_parity(config, root, args.device)
     print(f"fp32 mixed-batch parity with PEFT: {equal}/{total} requests token for token (the adapters changed the "

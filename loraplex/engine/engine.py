@@ -19,6 +19,7 @@ from loraplex.lora.adapter import AdapterError
 from loraplex.lora.manager import LoRAManager
 from loraplex.lora.merge import MergeSpec, merged_future
 from loraplex.model.attention import attention_op
+from loraplex.model.cuda_graphs import build_decode_graphs
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.runner import ModelRunner
 from loraplex.paths import resolve_model
@@ -73,14 +74,23 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
                                    enable_prefix_caching=config.cache.enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv_cache, device)
+        self.runner.graphs, self.cuda_graphs = build_decode_graphs(
+            model, self.kv_cache, device, enforce_eager=config.model.enforce_eager,
+            attention_backend=self.attention_backend, lora_backend=self.lora.backend if self.lora else None,
+            dora_slots=self.lora.dora_slots if self.lora else None,
+            max_batch=min(config.model.cuda_graph_max_batch or config.scheduler.max_num_seqs,
+                          config.scheduler.max_num_seqs),
+            max_model_len=self.max_model_len, time_limit_s=config.model.cuda_graph_capture_s)
+        """What `/info` says of the decode CUDA graphs (loraplex/model/cuda_graphs.py)."""
         self.timer: NullTimer = NO_TIMER
         """Times each step's phases when set to a `StepTimer` (loraplex.bench.overhead)."""
         self._seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
         log.info("loaded %s (%s) on %s as %s; backends: %s linears, %s attention, %s LoRA; %d KV blocks of %d "
-                 "tokens; async output %s", self.model_name, cfg.architecture, device, dtype, self.linear_backend,
-                 self.attention_backend, self.lora.backend if self.lora else "no", num_blocks, block_size,
-                 "on" if self.async_output else "off")
+                 "tokens; async output %s; CUDA graphs %s", self.model_name, cfg.architecture, device, dtype,
+                 self.linear_backend, self.attention_backend, self.lora.backend if self.lora else "no", num_blocks,
+                 block_size, "on" if self.async_output else "off",
+                 "on" if self.cuda_graphs["enabled"] else f"off ({self.cuda_graphs['reason']})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, adapter_id: str | None = None, *,

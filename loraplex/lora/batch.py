@@ -31,6 +31,9 @@ class LoRABatch:
     seg_slots_list: list[int]  # host copy of seg_slots
     active_slots_list: list[int]  # host copy of active_slots
     has_lora: bool  # any token has a slot >= 0
+    segmented: bool = True
+    """False for a CUDA graph's batch (`unsegmented`): only `token_slots` is meaningful, the segment fields
+    are empty, and only ops that read each token's slot (the triton backend's gather kernels) may run it."""
 
     @property
     def num_tokens(self) -> int:
@@ -65,3 +68,12 @@ class LoRABatch:
             active_slots_list=active.tolist(),
             has_lora=bool(slots.size),
         )
+
+    @classmethod
+    def unsegmented(cls, token_slots: torch.Tensor) -> LoRABatch:
+        """A batch over a device tensor of token slots whose values change after it is built (a CUDA
+        graph's static input): no host copy, no segments, and `has_lora` assumed."""
+        none = token_slots.new_zeros(0)
+        return cls(token_slots=token_slots, seg_starts=none, seg_lens=none, seg_slots=none, active_slots=none,
+                   seg_starts_list=[], seg_lens_list=[], seg_slots_list=[], active_slots_list=[], has_lora=True,
+                   segmented=False)

@@ -145,7 +145,7 @@ class LoRAPackedLinear(nn.Module):
         if batch is None or not batch.has_lora:
             return out
         self.op(out, x, self.a, self.b, self.ranks, self.scales, batch, self.blocks)
-        if self.dora_slots:
+        if self.dora_slots and batch.segmented:  # a CUDA graph never runs a DoRA slot (cuda_graphs.py)
             self._apply_dora(out, batch)
         return out
 

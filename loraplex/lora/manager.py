@@ -44,6 +44,8 @@ class LoRAManager:
         self._holders: dict[AdapterIdentity, int] = {}
         self._pinned: set[AdapterIdentity] = set()
         self.loads = 0
+        self.dora_slots: set[int] = set()
+        """Slots holding an adapter with DoRA modules (its steps run eager: loraplex/model/cuda_graphs.py)."""
 
     def parse(self, path: Path) -> AdapterWeights:
         """Read and validate an adapter folder for this base model and pack its slot rows (the exchange's
@@ -185,6 +187,10 @@ class LoRAManager:
         for wrappers, contents in zip(self._wrapped, weights.packed, strict=True):
             for wrapper, layer_contents in zip(wrappers, contents, strict=True):
                 wrapper.load_slot(slot, layer_contents)
+        if any(slot in wrapper.dora_slots for wrappers in self._wrapped for wrapper in wrappers):
+            self.dora_slots.add(slot)
+        else:
+            self.dora_slots.discard(slot)
         if weights.lm_head is not None and self._head is None:
             self._head = self._install_head()
         if self._head is not None:

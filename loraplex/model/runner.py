@@ -27,6 +27,7 @@ from loraplex.lora.adapter import AdapterInvalid
 from loraplex.lora.batch import EMPTY_SLOT, LoRABatch
 from loraplex.model.attention import AttentionMetadata, PrefillChunk
 from loraplex.model.context import ForwardContext, forward_context
+from loraplex.model.cuda_graphs import DecodeGraphs, GraphStep
 from loraplex.model.decode_rows import DecodeInputs, DecodeRows
 from loraplex.model.decoder import CausalLM
 from loraplex.sampling import LOGPROB_FLOOR, Sampler, SamplerOutput
@@ -51,6 +52,8 @@ class StepInputs:
     """(sequence, position p) of each prompt row after the sampled ones: it scores prompt token p + 1."""
     broken: Broken = field(default_factory=list)
     """Scheduled requests whose inputs could not be built; they are not in the step."""
+    graph: GraphStep | None = None
+    """A decode step that replays a CUDA graph (its inputs are the graph's static buffers)."""
 
 
 class ModelRunner:
@@ -64,6 +67,8 @@ class ModelRunner:
         self._decode_rows = DecodeRows(self.block_size)
         self._decode_lora_slots: list[int] = []  # the last decode-only step's LoRA batch, for the next
         self._decode_lora: LoRABatch | None = None
+        self.graphs: DecodeGraphs | None = None
+        """Decode CUDA graphs (loraplex/model/cuda_graphs.py); decode steps they hold replay one."""
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, timer: NullTimer = NO_TIMER,
@@ -158,6 +163,9 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """The model on a prepared step: logits [sampled + scored, vocab] at the sampling rows, then the
         prompt rows to score (None if there are none)."""
+        if inputs.graph is not None:  # a decode step: every row samples, the head runs on them all
+            with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.sample_lora)):
+                return self.model.compute_logits(inputs.graph.run())
         with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.lora)):
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.long_rope)  # [tokens, hidden]
         if not inputs.sampled and not inputs.scored:
@@ -288,6 +296,10 @@ class ModelRunner:
 
     def _decode_inputs(self, sched: SchedulerOutput, rows: DecodeInputs) -> StepInputs:
         """A decode-only step's inputs from its persistent rows (`DecodeRows`): every row samples."""
+        if self.graphs is not None:
+            step = self.graphs.prepare(rows)
+            if step is not None:
+                return self._graph_inputs(sched, rows, step)
         n = len(rows.input_ids)
         tables = rows.tables
         host = torch.empty(5 * n + tables.size, dtype=torch.long, pin_memory=self.device.type == "cuda")
@@ -307,6 +319,23 @@ class ModelRunner:
         return StepInputs(input_ids=input_ids, positions=positions, long_rope=None, attn=attn, lora=lora,
                           sample_lora=lora if self.model.lora_head is not None else None, sample_rows=sample_rows,
                           sampled=list(sched.chunks))
+
+
+    def _graph_inputs(self, sched: SchedulerOutput, rows: DecodeInputs, step: GraphStep) -> StepInputs:
+        """A decode step whose inputs are in the graphs' static buffers; the graph runs the decoder body, and
+        only the LM head (with its LoRA, if any adapter has one) needs a batch of its own."""
+        graphs, n = self.graphs, step.rows
+        assert graphs is not None
+        sample_lora = None
+        if self.model.lora_head is not None:
+            if rows.lora_slots != self._decode_lora_slots:
+                self._decode_lora_slots, self._decode_lora = rows.lora_slots, self._lora_batch(rows.lora_slots)
+            sample_lora = self._decode_lora
+        attn = AttentionMetadata(slot_mapping=graphs.slots[:n], num_decode=n, decode_block_tables=graphs.tables[:n],
+                                 decode_context_lens=graphs.context_lens[:n], prefills=[])
+        return StepInputs(input_ids=graphs.input_ids[:n], positions=graphs.positions[:n], long_rope=None, attn=attn,
+                          lora=None, sample_lora=sample_lora, sample_rows=graphs.rows[:n], sampled=list(sched.chunks),
+                          graph=step)
 
 
 def _upload(columns: list[list[int]], tables: list[list[int]],

@@ -124,6 +124,7 @@ def create_app(state: ServerState) -> FastAPI:
             "attention_backend": core.attention_backend,
             "lora_backend": core.lora.backend if core.lora is not None else None,
             "async_output": core.async_output,
+            "cuda_graphs": core.cuda_graphs,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": s.config.max_concurrent_requests,
             "max_best_of": s.config.max_best_of,

@@ -159,6 +159,7 @@ def test_health_info_metrics(server):
     assert info["linear_backend"] == gemm.resolve("auto", torch.device("cpu"), torch.float32)
     assert info["attention_backend"] == "torch" and info["lora_backend"] in ("native", "torch")  # CPU defaults
     assert isinstance(info["async_output"], bool)
+    assert info["cuda_graphs"]["enabled"] is False and "CUDA graphs need CUDA" in info["cuda_graphs"]["reason"]
     post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "adapter_id": "all16"}})
     text = httpx.get(server.url + "/metrics").text
     assert 'loraplex_requests_total{adapter="all16",status="ok"}' in text

@@ -113,6 +113,7 @@ def _runner() -> ModelRunner:
     runner.model = SimpleNamespace(rope=SimpleNamespace(), lora_head=object())  # type: ignore[assignment]
     runner._decode_rows = DecodeRows(BLOCK)
     runner._decode_lora_slots, runner._decode_lora = [], None
+    runner.graphs = None
     return runner
 
 

@@ -34,6 +34,7 @@ def add_lora_segments(
     """Segment loop: `out[seg] += scale * (x[seg] @ a[s, :r].T) @ b[s, :r]` per segment."""
     if not batch.has_lora:
         return out
+    assert batch.segmented, "this LoRA op reads segments; a CUDA graph's batch has none"
     ranks_list = ranks.tolist()
     scales_list = scales.tolist()
     for start, length, slot in zip(
@@ -57,6 +58,7 @@ def add_lora_sorted(
     """Sort adapter tokens by slot, one rank-sliced matmul pair per active slot, scatter-add back."""
     if not batch.has_lora:
         return out
+    assert batch.segmented, "this LoRA op reads segments; a CUDA graph's batch has none"
     counts = _tokens_per_active_slot(batch)
     num_lora_tokens = sum(counts)
     order = _adapter_tokens_by_slot(batch, num_lora_tokens)
@@ -114,6 +116,7 @@ def add_lora(
     """Add each token's LoRA delta to `out` in place and return it; semantics of `add_lora_reference`."""
     if not batch.has_lora:
         return out
+    assert batch.segmented, "this LoRA op reads segments; a CUDA graph's batch has none"
     if _is_grouped(batch):
         return add_lora_segments(out, x, a, b, ranks, scales, batch)
     return add_lora_sorted(out, x, a, b, ranks, scales, batch)

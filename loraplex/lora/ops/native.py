@@ -186,6 +186,7 @@ def add_lora_native(
     """Add each token's LoRA delta to `out` in place and return it; semantics of `add_lora_reference`."""
     if not batch.has_lora:
         return out
+    assert batch.segmented, "this LoRA op reads segments; a CUDA graph's batch has none"
     if not _fits(out, x, a, b, ranks, scales):
         return add_lora(out, x, a, b, ranks, scales, batch)
     runs = _runs(batch)

@@ -263,10 +263,13 @@ def add_lora_triton(
     """Add each token's LoRA delta to `out` in place and return it; semantics of `add_lora_reference`.
 
     Segment kernels when the adapter runs are long enough to fill row tiles (prefill), gather kernels
-    when they are mostly single tokens (decode, or an interleaved batch).
+    when they are mostly single tokens (decode, or an interleaved batch) or unknown on the host (a CUDA
+    graph's batch, `LoRABatch.unsegmented`).
     """
     if not batch.has_lora:
         return out
+    if not batch.segmented:  # a CUDA graph's batch: each token's slot is known on the device only
+        return add_lora_triton_gather(out, x, a, b, ranks, scales, batch)
     mean_run = sum(batch.seg_lens_list) / len(batch.seg_lens_list)
     if mean_run >= SEGMENT_MIN_MEAN_TOKENS:
         return add_lora_triton_segments(out, x, a, b, ranks, scales, batch)
