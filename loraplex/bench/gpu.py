@@ -174,7 +174,30 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
         one(new_tokens + 1)  # warm
         decode = statistics.median(one(new_tokens + 1) - one(1) for _ in range(repeats))
         latency[name] = decode / new_tokens * 1e3
-    return rates, latency, engine.cuda_graphs
+    extra: dict[str, Any] = {"cuda_graphs": engine.cuda_graphs}
+    if engine.lora is not None and cases != ("base",):
+        extra["load_ms"] = adapter_load_ms(engine.lora, adapters[-1], repeats=max(5, repeats))
+    return rates, latency, extra
+
+
+def adapter_load_ms(manager: Any, adapter: Path, repeats: int) -> tuple[float, float]:
+    """Median milliseconds to load a parsed adapter (as the host tier keeps it: packed, pinned on CUDA) into
+    an idle device slot: until the host goes on, and until the copies are done on the device."""
+    from loraplex.adapters.ref import AdapterIdentity
+
+    weights = manager.parse(adapter)
+    host, done = [], []
+    for i in range(repeats):
+        key = AdapterIdentity("bench", str(adapter), f"load-{i}")  # a new identity: a real load every time
+        sync()
+        start = time.perf_counter()
+        manager.warm(key, weights)
+        manager.ready()
+        host.append(time.perf_counter() - start)
+        sync()
+        done.append(time.perf_counter() - start)
+        manager.evict(key)
+    return statistics.median(host) * 1e3, statistics.median(done) * 1e3
 
 
 def hf_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int,
@@ -267,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters = build_adapters(model_dir, config, args.adapters, dtype)
     print(f"model and adapters ready in {time.perf_counter() - start:.0f} s", flush=True)
     prompts = prompts_for(args.requests, args.prompt_tokens, config["vocab_size"])
-    ours, latency, graphs = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
+    ours, latency, extra = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
                                            args.repeats)
     free_memory()
     # The base model once more without CUDA graphs, to show what they buy.
@@ -288,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio {label:<24} {ratio:>7.2f}x{target}")
     for label, ms in (latency | {"base, eager": eager_latency["base"]}).items():
         print(f"batch-1 ms per token, {label:<11} {ms:>7.2f}   (target <= 3)")
+    host_ms, load_ms = extra["load_ms"]
+    print(f"adapter load, rank {RANK} on all projections, host tier -> device slot: {load_ms:.2f} ms "
+          f"({host_ms:.2f} ms of it on the host)   (Punica: ~2 ms for a 7B adapter)")
+    graphs = extra["cuda_graphs"]
     if graphs.get("enabled"):
         print(f"CUDA graphs: {graphs['graphs']} captured in {graphs['capture_s']} s for batch sizes "
               f"{graphs['batch_sizes'][0]}–{graphs['batch_sizes'][-1]}")

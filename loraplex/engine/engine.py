@@ -229,6 +229,8 @@ class Engine:
 
         # A failure of the batch as a whole (the forward pass) raises; one of a request's own (its inputs,
         # its logits, its sampling) comes back in `broken` and ends that request alone.
+        if self.lora is not None:
+            self.lora.ready()  # this step's kernels wait (on the GPU) for the adapter slots it loaded
         sampled, result, broken = self.runner.execute(sched, timer, alongside if pending else None)
         self.last_step_rows = len(sampled)
         timer.lap("sample")

@@ -102,9 +102,12 @@ class LoRAPackedLinear(nn.Module):
         b = torch.zeros(offset, self.b.shape[2], dtype=self.b.dtype)  # [packed_rank, out]
         for row, cols, block in b_blocks:
             b[row:row + block.shape[0], cols] = block
-        return SlotContents(a=torch.cat(a_rows).to(self.a.dtype), b=b,
-                            blocks=torch.tensor(blocks, dtype=torch.long),
-                            dora=None if dora is None else dora.to(self.dora.dtype))
+        a = torch.cat(a_rows).to(self.a.dtype)
+        dora_rows = None if dora is None else dora.to(self.dora.dtype)
+        if self.a.is_cuda:  # pinned: a slot load is then an asynchronous copy (LoRAManager._load)
+            a, b = a.pin_memory(), b.pin_memory()
+            dora_rows = None if dora_rows is None else dora_rows.pin_memory()
+        return SlotContents(a=a, b=b, blocks=torch.tensor(blocks, dtype=torch.long), dora=dora_rows)
 
     def load_slot(self, slot: int, contents: SlotContents | None) -> None:
         """Copy packed contents into `slot` (None empties it: rank 0, which the ops skip). Rows past the
@@ -112,14 +115,14 @@ class LoRAPackedLinear(nn.Module):
         rank = 0 if contents is None else contents.rank
         if rank == 0 and self._slot_ranks[slot] == 0:
             return  # empty already (an adapter that does not target this layer, loaded over another)
-        if contents is not None:
-            self.a[slot, :rank].copy_(contents.a)
-            self.b[slot, :rank].copy_(contents.b)
+        if contents is not None:  # asynchronous from pinned memory on CUDA; `blocks` stays on the host
+            self.a[slot, :rank].copy_(contents.a, non_blocking=True)
+            self.b[slot, :rank].copy_(contents.b, non_blocking=True)
             self.blocks[slot].copy_(contents.blocks)
         else:
             self.blocks[slot].zero_()
         if contents is not None and contents.dora is not None:
-            self.dora[slot].copy_(contents.dora)
+            self.dora[slot].copy_(contents.dora, non_blocking=True)
             self.dora_slots.add(slot)
         elif slot in self.dora_slots:
             self.dora[slot] = 1.0

@@ -13,6 +13,8 @@ import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
+
 from loraplex.adapters.ref import AdapterIdentity
 from loraplex.config import LoRAConfig
 from loraplex.engine.sequence import Sequence
@@ -46,6 +48,11 @@ class LoRAManager:
         self.loads = 0
         self.dora_slots: set[int] = set()
         """Slots holding an adapter with DoRA modules (its steps run eager: loraplex/model/cuda_graphs.py)."""
+        device = model.model.embed_tokens.weight.device
+        # On CUDA, slot loads copy from pinned host memory on a stream of their own, so the host never waits
+        # for a copy and the copies overlap whatever the GPU still runs; the next step waits for them (`ready`).
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copies: list[torch.cuda.Event] = []
 
     def parse(self, path: Path) -> AdapterWeights:
         """Read and validate an adapter folder for this base model and pack its slot rows (the exchange's
@@ -180,10 +187,36 @@ class LoRAManager:
         except ValueError:
             return None
 
+    def ready(self) -> None:
+        """Make the next kernels on the current stream wait for the slot loads issued since the last call (on
+        the GPU: the host does not wait). The engine calls it before each step's forward."""
+        if self._copies:
+            assert self._copy_stream is not None
+            stream = torch.cuda.current_stream(self._copy_stream.device)
+            for copied in self._copies:
+                stream.wait_event(copied)
+            self._copies.clear()
+
     def _load(self, slot: int, key: AdapterIdentity) -> None:
         assert self._slot_refs[slot] == 0, f"slot {slot} is in use and cannot be overwritten"
         # Weights from `parse` and merges come packed; ones built another way are packed here, once.
         weights = self._weights[key] = self.prepare(self._weights[key])
+        if self._copy_stream is None:
+            self._copy(slot, weights)
+        else:
+            # An idle slot's last reader ran in a step the host has already waited for; the copy stream still
+            # waits for the current one's work first, so nothing queued can read half-written rows.
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
+            with torch.cuda.stream(self._copy_stream):
+                self._copy(slot, weights)
+                copied = torch.cuda.Event()
+                copied.record(self._copy_stream)
+            self._copies.append(copied)
+        self._slot_owner[slot] = key
+        self.loads += 1
+
+    def _copy(self, slot: int, weights: AdapterWeights) -> None:
+        assert weights.packed is not None
         for wrappers, contents in zip(self._wrapped, weights.packed, strict=True):
             for wrapper, layer_contents in zip(wrappers, contents, strict=True):
                 wrapper.load_slot(slot, layer_contents)
@@ -195,8 +228,6 @@ class LoRAManager:
             self._head = self._install_head()
         if self._head is not None:
             self._head.load_slot(slot, weights.lm_head)
-        self._slot_owner[slot] = key
-        self.loads += 1
 
     def _install_head(self) -> LoRAHead:
         # Allocated on first use: at vocab x rank per slot, LM-head buffers are too big to reserve up front.

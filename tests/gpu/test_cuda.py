@@ -117,3 +117,21 @@ def test_cuda_graphs_in_bfloat16_within_the_stated_tolerance(tmp_path: Path) -> 
     # The second token is the first a graph makes (the first comes from the prefill, eager in both).
     second = [(w.logprobs or [])[1].logprob for w in want], [(g.logprobs or [])[1].logprob for g in got]
     assert second[0] == pytest.approx(second[1], abs=0.05)
+
+
+def test_slot_loads_copy_from_pinned_memory_on_their_own_stream(tmp_path: Path) -> None:
+    from loraplex.adapters.ref import AdapterIdentity
+
+    graphed, _, adapters, _ = _graph_engines(tmp_path, "float32")
+    manager = graphed.engine.lora  # type: ignore[attr-defined]
+    weights = manager.parse(Path(adapters[0]))
+    contents = weights.packed[0][0]  # layer 0's q|k|v rows, as the host tier keeps them
+    assert contents.a.is_pinned() and contents.b.is_pinned()
+    slot = manager.warm(AdapterIdentity("test", adapters[0], "v"), weights)
+    assert len(manager._copies) == 1  # issued, not waited for by the host
+    manager.ready()
+    assert not manager._copies
+    torch.cuda.synchronize()
+    wrapper = manager._wrapped[0][0]
+    assert torch.equal(wrapper.a[slot, :contents.rank].cpu(), contents.a)
+    assert torch.equal(wrapper.b[slot, :contents.rank].cpu(), contents.b)
