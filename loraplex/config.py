@@ -9,6 +9,7 @@ import torch
 
 from loraplex.model import gemm
 from loraplex.model.attention import ATTENTION_BACKENDS, resolve_attention_backend
+from loraplex.model.quant import QUANTIZE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ASYNC_OUTPUT = ("auto", "on", "off")
@@ -33,6 +34,10 @@ class ModelConfig:
     """Paged attention (`auto`: `triton` on CUDA where triton imports, else `torch`; `triton`: the paged
     Triton kernels, CUDA only (CPU under TRITON_INTERPRET=1); `torch`: a gather of the cached blocks, then
     SDPA). See loraplex/model/attention.py."""
+    quantize: str = "none"
+    """Quantize the base model's linear layers at load: `none`, or `int8` (CPU, float32: int8 weights per
+    channel, int8 activations per token, SmoothQuant calibrated at load; loraplex/model/quant.py). Adapters
+    apply on top unchanged."""
     enforce_eager: bool = False
     """Run every step op by op. Otherwise, on CUDA with the triton attention, decode steps replay CUDA
     graphs captured at startup (loraplex/model/cuda_graphs.py); prefill and mixed steps always run eager."""
@@ -43,6 +48,8 @@ class ModelConfig:
     larger captured graph, padded."""
 
     def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 1:
             raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
         if not self.cuda_graph_capture_s > 0:
@@ -72,6 +79,13 @@ class ModelConfig:
     def resolved_attention_backend(self) -> str:
         """`attention_backend` with `auto` decided for this device (ValueError if it cannot run)."""
         return resolve_attention_backend(self.attention_backend, self.torch_device())
+
+    def resolved_quantize(self) -> str:
+        """`quantize`, checked against this device and dtype (ValueError if it cannot run there)."""
+        if self.quantize == "int8" and (self.torch_device().type != "cpu" or self.torch_dtype() != torch.float32):
+            raise ValueError(f"quantize 'int8' runs on the CPU in float32 (this model: {self.torch_dtype()} on "
+                             f"{self.torch_device()}); on CUDA serve the model unquantized for now")
+        return self.quantize
 
     def resolved_linear_backend(self) -> str:
         """`linear_backend` with `auto` decided for this device and dtype (ValueError if it cannot run)."""

@@ -21,6 +21,7 @@ from loraplex.lora.merge import MergeSpec, merged_future
 from loraplex.model.attention import attention_op
 from loraplex.model.cuda_graphs import build_decode_graphs
 from loraplex.model.loader import build_model, open_checkpoint
+from loraplex.model.quant import weight_bytes
 from loraplex.model.runner import ModelRunner
 from loraplex.paths import resolve_model
 from loraplex.runtime import keep_freed_memory
@@ -49,7 +50,10 @@ class Engine:
         self.max_model_len = config.model.max_model_len or ckpt.hf_config.max_position_embeddings
         self.linear_backend = config.model.resolved_linear_backend()
         self.attention_backend = config.model.resolved_attention_backend()
-        model = build_model(ckpt, dtype, device, self.max_model_len, self.linear_backend)
+        self.quantize = config.model.resolved_quantize()
+        model = build_model(ckpt, dtype, device, self.max_model_len, self.linear_backend, self.quantize)
+        self.weight_bytes = weight_bytes(model)
+        """Bytes of the base model's weights by storage dtype (`/info`, metrics)."""
         model.use_attention(attention_op(self.attention_backend, device))
         cfg = model.config
         block_size = config.cache.block_size
@@ -86,6 +90,7 @@ class Engine:
         """Times each step's phases when set to a `StepTimer` (loraplex.bench.overhead)."""
         self._seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
+        log.info("base weights: %s", ", ".join(f"{b / 2**20:.0f} MiB {name}" for name, b in self.weight_bytes.items()))
         log.info("loaded %s (%s) on %s as %s; backends: %s linears, %s attention, %s LoRA; %d KV blocks of %d "
                  "tokens; async output %s; CUDA graphs %s", self.model_name, cfg.architecture, device, dtype,
                  self.linear_backend, self.attention_backend, self.lora.backend if self.lora else "no", num_blocks,

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 
 from loraplex.model.decoder import CausalLM, DecoderConfig
 from loraplex.model.layers import Linear, PackedLinear, RMSNorm
+from loraplex.model.quant import quantize_model
 
 # Checkpoint projection name → (our packed module, shard index).
 PACKED_MODULES = {
@@ -88,10 +89,10 @@ def _iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int,
-                linear_backend: str = "aten") -> CausalLM:
+                linear_backend: str = "aten", quantize: str = "none") -> CausalLM:
     """Construct the decoder for `ckpt` and fill every parameter from its tensors (strictly: a missing
     or unexpected tensor is an error naming it), its linear layers stored for `linear_backend` (`aten`
-    or `onednn`, as `loraplex.model.gemm.resolve` decides)."""
+    or `onednn`, as `loraplex.model.gemm.resolve` decides), or quantized (`quantize`, loraplex.model.quant)."""
     cfg = DecoderConfig.from_hf(ckpt.hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -127,16 +128,18 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
     if missing:
         raise CheckpointError(f"checkpoint {ckpt.name} lacks tensors for: {', '.join(missing[:8])}"
                               + (f" … ({len(missing)} in all)" if len(missing) > 8 else ""))
-    if linear_backend == "onednn" and model.lm_head is None:
-        # A tied head becomes a linear of its own, packed from the embedding's weights (the embedding keeps
-        # its plain table for lookups): vocab × hidden more memory, for a ~3x faster head on CPU.
+    if (linear_backend == "onednn" or quantize != "none") and model.lm_head is None:
+        # A tied head becomes a linear of its own, packed (or quantized) from the embedding's weights (the
+        # embedding keeps its plain table for lookups): vocab × hidden more memory, for a ~3x faster head on CPU.
         model.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False)
         model.lm_head.weight.data = model.model.embed_tokens.weight.data
     for module in model.modules():
         if isinstance(module, PackedLinear):
-            module.finalize(linear_backend)
+            # Layers to quantize keep a plain float copy until then (the calibration runs on it).
+            module.finalize(linear_backend if quantize == "none" else "aten")
         elif isinstance(module, RMSNorm):
             module.finalize()
+    quantize_model(model, quantize, ckpt.tokenizer)
     return model.eval()
 
 

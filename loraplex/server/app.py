@@ -125,6 +125,8 @@ def create_app(state: ServerState) -> FastAPI:
             "lora_backend": core.lora.backend if core.lora is not None else None,
             "async_output": core.async_output,
             "cuda_graphs": core.cuda_graphs,
+            "quantize": core.quantize,
+            "model_weight_bytes": core.weight_bytes,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": s.config.max_concurrent_requests,
             "max_best_of": s.config.max_best_of,

@@ -116,6 +116,11 @@ class _EngineCollector(Collector):
                                   value=sched.prefix_cache_queries)
         yield CounterMetricFamily("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                                   value=sched.prefix_cache_hits)
+        weights = GaugeMetricFamily("loraplex_model_weight_bytes", "Bytes of the base model's weights, by storage dtype",
+                                    labels=["dtype"])
+        for dtype, size in core.weight_bytes.items():
+            weights.add_metric([dtype], size)
+        yield weights
         yield from _gateway_metrics(self.engine)
         if core.lora is not None:
             resident = GaugeMetricFamily("loraplex_adapter_resident", "1 for each adapter in a tier",

@@ -160,6 +160,7 @@ def test_health_info_metrics(server):
     assert info["attention_backend"] == "torch" and info["lora_backend"] in ("native", "torch")  # CPU defaults
     assert isinstance(info["async_output"], bool)
     assert info["cuda_graphs"]["enabled"] is False and "CUDA graphs need CUDA" in info["cuda_graphs"]["reason"]
+    assert info["quantize"] == "none" and info["model_weight_bytes"]["float32"] > 500e6  # SmolLM2-135M, fp32
     post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "adapter_id": "all16"}})
     text = httpx.get(server.url + "/metrics").text
     assert 'loraplex_requests_total{adapter="all16",status="ok"}' in text
@@ -168,6 +169,8 @@ def test_health_info_metrics(server):
     assert "loraplex_engine_step_failures_total 0.0" in text
     assert "loraplex_adapter_slot_parks_total 0.0" in text and "loraplex_preemptions_total 0.0" in text
     assert "loraplex_requests_parked 0.0" in text
+    weights = next(line for line in text.splitlines() if line.startswith('loraplex_model_weight_bytes{dtype="float32"}'))
+    assert float(weights.split()[-1]) == info["model_weight_bytes"]["float32"]
     assert "loraplex_prefix_cache_query_tokens_total" in text and "loraplex_prefix_cache_hit_tokens_total" in text
     assert 'loraplex_adapter_resident{adapter="all16",tier="device"} 1.0' in text
     docs = httpx.get(server.url + "/openapi.json").json()

@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from loraplex import cbuild
+from loraplex.cbuild import NativeUnavailable
 from loraplex.lora.batch import LoRABatch
 from loraplex.lora.ops.cpu import add_lora, add_segment
-from loraplex.paths import loraplex_home
 
 log = logging.getLogger(__name__)
 
@@ -44,75 +40,17 @@ MAX_NATIVE_RUN = 16
 """Longest segment (tokens) the C kernel takes; longer ones are compute bound and go to MKL."""
 
 
-class NativeUnavailable(RuntimeError):
-    """The native kernel cannot be built or loaded here; the message says why."""
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or "cc"
-    path = shutil.which(cc)
-    if path is None:
-        raise NativeUnavailable(f"no C compiler: {cc!r} is not on PATH (install gcc, or set CC)")
-    return path
-
-
 def _build_key(cc: str) -> str:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    cpu = ""
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith(("flags", "Features"))), "")
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode(),
-                 platform.machine().encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    return cbuild.build_key(cc, SOURCE, FLAGS)
 
 
-def _kernel_dir() -> Path:
-    folder = loraplex_home() / "kernels"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = Path(tempfile.gettempdir()) / "loraplex-kernels"
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _build(cc: str, target: Path) -> None:
-    # Built under a temporary name and renamed into place: a concurrent process sees all of it or none.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise NativeUnavailable(f"{cc} could not compile {SOURCE.name}: {proc.stderr.strip()[-800:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+_kernel_dir = cbuild.kernel_dir
 
 
 @functools.cache
 def load_kernel() -> Callable[..., int]:
     """The compiled `loraplex_add_lora_f32`, built on first use; raises NativeUnavailable."""
-    cc = _compiler()
-    target = _kernel_dir() / f"lora_cpu-{_build_key(cc)}.so"
-    if not target.is_file():
-        log.info("compiling the native LoRA kernel into %s", target)
-        _build(cc, target)
-    try:
-        library = ctypes.CDLL(str(target))
-    except OSError:
-        # A damaged build (a full disk, a copied cache folder) is rebuilt once, not trusted forever.
-        log.warning("could not load %s; rebuilding it", target)
-        _build(cc, target)
-        try:
-            library = ctypes.CDLL(str(target))
-        except OSError as exc:
-            raise NativeUnavailable(f"could not load {target}: {exc}") from exc
+    library = cbuild.load_library(SOURCE, FLAGS, "the native LoRA kernel")
     fn = library.loraplex_add_lora_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, ptr, i64,  # out, x

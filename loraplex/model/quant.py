@@ -1,0 +1,252 @@
+"""Quantized base weights: `--quantize int8` on the CPU.
+
+    int8   weights int8 per output channel, activations int8 per token (dynamic), the product in int8
+           (`torch._int_mm`, oneDNN's VNNI kernels); SmoothQuant smoothing and four float32 outlier
+           channels per layer, calibrated at load
+
+Why this scheme (docs/benchmarks.md, issue 16): at the decode batch sizes of the CPU workload (32 rows)
+a float32 GEMM already runs at the cores' FMA peak, so weight-only int8 (int8 weights multiplied in
+float) cannot be faster, and torch's CPU weight-only kernels are 40–130× slower than oneDNN's float32;
+only an int8 product is (~3×). Rounding activations costs accuracy where a few input channels carry
+outliers: per tensor, the demo model's perplexity rose 61 %; per token, 4.7 %. SmoothQuant (Xiao et al.,
+2023) moves outliers into the weights: input channel j is divided by `s_j = max|X_j|^α / max|W_j|^(1-α)`
+and the weight's row j multiplied by it (the product is unchanged); that left +0.8–1.6 %. The four input
+channels that are still largest after smoothing are then left out of the int8 product and multiplied in
+float32 (as LLM.int8() does with its outlier columns): −0.05 % and +0.6 % on two texts. `max|X_j|` is
+measured when the model loads, on the first 1,024 tokens of loraplex/model/calibration.txt (~2 s).
+
+A LoRA adapter's delta is added to the quantized layer's output from the unsmoothed float input, as
+PEFT adds it to a base layer: adapters need no change. DoRA reads the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from loraplex.model.decoder import CausalLM
+
+log = logging.getLogger(__name__)
+
+QUANTIZE = ("none", "int8")
+SMOOTH_ALPHA = 0.5
+"""SmoothQuant's migration strength: from 0.4 to 0.65 the demo model's perplexity changed by under 0.7 % (without
+outlier channels), 0.8 was far worse; 0.5 is the paper's default."""
+OUTLIER_CHANNELS = 4
+"""Input channels per layer left in float32 (the largest after smoothing): their products are added in float."""
+CALIBRATION_TOKENS = 1024
+CALIBRATION_CHUNK = 256
+
+
+@dataclass
+class Int8Weight:
+    """A linear layer's weight as int8 with a float32 scale per output column, its input smoothed, and its
+    few outlier input channels kept apart in float32."""
+
+    weight: torch.Tensor  # [in, out] int8, zero in the outlier rows
+    scale: torch.Tensor  # [out] float32: weight · scale is the smoothed float weight
+    inv_smooth: torch.Tensor  # [in] float32: the layer multiplies its input by it first
+    outliers: torch.Tensor  # [n] long: input channels multiplied in float32
+    outlier_mask: torch.Tensor  # [in] uint8: 1 at the outlier channels
+    outlier_weight: torch.Tensor  # [n, out] float32: the original (unsmoothed) weight rows of those channels
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.inv_smooth, self.outliers,
+                                                           self.outlier_mask, self.outlier_weight))
+
+    def dense_t(self) -> torch.Tensor:
+        """The float weight `[in, out]` this stands for (smoothing undone, outlier rows put back)."""
+        w = self.weight.float() * self.scale * self.inv_smooth[:, None]
+        w[self.outliers] = self.outlier_weight
+        return w
+
+
+def quantize_int8(weight_t: torch.Tensor, smooth: torch.Tensor, outliers: torch.Tensor) -> Int8Weight:
+    """`weight_t` `[in, out]` (float) as int8 per output column after multiplying input row j by `smooth[j]`,
+    except the rows `outliers`, kept in float32."""
+    w = weight_t.float() * smooth[:, None]
+    w[outliers] = 0
+    scale = w.abs().amax(dim=0).clamp(min=1e-12) / 127  # [out]
+    q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+    mask = torch.zeros(weight_t.shape[0], dtype=torch.uint8)
+    mask[outliers] = 1
+    return Int8Weight(q.contiguous(), scale.contiguous(), (1.0 / smooth).float().contiguous(),
+                      outliers.contiguous(), mask, weight_t.float()[outliers].contiguous())
+
+
+def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight + bias` for `x` `[rows, in]` (float32): each row, smoothed and without its outlier
+    channels, rounded to int8 with its own scale; the outlier channels' products added in float32.
+
+    The rounding before and the scaling after the integer product run in the C kernels of quant_cpu.c where
+    they build (one pass each instead of a dozen torch ops: the product is then most of the layer at
+    decode batch sizes), else as `int8_linear_torch`; both give the same bits."""
+    kernels = _kernels()
+    if kernels is None or x.stride(1) != 1 or not x.is_cpu:
+        return int8_linear_torch(x, w, bias)
+    quantize, dequantize = kernels
+    rows, cols = x.shape
+    n = w.outliers.numel()
+    xq = torch.empty(rows, cols, dtype=torch.int8)
+    x_scale = torch.empty(rows, dtype=torch.float32)
+    x_out = torch.empty(rows, n, dtype=torch.float32)
+    quantize(x.data_ptr(), rows, cols, x.stride(0), w.inv_smooth.data_ptr(), w.outlier_mask.data_ptr(),
+             w.outliers.data_ptr(), n, xq.data_ptr(), x_scale.data_ptr(), x_out.data_ptr())
+    acc = torch._int_mm(xq, w.weight)  # [rows, out] int32
+    out = torch.empty(acc.shape, dtype=torch.float32)
+    dequantize(acc.data_ptr(), rows, acc.shape[1], x_scale.data_ptr(), w.scale.data_ptr(),
+               None if bias is None else bias.data_ptr(), x_out.data_ptr(), w.outlier_weight.data_ptr(), n,
+               out.data_ptr())
+    return out
+
+
+def int8_linear_torch(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`int8_linear` in torch ops (the reference for its C kernels, and the path where they do not build)."""
+    x_out = x[:, w.outliers]  # [rows, n]
+    x = (x * w.inv_smooth).masked_fill_(w.outlier_mask.bool(), 0.0)
+    x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)  # [rows, 1]
+    xq = (x / x_scale).round_().to(torch.int8)
+    out = torch._int_mm(xq, w.weight).to(torch.float32).mul_(x_scale).mul_(w.scale)  # [rows, out]
+    if bias is not None:
+        out.add_(bias)
+    for k in range(w.outliers.numel()):  # one channel at a time, in the C kernel's order
+        out.add_(x_out[:, k:k + 1] * w.outlier_weight[k])
+    return out
+
+
+KERNEL_SOURCE = Path(__file__).with_name("quant_cpu.c")
+KERNEL_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off")
+
+
+@functools.cache
+def _kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """quant_cpu.c's (quantize rows, dequantize rows), built on first use; None where it cannot build."""
+    from loraplex.cbuild import NativeUnavailable, load_library
+
+    try:
+        library = load_library(KERNEL_SOURCE, KERNEL_FLAGS, "the int8 row kernels")
+    except NativeUnavailable as e:
+        log.warning("%s; int8 layers round and scale their rows with torch ops (slower)", e)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    quantize = library.loraplex_quantize_rows
+    quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+    quantize.restype = None
+    dequantize = library.loraplex_dequantize_rows
+    dequantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    dequantize.restype = None
+    return quantize, dequantize
+
+
+def calibration_ids(tokenizer: Any, vocab_size: int) -> list[int]:
+    """Token ids of the calibration text (`loraplex/model/calibration.txt`), or, for a checkpoint without a
+    tokenizer, a fixed pseudo-random sequence over its vocabulary."""
+    if tokenizer is not None:
+        text = resources.files("loraplex.model").joinpath("calibration.txt").read_text(encoding="utf-8")
+        ids = list(tokenizer.encode(text))
+        if len(ids) >= CALIBRATION_CHUNK:
+            return ids[:CALIBRATION_TOKENS]
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (CALIBRATION_TOKENS,), generator=generator).tolist()
+
+
+def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module, torch.Tensor]:
+    """Per linear layer, the largest magnitude of each input channel while the model reads `token_ids`
+    (in chunks of CALIBRATION_CHUNK tokens, each a sequence of its own)."""
+    from loraplex.kv.block_pool import KVCache
+    from loraplex.model.attention import AttentionMetadata, PrefillChunk
+    from loraplex.model.context import ForwardContext, forward_context
+    from loraplex.model.layers import PackedLinear
+
+    cfg = model.config
+    weight = model.model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    seen: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        peak = args[0].detach().abs().amax(dim=0).float()
+        seen[module] = torch.maximum(seen[module], peak) if module in seen else peak
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, PackedLinear)]
+    block = 16
+    blocks = -(-CALIBRATION_CHUNK // block)
+    kv = KVCache(cfg.num_layers, blocks, block, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(token_ids), CALIBRATION_CHUNK):
+                chunk = token_ids[start:start + CALIBRATION_CHUNK]
+                n = len(chunk)
+                attn = AttentionMetadata(
+                    slot_mapping=torch.arange(n, device=device), num_decode=0,
+                    decode_block_tables=torch.zeros(0, 1, dtype=torch.long, device=device),
+                    decode_context_lens=torch.zeros(0, dtype=torch.long, device=device),
+                    prefills=[PrefillChunk(0, n, n, torch.arange(blocks, device=device))])
+                with forward_context(ForwardContext(attn=attn, kv_cache=kv)):
+                    hidden = model(torch.tensor(chunk, device=device), torch.arange(n, device=device))
+                    model.compute_logits(hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
+    """Quantize every linear layer of a loaded, finalized model in place (`method` of QUANTIZE)."""
+    from loraplex.model.layers import PackedLinear
+
+    if method == "none":
+        return
+    if method != "int8":
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {method!r}")
+    start = time.perf_counter()
+    peaks = input_absmax(model, calibration_ids(tokenizer, model.config.vocab_size))
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for layer in layers:
+        weight_t = layer.dense_t()
+        x_max = peaks[layer].clamp(min=1e-5)
+        w_max = weight_t.abs().amax(dim=1).float().clamp(min=1e-5)
+        smooth = (x_max.pow(SMOOTH_ALPHA) / w_max.pow(1 - SMOOTH_ALPHA)).clamp(min=1e-5)  # [in]
+        outliers = (x_max / smooth).topk(min(OUTLIER_CHANNELS, x_max.numel())).indices.sort().values
+        layer.use_int8(quantize_int8(weight_t, smooth, outliers))
+    log.info("quantized %d linear layers to int8 (SmoothQuant, calibrated on %d tokens) in %.1f s", len(layers),
+             CALIBRATION_TOKENS, time.perf_counter() - start)
+
+
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the model's weights by storage dtype (linear layers as stored for their backend)."""
+    from loraplex.model.layers import PackedLinear
+
+    totals: dict[str, int] = {}
+
+    def add(t: torch.Tensor | None) -> None:
+        if t is not None and t.numel():
+            name = str(t.dtype).removeprefix("torch.")
+            totals[name] = totals.get(name, 0) + t.numel() * t.element_size()
+
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            add(module.weight_t)
+            if module.packed is not None:  # oneDNN's blocked layout: as many elements as the weight, and padding
+                name = str(module.packed.dtype).removeprefix("torch.")
+                size = module.in_features * sum(module.shard_sizes) * module.packed.element_size()
+                totals[name] = totals.get(name, 0) + size
+            if module.int8 is not None:
+                for t in (module.int8.weight, module.int8.scale, module.int8.inv_smooth, module.int8.outliers,
+                          module.int8.outlier_mask, module.int8.outlier_weight):
+                    add(t)
+            add(module.bias)
+        else:
+            for p in module.parameters(recurse=False):
+                add(p)
+    return totals

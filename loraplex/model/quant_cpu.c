@@ -1,0 +1,54 @@
+// The two elementwise passes around an int8 linear layer's integer product (loraplex/model/quant.py),
+// each one pass over its rows instead of the five or six torch ops it replaces. Built by loraplex/cbuild.py
+// with -ffp-contract=off, so every product and sum rounds exactly as torch's ops round them.
+
+#include <math.h>
+#include <stdint.h>
+
+// Rows large enough to split over threads; smaller work runs on the calling thread.
+#define PARALLEL_MIN 32768
+
+// For each row r of x: x_out[r, k] = x[r, outliers[k]] (the channels kept in float), then with
+// v[j] = x[r, j] * inv_smooth[j], zero where mask[j]: scale[r] = max(max_j |v[j]|, 1e-12) / 127 and
+// q[r, j] = round(v[j] / scale[r]), half to even; as int8_linear_torch computes them.
+void loraplex_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t stride_x, const float *inv_smooth,
+                            const uint8_t *mask, const int64_t *outliers, int64_t n_out, int8_t *q, float *scale,
+                            float *x_out) {
+#pragma omp parallel for if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * stride_x;
+        int8_t *out = q + r * cols;
+        for (int64_t k = 0; k < n_out; k++) x_out[r * n_out + k] = row[outliers[k]];
+        float peak = 0.0f;
+        for (int64_t j = 0; j < cols; j++) {
+            float v = mask[j] ? 0.0f : fabsf(row[j] * inv_smooth[j]);
+            peak = v > peak ? v : peak;
+        }
+        float s = (peak > 1e-12f ? peak : 1e-12f) / 127.0f;
+        scale[r] = s;
+        for (int64_t j = 0; j < cols; j++) out[j] = mask[j] ? 0 : (int8_t)nearbyintf((row[j] * inv_smooth[j]) / s);
+    }
+}
+
+// out[r, c] = (float)acc[r, c] * row_scale[r] * col_scale[c] (+ bias[c]) + x_out[r, 0] * w_out[0, c] + ...,
+// each step rounded in that order, as int8_linear_torch's ops; bias may be NULL.
+void loraplex_dequantize_rows(const int32_t *acc, int64_t rows, int64_t cols, const float *row_scale,
+                              const float *col_scale, const float *bias, const float *x_out, const float *w_out,
+                              int64_t n_out, float *out) {
+#pragma omp parallel for if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *in = acc + r * cols;
+        float *o = out + r * cols;
+        const float s = row_scale[r];
+        if (bias) {
+            for (int64_t c = 0; c < cols; c++) o[c] = (float)in[c] * s * col_scale[c] + bias[c];
+        } else {
+            for (int64_t c = 0; c < cols; c++) o[c] = (float)in[c] * s * col_scale[c];
+        }
+        for (int64_t k = 0; k < n_out; k++) {
+            const float xv = x_out[r * n_out + k];
+            const float *w = w_out + k * cols;
+            for (int64_t c = 0; c < cols; c++) o[c] = o[c] + xv * w[c];
+        }
+    }
+}

@@ -1,0 +1,23 @@
+"""bench.quant runs end to end on the demo model (tiny workload: its numbers mean nothing) and prints what
+issue 16 asks for: perplexity and speed of float32 vs int8, and the adapters' cost on each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraplex.bench import quant
+
+
+def test_it_prints_perplexity_and_speed_side_by_side(demo_model_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The demo model and the benchmark adapters from the loraplex home, where they are built once.
+    quant.main(["--model", str(demo_model_path), "--requests", "4", "--new-tokens", "3", "--repeats", "1",
+                "--adapters", "2"])
+    out = capsys.readouterr().out
+    for line in (" none: loaded", " int8: loaded", "none base", "int8 base", "none 2 distinct", "int8 2 distinct",
+                 "perplexity int8 / float32:", "speed int8 base / float32 base:", "speed int8 2 distinct / int8 base:"):
+        assert line in out, line
+    ppl = {m: float(out.split(f"{m}: loaded")[1].split("perplexity ")[1].split()[0]) for m in ("none", "int8")}
+    assert 1 < ppl["none"] < 100 and abs(ppl["int8"] / ppl["none"] - 1) < 0.05  # the demo model, read sensibly
