@@ -12,7 +12,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from loraplex.model.decoder import CausalLM, DecoderConfig
+from loraplex.model.errors import CheckpointError
 from loraplex.model.layers import Linear, PackedLinear, RMSNorm
+from loraplex.model.prequantized import checkpoint_format, dequantizing
 from loraplex.model.quant import quantize_model
 
 # Checkpoint projection name → (our packed module, shard index).
@@ -24,10 +26,6 @@ PACKED_MODULES = {
     "up_proj": ("gate_up_proj", 1),
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 @dataclass
@@ -57,7 +55,11 @@ def open_checkpoint(path: Path) -> Checkpoint:
     eos = eos or _as_tuple(getattr(hf_config, "eos_token_id", None))
     if not eos and tokenizer is not None:
         eos = _as_tuple(tokenizer.eos_token_id)
-    return Checkpoint(hf_config, _iter_tensors(path), tokenizer, eos, path.name)
+    tensors = _iter_tensors(path)
+    quantized = checkpoint_format(hf_config)  # a quantization_config it cannot decode fails here, before any tensor
+    if quantized is not None:
+        tensors = dequantizing(tensors, quantized)
+    return Checkpoint(hf_config, tensors, tokenizer, eos, path.name)
 
 
 def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:

@@ -1,0 +1,211 @@
+"""Pre-quantized checkpoints: GPTQ, AWQ and compressed-tensors linears decoded to float weights at load.
+
+A checkpoint whose `config.json` carries a `quantization_config` stores each quantized linear layer as
+packed integers and scales instead of a `weight`. `dequantizing` reads them from the checkpoint's tensor
+stream and yields each layer's float `weight` `[out, in]` in their place, so the rest of the loader (and
+`--quantize int8` after it) sees a float checkpoint; everything else passes through. The formats:
+
+    gptq                AutoGPTQ / GPTQModel: `qweight` int32 [in / (32/bits), out] packed along the input,
+                        `qzeros` int32 [groups, out / (32/bits)] packed along the output, `scales`
+                        [groups, out], `g_idx` int32 [in] (each input row's group; desc_act reorders them).
+                        w[i, o] = scales[g, o] · (q[i, o] - z[g, o]) with g = g_idx[i]; the `gptq`
+                        checkpoint format stores z - 1 (AutoGPTQ's convention), `gptq_v2` stores z.
+                        Bits 2, 4, 8 (3-bit packing crosses words: refused).
+    awq                 AutoAWQ's GEMM layout: `qweight` int32 [in, out / 8] and `qzeros` int32
+                        [groups, out / 8] packed along the output in the order 0 2 4 6 1 3 5 7, `scales`
+                        [groups, out]; w[i, o] = (q[i, o] - z[g, o]) · scales[g, o], g = i // group_size.
+    compressed-tensors  see loraplex/model/compressed_tensors.py (llm-compressor's formats).
+
+The packed tensors are kept until the stream ends (a layer's parts may lie in different shards, in any
+order), then decoded one layer at a time: they are a fraction of the float weights' size. A missing or
+misshapen part, an unknown method or an unsupported setting is a CheckpointError that names the tensor or
+the `quantization_config` field and its value; nothing is loaded wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loraplex.model.errors import CheckpointError
+
+METHODS = ("gptq", "awq", "compressed-tensors")
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+"""Where AutoAWQ's packing order (0 2 4 6 1 3 5 7) put each of eight consecutive output columns."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint's quantization: which tensor names are parts of a quantized layer, and its decoder."""
+
+    method: str
+    parts: frozenset[str]
+    required: frozenset[str]
+    decode: Callable[[str, dict[str, torch.Tensor]], torch.Tensor]  # (layer prefix, parts) -> weight [out, in]
+    is_part: Callable[[str, torch.Tensor], bool] | None = None  # for names shared with float layers ("weight")
+
+    def holds(self, part: str, tensor: torch.Tensor) -> bool:
+        if part not in self.parts:
+            return False
+        return self.is_part is None or self.is_part(part, tensor)
+
+
+def checkpoint_format(hf_config: Any) -> Format | None:
+    """The quantization of a checkpoint from its config's `quantization_config`; None for a float one."""
+    config = getattr(hf_config, "quantization_config", None)
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    method = config.get("quant_method")
+    if method == "gptq":
+        return _gptq_format(config)
+    if method == "awq":
+        return _awq_format(config)
+    if method == "compressed-tensors":
+        from loraplex.model.compressed_tensors import compressed_tensors_format
+
+        return compressed_tensors_format(config)
+    raise CheckpointError(f"quantization_config.quant_method {method!r} is not supported; "
+                                   f"supported: {', '.join(METHODS)}")
+
+
+def dequantizing(tensors: Iterator[tuple[str, torch.Tensor]], fmt: Format) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensors` with each quantized layer's parts replaced by its float `weight` (yielded after the rest)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        prefix, _, part = name.rpartition(".")
+        if fmt.holds(part, tensor):
+            layer = layers.setdefault(prefix, {})
+            if part in layer:
+                raise CheckpointError(f"{name} appears twice in the checkpoint")
+            layer[part] = tensor
+        else:
+            yield name, tensor
+    for prefix, parts in layers.items():
+        missing = sorted(fmt.required - parts.keys())
+        if missing:
+            raise CheckpointError(f"{prefix}: the {fmt.method} layer lacks {', '.join(missing)} "
+                                           f"(has {', '.join(sorted(parts))})")
+        yield f"{prefix}.weight", fmt.decode(prefix, parts)
+
+
+def _int_field(config: dict[str, Any], names: tuple[str, ...], allowed: tuple[int, ...] | None = None,
+               default: int | None = None) -> int:
+    name = next((n for n in names if n in config), names[0])
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"quantization_config.{name} must be an integer, got {value!r}")
+    if allowed is not None and value not in allowed:
+        raise CheckpointError(f"quantization_config.{name} = {value} is not supported; "
+                                       f"supported: {', '.join(map(str, allowed))}")
+    return value
+
+
+def _group_size(config: dict[str, Any], names: tuple[str, ...]) -> int:
+    size = _int_field(config, names, default=-1)
+    if size != -1 and size < 1:
+        raise CheckpointError(f"quantization_config.{names[0]} must be -1 or >= 1, got {size}")
+    return size
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words holding 32/bits unsigned values each, lowest bits first, unpacked along `dim` (int64)."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)  # [per_word]
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # as unsigned 32-bit values
+    values = (words.unsqueeze(dim + 1) >> shifts.view([-1] + [1] * (packed.dim() - dim - 1))) & ((1 << bits) - 1)
+    shape = list(packed.shape)
+    shape[dim] *= per_word
+    return values.reshape(shape)
+
+
+def _expect(prefix: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...],
+            dtypes: tuple[torch.dtype, ...] | None = None) -> None:
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{prefix}.{part} has shape {tuple(tensor.shape)}, expected {shape}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        raise CheckpointError(f"{prefix}.{part} is {tensor.dtype}, expected "
+                                       f"{' or '.join(str(d) for d in dtypes)}")
+
+
+def _gptq_format(config: dict[str, Any]) -> Format:
+    bits = _int_field(config, ("bits",), (2, 4, 8))
+    group_size = _group_size(config, ("group_size",))
+    desc_act = bool(config.get("desc_act", False))
+    checkpoint = config.get("checkpoint_format", "gptq")
+    if checkpoint not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"quantization_config.checkpoint_format {checkpoint!r} is not supported; "
+                                       "supported: gptq, gptq_v2")
+    zero_offset = 1 if checkpoint == "gptq" else 0
+
+    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        per_word = 32 // bits
+        qweight = parts["qweight"]
+        if qweight.dim() != 2 or qweight.dtype != torch.int32:
+            raise CheckpointError(f"{prefix}.qweight must be a 2-D int32 tensor, got {qweight.dtype} "
+                                           f"{tuple(qweight.shape)}")
+        in_features, out_features = qweight.shape[0] * per_word, qweight.shape[1]
+        if out_features % per_word:
+            raise CheckpointError(f"{prefix}: {out_features} output features do not pack into "
+                                           f"{bits}-bit zeros")
+        if "g_idx" in parts:
+            g_idx = parts["g_idx"].to(torch.int64)
+            _expect(prefix, "g_idx", g_idx, (in_features,))
+        elif group_size == -1:
+            g_idx = torch.zeros(in_features, dtype=torch.int64)
+        else:
+            g_idx = torch.arange(in_features) // group_size
+        groups = parts["scales"].shape[0] if parts["scales"].dim() == 2 else -1
+        expected_groups = 1 if group_size == -1 else -(-in_features // group_size)
+        if groups != expected_groups:
+            raise CheckpointError(f"{prefix}.scales has {groups} groups, expected {expected_groups} "
+                                           f"({in_features} inputs in groups of {group_size})")
+        _expect(prefix, "scales", parts["scales"], (groups, out_features))
+        _expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // per_word), (torch.int32,))
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise CheckpointError(f"{prefix}.g_idx names groups outside [0, {groups})")
+        q = unpack_int32(qweight, bits, 0)  # [in, out]
+        zeros = unpack_int32(parts["qzeros"], bits, 1) + zero_offset  # [groups, out]
+        scales = parts["scales"].float()
+        weight = scales[g_idx] * (q - zeros[g_idx]).float()  # [in, out]
+        return weight.t().contiguous()
+
+    required = {"qweight", "qzeros", "scales"} | ({"g_idx"} if desc_act else set())
+    return Format("gptq", frozenset({"qweight", "qzeros", "scales", "g_idx"}), frozenset(required), decode)
+
+
+def _awq_format(config: dict[str, Any]) -> Format:
+    _int_field(config, ("bits", "w_bit"), (4,))
+    group_size = _group_size(config, ("group_size", "q_group_size"))
+    version = str(config.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise CheckpointError(f"quantization_config.version {config.get('version')!r} is not supported; "
+                                       "supported: gemm (AutoAWQ's default packing)")
+    if config.get("zero_point", True) is not True:
+        raise CheckpointError(f"quantization_config.zero_point {config.get('zero_point')!r} is not "
+                                       "supported; supported: true")
+    order = torch.tensor(AWQ_REVERSE_ORDER)
+
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        rows, words = packed.shape
+        values = unpack_int32(packed, 4, 1).view(rows, words, 8)
+        return values[:, :, order].reshape(rows, words * 8)
+
+    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        qweight = parts["qweight"]
+        if qweight.dim() != 2 or qweight.dtype != torch.int32:
+            raise CheckpointError(f"{prefix}.qweight must be a 2-D int32 tensor, got {qweight.dtype} "
+                                           f"{tuple(qweight.shape)}")
+        in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
+        groups = 1 if group_size == -1 else -(-in_features // group_size)
+        _expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // 8), (torch.int32,))
+        _expect(prefix, "scales", parts["scales"], (groups, out_features))
+        g = torch.zeros(in_features, dtype=torch.int64) if group_size == -1 else torch.arange(in_features) // group_size
+        q, zeros, scales = unpack(qweight), unpack(parts["qzeros"]), parts["scales"].float()
+        return ((q - zeros[g]).float() * scales[g]).t().contiguous()
+
+    return Format("awq", frozenset({"qweight", "qzeros", "scales"}), frozenset({"qweight", "qzeros", "scales"}), decode)

@@ -1,0 +1,193 @@
+"""Pre-quantized GPTQ and AWQ checkpoints (loraplex/model/prequantized.py).
+
+The packed tensors here are written by packers that follow the formats' reference code line by line
+(cited at each), from integer weights, scales and zeros chosen by the test; the decoded weights must equal
+the formats' dequantization formulas computed from those integers, element for element. A whole tiny
+model saved as GPTQ loads and generates exactly as the same model saved in float with those weights.
+Broken checkpoints fail at load with the field or tensor named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
+
+from loraplex import LLM, SamplingParams
+from loraplex.model.errors import CheckpointError
+from loraplex.model.prequantized import checkpoint_format, dequantizing
+from tests.helpers import TINY, save_tiny
+
+
+def _ints(shape: tuple[int, ...], bits: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 2 ** bits, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+
+
+def pack_gptq(intweight: np.ndarray, zeros: np.ndarray, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoGPTQ's packing, as in auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, QuantLinear.pack:
+    `intweight` [in, out] (already transposed, as `intweight.t()` there), `zeros` [groups, out] (before its
+    `zeros -= 1`)."""
+    intweight = intweight.astype(np.uint32)
+    qweight = np.zeros((intweight.shape[0] // 32 * bits, intweight.shape[1]), dtype=np.uint32)
+    i = 0
+    row = 0
+    while row < qweight.shape[0]:
+        for j in range(i, i + (32 // bits)):
+            qweight[row] |= intweight[j] << (bits * (j - i))
+        i += 32 // bits
+        row += 1
+    zeros = (zeros - 1).astype(np.uint32)  # `zeros -= 1` (a zero of 0 wraps, as in the reference)
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 32 * bits), dtype=np.uint32)
+    i = 0
+    col = 0
+    while col < qzeros.shape[1]:
+        for j in range(i, i + (32 // bits)):
+            qzeros[:, col] |= zeros[:, j] << (bits * (j - i))
+        i += 32 // bits
+        col += 1
+    return torch.from_numpy(qweight.astype(np.int32)), torch.from_numpy(qzeros.astype(np.int32))
+
+
+def pack_awq(intweight: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAWQ's GEMM packing, as in awq/modules/linear/gemm.py, WQLinear_GEMM.from_linear (w_bit 4):
+    `intweight` [in, out], `zeros` [groups, out]."""
+    w_bit, pack_num = 4, 8
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    intweight = intweight.to(torch.int32)
+    qweight = torch.zeros((intweight.shape[0], intweight.shape[1] // 32 * w_bit), dtype=torch.int32)
+    for col in range(intweight.shape[1] // pack_num):
+        for i in range(pack_num):
+            qweight[:, col] |= intweight[:, col * pack_num + order_map[i]] << (i * w_bit)
+    zeros = zeros.to(torch.int32)
+    qzeros = torch.zeros((zeros.shape[0], zeros.shape[1] // 32 * w_bit), dtype=torch.int32)
+    for col in range(zeros.shape[1] // pack_num):
+        for i in range(pack_num):
+            qzeros[:, col] |= zeros[:, col * pack_num + order_map[i]] << (i * w_bit)
+    return qweight, qzeros
+
+
+def _decode(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    fmt = checkpoint_format(type("Config", (), {"quantization_config": config})())
+    assert fmt is not None
+    return dict(dequantizing(iter(tensors.items()), fmt))
+
+
+@pytest.mark.parametrize(("bits", "group_size", "desc_act", "checkpoint_format"), [
+    (4, 32, False, "gptq"), (8, 16, False, "gptq"), (2, -1, False, "gptq"), (4, 16, True, "gptq"),
+    (4, 32, False, "gptq_v2")])
+def test_gptq_layers_decode_to_the_reference_formula(bits: int, group_size: int, desc_act: bool,
+                                                      checkpoint_format: str) -> None:
+    in_f, out_f = 64, 96  # multiples of 32, as the reference packers assume
+    groups = 1 if group_size == -1 else in_f // group_size
+    q = _ints((in_f, out_f), bits, 1)
+    zeros = _ints((groups, out_f), bits, 2).clamp(min=1)  # a zero of 0 would wrap in AutoGPTQ's v1 format
+    scales = (torch.rand(groups, out_f, generator=torch.Generator().manual_seed(3)) / 10 + 0.01).half()
+    g_idx = torch.arange(in_f) // (group_size if group_size > 0 else in_f)
+    if desc_act:  # act-order: input rows reach their groups in a permuted order
+        g_idx = g_idx[torch.randperm(in_f, generator=torch.Generator().manual_seed(4))]
+    qweight, qzeros = pack_gptq(q.numpy(), zeros.numpy() + (0 if checkpoint_format == "gptq" else 1), bits)
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": False,
+              "checkpoint_format": checkpoint_format}
+    out = _decode(config, {"layer.qweight": qweight, "layer.qzeros": qzeros, "layer.scales": scales,
+                           "layer.g_idx": g_idx.to(torch.int32), "norm.weight": torch.ones(3)})
+    assert set(out) == {"norm.weight", "layer.weight"}
+    # AutoGPTQ's dequantization (qlinear_cuda_old.py forward): scales[g_idx] * (weight - zeros[g_idx]), with
+    # the stored zeros + 1 in the `gptq` format.
+    want = (scales.float()[g_idx] * (q - zeros[g_idx]).float()).t()
+    assert torch.equal(out["layer.weight"], want)
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_awq_layers_decode_to_the_reference_formula(group_size: int) -> None:
+    in_f, out_f = 64, 96
+    groups = 1 if group_size == -1 else in_f // group_size
+    q, zeros = _ints((in_f, out_f), 4, 5), _ints((groups, out_f), 4, 6)
+    scales = (torch.rand(groups, out_f, generator=torch.Generator().manual_seed(7)) / 10 + 0.01).half()
+    qweight, qzeros = pack_awq(q, zeros)
+    config = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    out = _decode(config, {"l.qweight": qweight, "l.qzeros": qzeros, "l.scales": scales})
+    g = torch.arange(in_f) // (group_size if group_size > 0 else in_f)
+    # AutoAWQ's dequantize_gemm (awq/utils/packing_utils.py): (iweight - izeros) * scales, per group.
+    assert torch.equal(out["l.weight"], ((q - zeros[g]).float() * scales.float()[g]).t())
+
+
+def _gptq_layer(in_f: int = 64, out_f: int = 64) -> dict[str, torch.Tensor]:
+    qweight, qzeros = pack_gptq(_ints((in_f, out_f), 4, 1).numpy(), _ints((2, out_f), 4, 2).clamp(min=1).numpy(), 4)
+    return {"l.qweight": qweight, "l.qzeros": qzeros, "l.scales": torch.ones(2, out_f, dtype=torch.half),
+            "l.g_idx": (torch.arange(in_f) // 32).to(torch.int32)}
+
+
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+
+
+@pytest.mark.parametrize(("config", "change", "message"), [
+    ({**GPTQ, "bits": 3}, {}, "quantization_config.bits = 3 is not supported; supported: 2, 4, 8"),
+    ({**GPTQ, "quant_method": "bitsandbytes"}, {}, "quant_method 'bitsandbytes' is not supported"),
+    ({**GPTQ, "checkpoint_format": "marlin"}, {}, "checkpoint_format 'marlin' is not supported"),
+    ({**GPTQ, "group_size": 0}, {}, "group_size must be -1 or >= 1, got 0"),
+    (GPTQ, {"l.scales": None}, "l: the gptq layer lacks scales"),
+    (GPTQ, {"l.scales": torch.ones(3, 64, dtype=torch.half)}, "l.scales has 3 groups, expected 2"),
+    (GPTQ, {"l.qzeros": torch.zeros(2, 5, dtype=torch.int32)}, r"l.qzeros has shape \(2, 5\), expected \(2, 8\)"),
+    (GPTQ, {"l.qweight": torch.zeros(8, 48, dtype=torch.float32)}, "l.qweight must be a 2-D int32 tensor"),
+    (GPTQ, {"l.g_idx": torch.full((64,), 7, dtype=torch.int32)}, r"l.g_idx names groups outside \[0, 2\)"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, {}, "version 'gemv' is not supported"),
+    ({"quant_method": "awq", "w_bit": 8, "q_group_size": 32}, {}, "quantization_config.w_bit = 8 is not supported"),
+])
+def test_bad_quantized_checkpoints_fail_naming_the_field_or_tensor(config: dict, change: dict, message: str) -> None:
+    tensors = _gptq_layer()
+    for name, tensor in change.items():
+        if tensor is None:
+            del tensors[name]
+        else:
+            tensors[name] = tensor
+    with pytest.raises(CheckpointError, match=message):
+        _decode(config, tensors)
+
+
+def test_a_gptq_model_generates_exactly_as_its_dequantized_float_twin(tmp_path: Path) -> None:
+    float_dir = save_tiny(LlamaConfig(**TINY), tmp_path / "float")
+    state = load_file(float_dir / "model.safetensors")
+    group, bits = 32, 4
+    quantized, dequantized = {}, {}
+    for name, weight in state.items():
+        linear = name.endswith("_proj.weight")
+        if not linear:
+            quantized[name] = dequantized[name] = weight
+            continue
+        # Round-to-nearest GPTQ with per-group asymmetric scales (the integers are what matter here).
+        w = weight.t()  # [in, out]
+        groups = w.shape[0] // group
+        wg = w.reshape(groups, group, -1)
+        lo, hi = wg.amin(1), wg.amax(1)  # [groups, out]
+        scales = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-4).half()
+        zeros = torch.round(-lo / scales.float()).clamp(1, 2 ** bits - 1).to(torch.int64)
+        q = torch.round(wg / scales.float()[:, None] + zeros[:, None]).clamp(0, 2 ** bits - 1).to(torch.int64)
+        q = q.reshape(w.shape)
+        prefix = name.removesuffix(".weight")
+        quantized[f"{prefix}.qweight"], quantized[f"{prefix}.qzeros"] = pack_gptq(q.numpy(), zeros.numpy(), bits)
+        quantized[f"{prefix}.scales"] = scales
+        quantized[f"{prefix}.g_idx"] = (torch.arange(w.shape[0]) // group).to(torch.int32)
+        g = torch.arange(w.shape[0]) // group
+        dequantized[name] = (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
+    gptq_dir, twin_dir = tmp_path / "gptq", tmp_path / "twin"
+    for folder, tensors, extra in ((gptq_dir, quantized, {"quantization_config": {**GPTQ, "sym": False}}),
+                                   (twin_dir, dequantized, {})):
+        folder.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+        config = json.loads((float_dir / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **extra}))
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + i)] for i in range(4)]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    got = LLM(str(gptq_dir), device="cpu").generate(prompts, params)
+    want = LLM(str(twin_dir), device="cpu").generate(prompts, params)
+    for g_out, w_out in zip(got, want, strict=True):
+        assert g_out.token_ids == w_out.token_ids
+        assert [lp.logprob for lp in g_out.logprobs or []] == [lp.logprob for lp in w_out.logprobs or []]
+    with pytest.raises(CheckpointError, match="quantization_config.bits = 5 is not supported"):
+        (gptq_dir / "config.json").write_text(json.dumps({**json.loads((gptq_dir / "config.json").read_text()),
+                                                          "quantization_config": {**GPTQ, "bits": 5}}))
+        LLM(str(gptq_dir), device="cpu")
