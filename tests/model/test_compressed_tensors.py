@@ -71,7 +71,9 @@ def test_a_compressed_model_with_an_adapter_generates_as_its_float_twin(float_mo
     want = LLM(str(twin), device="cpu", max_loras=1, max_lora_rank=4).generate(prompts, params, adapter_id=ids)
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids
-        assert [lp.logprob for lp in g.logprobs or []] == [lp.logprob for lp in w.logprobs or []]
+        # Same weights; the two engines' kernels may still sum in another order (a few float32 ulps).
+        assert [lp.logprob for lp in g.logprobs or []] == pytest.approx([lp.logprob for lp in w.logprobs or []],
+                                                                        abs=1e-5)
 
 
 def _broken(folder: Path, config_change: dict | None = None, drop: str | None = None,
