@@ -96,8 +96,11 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     """Tokens per KV block."""
-    kv_cache_bytes: int = 1 << 30
-    """Memory for the KV block pool (keys and values of every layer)."""
+    kv_cache_bytes: int | None = None
+    """Memory for the KV block pool (keys and values of every layer); None: on CUDA what gpu_memory_utilization
+    leaves after the weights, adapter slots and a forward's peak (loraplex/engine/memory.py), else 1 GiB."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the CUDA device's memory loraplex may fill (weights, adapter slots, activations, KV cache)."""
     num_blocks: int | None = None
     """Exact pool size in blocks; overrides kv_cache_bytes (tests use it to force preemption)."""
     enable_prefix_caching: bool = True
@@ -106,8 +109,10 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.kv_cache_bytes < 1:
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 

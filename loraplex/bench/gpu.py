@@ -238,7 +238,7 @@ def fp32_parity(config: dict[str, Any], root: Path, device: str) -> tuple[int, i
     prompts = prompts_for(8, 24, small["vocab_size"], seed=1)
     ids = [None if i % 5 == 4 else str(adapters[i % 4]) for i in range(8)]
     tokens = 16
-    llm = LLM(str(model_dir), device=device, dtype="float32", max_loras=4, max_lora_rank=RANK)
+    llm = LLM(str(model_dir), device=device, dtype="float32", max_loras=4, max_lora_rank=RANK, kv_cache_bytes=1 << 28)
     greedy = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(prompts, greedy, adapter_id=ids)]
     plain = [o.token_ids for o in llm.generate(prompts, greedy)]

@@ -10,6 +10,7 @@ from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
 from loraplex.adapters.ref import parse_ref, shown_id
 from loraplex.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.memory import size_kv_cache
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
@@ -56,12 +57,20 @@ class Engine:
         """Bytes of the base model's weights by storage dtype (`/info`, metrics)."""
         model.use_attention(attention_op(self.attention_backend, device))
         cfg = model.config
+        # The adapter slots first: their buffers are device memory the KV cache's size must leave room for.
+        self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
         block_size = config.cache.block_size
-        num_blocks = config.cache.num_blocks or max(1, config.cache.kv_cache_bytes // KVCache.bytes_per_block(
+        kv_bytes, kv_detail = config.cache.kv_cache_bytes, "--kv-cache-bytes"
+        if config.cache.num_blocks is None and kv_bytes is None:
+            budget = size_kv_cache(model, device, config.cache.gpu_memory_utilization,
+                                   config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+            kv_bytes, kv_detail = budget.bytes, budget.detail
+        num_blocks = config.cache.num_blocks or max(1, (kv_bytes or 0) // KVCache.bytes_per_block(
             cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype))
+        log.info("KV cache: %d blocks of %d tokens (%s)", num_blocks, block_size,
+                 "--num-blocks" if config.cache.num_blocks else kv_detail)
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         self.pool = BlockPool(num_blocks)
-        self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
         # The adapter exchange: sources → disk → host tier on worker threads; the manager is the device tier.
         self.adapters = AdapterLoader.from_config(config.adapters, self.lora.parse) if self.lora else None
         # request id → (its sequence, its adapter's load, the adapter as the request named it)

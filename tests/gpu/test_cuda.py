@@ -9,6 +9,8 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+KV = 1 << 28
+"""The KV cache of the tests' engines: without it each would take 90 % of the device (several live at once)."""
 
 
 def test_auto_picks_the_gpu_backends(tmp_path: Path) -> None:
@@ -17,7 +19,7 @@ def test_auto_picks_the_gpu_backends(tmp_path: Path) -> None:
     from loraplex import LLM
     from tests.helpers import TINY, save_tiny
 
-    llm = LLM(str(save_tiny(LlamaConfig(**TINY), tmp_path / "m")), max_loras=2)
+    llm = LLM(str(save_tiny(LlamaConfig(**TINY), tmp_path / "m")), max_loras=2, kv_cache_bytes=KV)
     engine = llm.engine
     assert (engine.attention_backend, engine.lora.backend if engine.lora else None) == ("triton", "triton")
 
@@ -44,7 +46,7 @@ def test_triton_attention_equals_torch_in_the_decoder_in_bfloat16(tmp_path: Path
     base = save_tiny(LlamaConfig(**TINY), tmp_path / "m")
     prompts = [[(5 * i + j) % 500 + 1 for j in range(3 + 7 * i)] for i in range(8)]
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
-    outs = {b: LLM(str(base), dtype="bfloat16", attention_backend=b).generate(prompts, params)
+    outs = {b: LLM(str(base), dtype="bfloat16", attention_backend=b, kv_cache_bytes=KV).generate(prompts, params)
             for b in ("torch", "triton")}
     same = sum(a == b for x, y in zip(outs["torch"], outs["triton"], strict=True)
                for a, b in zip(x.token_ids, y.token_ids, strict=True))
@@ -65,7 +67,7 @@ def _graph_engines(tmp_path: Path, dtype: str, **options: object) -> tuple[objec
     base = save_tiny(LlamaConfig(**TINY), tmp_path / "m")
     adapters = [str(make_adapter(base, tmp_path / f"a{i}", LoraConfig(r=8, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), seed=i)) for i in range(3)]
-    common = dict(dtype=dtype, max_loras=2, max_lora_rank=8, max_num_seqs=32, **options)
+    common = dict(dtype=dtype, max_loras=2, max_lora_rank=8, max_num_seqs=32, kv_cache_bytes=KV, **options)
     graphed, eager = LLM(str(base), **common), LLM(str(base), enforce_eager=True, **common)
     return graphed, eager, adapters, base
 
@@ -135,3 +137,21 @@ def test_slot_loads_copy_from_pinned_memory_on_their_own_stream(tmp_path: Path) 
     wrapper = manager._wrapped[0][0]
     assert torch.equal(wrapper.a[slot, :contents.rank].cpu(), contents.a)
     assert torch.equal(wrapper.b[slot, :contents.rank].cpu(), contents.b)
+
+
+def test_the_kv_cache_fills_what_gpu_memory_utilization_leaves(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from loraplex import LLM
+    from loraplex.kv.block_pool import KVCache
+    from tests.helpers import TINY, save_tiny
+
+    llm = LLM(str(save_tiny(LlamaConfig(**TINY), tmp_path / "m")), gpu_memory_utilization=0.3, max_loras=2)
+    engine = llm.engine
+    cfg = engine.runner.model.config
+    kv_bytes = engine.pool.num_blocks * KVCache.bytes_per_block(cfg.num_layers, engine.kv_cache.block_size,
+                                                                cfg.num_kv_heads, cfg.head_dim, torch.bfloat16)
+    _, total = torch.cuda.mem_get_info()
+    # The cache took most of the 30 % (the tiny model's weights and activations are megabytes; the CUDA
+    # context and what earlier tests of this process still hold count as used).
+    assert 0.2 * total < kv_bytes <= 0.3 * total
