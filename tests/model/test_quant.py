@@ -139,3 +139,19 @@ def test_weight_bytes_count_what_each_layer_stores() -> None:
     layer.use_int8(quantize_int8(layer.dense_t(), torch.ones(64), torch.tensor([0, 5])))
     sizes = weight_bytes(model)
     assert sizes["int8"] == 64 * 48 and sizes["float32"] == 48 * 4 + 48 * 4 + 64 * 4 + 2 * 48 * 4
+
+
+def test_without_a_compiler_int8_layers_run_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+    _kernels.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="loraplex.model.quant"):
+            assert _kernels() is None
+        assert "no C compiler" in caplog.text and "torch ops (slower)" in caplog.text
+        w, q = _layer(64, 32)
+        x = torch.randn(5, 64)
+        assert torch.equal(int8_linear(x, q, None), int8_linear_torch(x, q, None))
+    finally:
+        _kernels.cache_clear()
