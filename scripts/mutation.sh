@@ -3,7 +3,7 @@
 # then the score (killed / all mutants that ran) and the survivors.
 #
 #   scripts/mutation.sh                          the whole target as configured (hours on 2 cores)
-#   scripts/mutation.sh MODULE TESTS...          one module against the tests given, e.g.
+#   scripts/mutation.sh MODULE TESTS...          one module (or package folder) against the tests given, e.g.
 #   scripts/mutation.sh loraplex/kv/block_pool.py tests/kv/test_block_pool.py
 #
 # With a module, mutmut runs in a scratch copy of the work tree whose [tool.mutmut] names only that
@@ -18,7 +18,8 @@ if [[ $# -gt 0 ]]; then
     module=$1
     shift
     [[ $# -gt 0 ]] || { echo "usage: $0 [MODULE TESTS...]" >&2; exit 2; }
-    [[ -f $module ]] || { echo "no module $module" >&2; exit 2; }
+    [[ -e $module ]] || { echo "no module $module" >&2; exit 2; }
+    [[ -d $module ]] && module="${module%/}/*"  # a package: every module in it
     work=$(mktemp -d "${TMPDIR:-/tmp}/loraplex-mutation.XXXXXX")
     tar -C "$root" --exclude=./.venv --exclude=./mutants --exclude=.git --exclude=__pycache__ -cf - . | tar -C "$work" -xf -
     python - "$work/pyproject.toml" "$module" "$@" <<'EOF'
