@@ -35,9 +35,9 @@ class ModelConfig:
     Triton kernels, CUDA only (CPU under TRITON_INTERPRET=1); `torch`: a gather of the cached blocks, then
     SDPA). See loraplex/model/attention.py."""
     quantize: str = "none"
-    """Quantize the base model's linear layers at load: `none`, or `int8` (CPU, float32: int8 weights per
-    channel, int8 activations per token, SmoothQuant calibrated at load; loraplex/model/quant.py). Adapters
-    apply on top unchanged."""
+    """Quantize the base model's linear layers at load: `none`; `int8` (CPU, float32: int8 weights per channel,
+    int8 activations per token, SmoothQuant calibrated at load); `fp8` (CUDA, compute capability 8.9+: fp8
+    e4m3 weights and activations); loraplex/model/quant.py. Adapters apply on top unchanged."""
     enforce_eager: bool = False
     """Run every step op by op. Otherwise, on CUDA with the triton attention, decode steps replay CUDA
     graphs captured at startup (loraplex/model/cuda_graphs.py); prefill and mixed steps always run eager."""
@@ -82,9 +82,18 @@ class ModelConfig:
 
     def resolved_quantize(self) -> str:
         """`quantize`, checked against this device and dtype (ValueError if it cannot run there)."""
-        if self.quantize == "int8" and (self.torch_device().type != "cpu" or self.torch_dtype() != torch.float32):
+        device = self.torch_device()
+        if self.quantize == "int8" and (device.type != "cpu" or self.torch_dtype() != torch.float32):
             raise ValueError(f"quantize 'int8' runs on the CPU in float32 (this model: {self.torch_dtype()} on "
-                             f"{self.torch_device()}); on CUDA serve the model unquantized for now")
+                             f"{device}); on CUDA use 'fp8' where the GPU has it")
+        if self.quantize == "fp8":
+            if device.type != "cuda":
+                raise ValueError(f"quantize 'fp8' runs on CUDA GPUs with fp8 tensor cores (this model is on {device}: "
+                                 "its fp8 matmul would be ~17x slower than float32 there); on the CPU use 'int8'")
+            capability = torch.cuda.get_device_capability(device)
+            if capability < (8, 9):
+                raise ValueError(f"quantize 'fp8' needs compute capability 8.9 or newer (L4, L40S, H100, H200); "
+                                 f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
         return self.quantize
 
     def resolved_linear_backend(self) -> str:

@@ -11,6 +11,7 @@ prompt tokens, greedy, ignoring EOS. Prints generated tokens per second of
     loraplex one adapter           every request on adapter 0
     loraplex distinct              request i on adapter i % N
     loraplex base, eager           the base model again with --enforce-eager (no CUDA graphs)
+    loraplex base, fp8             the base model with --quantize fp8 (GPUs of compute capability 8.9+)
     hf generate base               HF transformers `generate`, one batch
     hf+peft distinct               PEFT's mixed batch (`adapter_names=`), on --peft-requests requests
                                    of --peft-new-tokens tokens (it is ~20x slower; the rate is comparable)
@@ -134,7 +135,7 @@ def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int, device: str,
                    dtype: str, repeats: int, enforce_eager: bool = False,
-                   cases: tuple[str, ...] = ("base", "one adapter", "distinct"),
+                   cases: tuple[str, ...] = ("base", "one adapter", "distinct"), quantize: str = "none",
                    ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """Throughput of `cases` (of base, one adapter, distinct), batch-1 ms per decoded token (base, and with an
     adapter when the cases use adapters), and the engine's CUDA graphs as `/info` reports them."""
@@ -147,7 +148,7 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
     kv_bytes = int(1.25 * per_token * len(prompts) * (len(prompts[0]) + new_tokens + 16))
     llm = LLM(str(model_dir), device=device, dtype=dtype, max_loras=len(adapters), max_lora_rank=RANK,
               max_num_seqs=len(prompts), max_num_batched_tokens=max(8192, len(prompts)),
-              kv_cache_bytes=max(1 << 28, kv_bytes), enforce_eager=enforce_eager)
+              kv_cache_bytes=max(1 << 28, kv_bytes), enforce_eager=enforce_eager, quantize=quantize)
     engine = llm.engine
     print(f"loraplex backends: {engine.linear_backend} linears, {engine.attention_backend} attention, "
           f"{engine.lora.backend if engine.lora else '-'} LoRA; CUDA graphs: {engine.cuda_graphs}", flush=True)
@@ -296,16 +297,23 @@ def main(argv: list[str] | None = None) -> int:
     # The base model once more without CUDA graphs, to show what they buy.
     eager, eager_latency, _ = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
                                              args.repeats, enforce_eager=True, cases=("base",))
-    free_memory()
+    fp8: dict[str, float] = {}
+    if args.device.startswith("cuda") and torch.cuda.get_device_capability() >= (8, 9):
+        fp8, _, _ = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
+                                   args.repeats, cases=("base",), quantize="fp8")
+        free_memory()
     theirs = hf_rates(model_dir, adapters, prompts, args.new_tokens, prompts[:args.peft_requests],
                       args.peft_new_tokens, args.device, dtype, args.repeats)
-    rows = {f"loraplex {k}": v for k, v in ours.items()} | {"loraplex base, eager": eager["base"]} | theirs
+    rows = ({f"loraplex {k}": v for k, v in ours.items()} | {"loraplex base, eager": eager["base"]}
+            | ({"loraplex base, fp8": fp8["base"]} if fp8 else {}) | theirs)
     for label, rate in rows.items():
         print(f"{label:<26} {rate:>10.1f} tokens/s", flush=True)
     ratios = {"distinct / base": ours["distinct"] / ours["base"], "one adapter / base": ours["one adapter"] / ours["base"],
               "distinct / hf+peft": ours["distinct"] / theirs["hf+peft distinct"],
               "base / hf generate base": ours["base"] / theirs["hf generate base"],
               "base: graphs / eager": ours["base"] / eager["base"]}
+    if fp8:
+        ratios["base: fp8 / bf16"] = fp8["base"] / ours["base"]
     for label, ratio in ratios.items():
         target = f"   (target >= {TARGETS[label]:g})" if label in TARGETS else ""
         print(f"ratio {label:<24} {ratio:>7.2f}x{target}")

@@ -55,7 +55,7 @@ class LoRAPackedLinear(nn.Module):
     def __init__(self, base: PackedLinear, shard_targets: tuple[str, ...], num_slots: int, max_rank: int,
                  op: AddLoRA) -> None:
         super().__init__()
-        assert base.weight_t is not None or base.packed is not None or base.int8 is not None, \
+        assert base.weight_t is not None or base.packed is not None or base.quantized is not None, \
             "wrap a PackedLinear after its weights are loaded"
         assert len(shard_targets) == len(base.shard_sizes)
         self.base = base

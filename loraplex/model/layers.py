@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from loraplex.model import gemm
-from loraplex.model.quant import Int8Weight, int8_linear
+from loraplex.model.quant import QuantizedWeight
 
 
 class RMSNorm(nn.Module):
@@ -53,7 +53,7 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
         self.weight_t: torch.Tensor | None = None  # [in, out], aten backend
         self.packed: torch.Tensor | None = None  # the weight prepacked, onednn backend
-        self.int8: Int8Weight | None = None  # the weight quantized (loraplex.model.quant), replacing the others
+        self.quantized: QuantizedWeight | None = None  # the weight quantized (loraplex.model.quant), replacing the others
 
     def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
         if shard is None:
@@ -83,24 +83,24 @@ class PackedLinear(nn.Module):
     def device(self) -> torch.device:
         return self.weight.device
 
-    def use_int8(self, weight: Int8Weight) -> None:
+    def use_quantized(self, weight: QuantizedWeight) -> None:
         """Multiply with `weight` (quantized) from now on; the float copies are dropped."""
-        self.int8, self.weight_t, self.packed = weight, None, None
+        self.quantized, self.weight_t, self.packed = weight, None, None
 
     def dense_t(self) -> torch.Tensor:
-        """The weight as `[in, out]` whatever the backend (built anew for onednn and int8: for rare uses)."""
+        """The weight as `[in, out]` whatever the backend (built anew for onednn and quantized: for rare uses)."""
         if self.weight_t is not None:
             return self.weight_t
-        if self.int8 is not None:
-            return self.int8.dense_t().to(self.dtype)
+        if self.quantized is not None:
+            return self.quantized.dense_t().to(self.dtype)
         assert self.packed is not None, "PackedLinear used before finalize()"
         return gemm.unpack_t(self.packed, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return gemm.linear(x, self.packed, self.bias)
-        if self.int8 is not None:
-            return int8_linear(x, self.int8, self.bias)
+        if self.quantized is not None:
+            return self.quantized.linear(x, self.bias)
         assert self.weight_t is not None, "PackedLinear used before finalize()"
         if self.bias is None:
             return x @ self.weight_t

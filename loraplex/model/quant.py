@@ -1,8 +1,11 @@
-"""Quantized base weights: `--quantize int8` on the CPU.
+"""Quantized base weights: `--quantize int8` on the CPU, `--quantize fp8` on GPUs with fp8 tensor cores.
 
     int8   weights int8 per output channel, activations int8 per token (dynamic), the product in int8
            (`torch._int_mm`, oneDNN's VNNI kernels); SmoothQuant smoothing and four float32 outlier
            channels per layer, calibrated at load
+    fp8    weights float8 e4m3 per output channel, activations float8 e4m3 per token (dynamic), the product
+           in fp8 with float32 accumulation (`torch._scaled_mm`, row-wise scales; CUDA compute capability
+           8.9+: L4, L40S, H100, H200). e4m3's exponent covers outliers: no smoothing, no calibration
 
 Why this scheme (docs/benchmarks.md, issue 16): at the decode batch sizes of the CPU workload (32 rows)
 a float32 GEMM already runs at the cores' FMA peak, so weight-only int8 (int8 weights multiplied in
@@ -38,7 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "fp8")
+FP8_MAX = 448.0
+"""The largest float8 e4m3fn value."""
 SMOOTH_ALPHA = 0.5
 """SmoothQuant's migration strength: from 0.4 to 0.65 the demo model's perplexity changed by under 0.7 % (without
 outlier channels), 0.8 was far worse; 0.5 is the paper's default."""
@@ -48,8 +53,24 @@ CALIBRATION_TOKENS = 1024
 CALIBRATION_CHUNK = 256
 
 
+class QuantizedWeight:
+    """A linear layer's quantized weight: how it multiplies, and the float weight it stands for."""
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`x @ weight + bias` for `x` `[rows, in]`."""
+        raise NotImplementedError
+
+    def dense_t(self) -> torch.Tensor:
+        """The float weight `[in, out]` this stands for."""
+        raise NotImplementedError
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What it stores (for the byte counts)."""
+        raise NotImplementedError
+
+
 @dataclass
-class Int8Weight:
+class Int8Weight(QuantizedWeight):
     """A linear layer's weight as int8 with a float32 scale per output column, its input smoothed, and its
     few outlier input channels kept apart in float32."""
 
@@ -60,16 +81,53 @@ class Int8Weight:
     outlier_mask: torch.Tensor  # [in] uint8: 1 at the outlier channels
     outlier_weight: torch.Tensor  # [n, out] float32: the original (unsmoothed) weight rows of those channels
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.inv_smooth, self.outliers,
-                                                           self.outlier_mask, self.outlier_weight))
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.scale, self.inv_smooth, self.outliers, self.outlier_mask, self.outlier_weight
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int8_linear(x, self, bias)
 
     def dense_t(self) -> torch.Tensor:
         """The float weight `[in, out]` this stands for (smoothing undone, outlier rows put back)."""
         w = self.weight.float() * self.scale * self.inv_smooth[:, None]
         w[self.outliers] = self.outlier_weight
         return w
+
+
+@dataclass
+class Fp8Weight(QuantizedWeight):
+    """A linear layer's weight as float8 e4m3 with a float32 scale per output row."""
+
+    weight: torch.Tensor  # [out, in] float8_e4m3fn (its transpose is the column-major operand _scaled_mm wants)
+    scale: torch.Tensor  # [1, out] float32
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.scale
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_linear(x, self, bias)
+
+    def dense_t(self) -> torch.Tensor:
+        return (self.weight.float() * self.scale.t()).t()
+
+
+def quantize_fp8(weight_t: torch.Tensor) -> Fp8Weight:
+    """`weight_t` `[in, out]` as float8 e4m3 with one scale per output column (its largest value maps to 448)."""
+    w = weight_t.float().t()  # [out, in]
+    scale = (w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX)  # [out, 1]
+    q = (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Weight(q.contiguous(), scale.t().contiguous())
+
+
+def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight + bias` with each row of `x` rounded to float8 e4m3 at its own scale, the product in fp8
+    (`torch._scaled_mm`, row-wise scales: on CUDA its output is bfloat16, then cast to `x`'s dtype)."""
+    xf = x.float()
+    x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(FP8_MAX)  # [rows, 1]
+    xq = (xf / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    out_dtype = torch.bfloat16 if x.is_cuda else torch.float32
+    out = torch._scaled_mm(xq, w.weight.t(), scale_a=x_scale, scale_b=w.scale, out_dtype=out_dtype).to(x.dtype)
+    return out if bias is None else out.add_(bias)
 
 
 def quantize_int8(weight_t: torch.Tensor, smooth: torch.Tensor, outliers: torch.Tensor) -> Int8Weight:
@@ -207,9 +265,15 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
 
     if method == "none":
         return
-    if method != "int8":
+    if method not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {method!r}")
     start = time.perf_counter()
+    if method == "fp8":
+        layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        for layer in layers:
+            layer.use_quantized(quantize_fp8(layer.dense_t()))
+        log.info("quantized %d linear layers to fp8 in %.1f s", len(layers), time.perf_counter() - start)
+        return
     peaks = input_absmax(model, calibration_ids(tokenizer, model.config.vocab_size))
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     for layer in layers:
@@ -218,7 +282,7 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
         w_max = weight_t.abs().amax(dim=1).float().clamp(min=1e-5)
         smooth = (x_max.pow(SMOOTH_ALPHA) / w_max.pow(1 - SMOOTH_ALPHA)).clamp(min=1e-5)  # [in]
         outliers = (x_max / smooth).topk(min(OUTLIER_CHANNELS, x_max.numel())).indices.sort().values
-        layer.use_int8(quantize_int8(weight_t, smooth, outliers))
+        layer.use_quantized(quantize_int8(weight_t, smooth, outliers))
     log.info("quantized %d linear layers to int8 (SmoothQuant, calibrated on %d tokens) in %.1f s", len(layers),
              CALIBRATION_TOKENS, time.perf_counter() - start)
 
@@ -241,9 +305,8 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
                 name = str(module.packed.dtype).removeprefix("torch.")
                 size = module.in_features * sum(module.shard_sizes) * module.packed.element_size()
                 totals[name] = totals.get(name, 0) + size
-            if module.int8 is not None:
-                for t in (module.int8.weight, module.int8.scale, module.int8.inv_smooth, module.int8.outliers,
-                          module.int8.outlier_mask, module.int8.outlier_weight):
+            if module.quantized is not None:
+                for t in module.quantized.tensors():
                     add(t)
             add(module.bias)
         else:
