@@ -48,7 +48,13 @@ class SlotContents:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.blocks, self.dora) if t is not None)
+        """Host bytes held; a pinned tensor's rounded up to a power of two, as torch's pinned allocator does."""
+        return sum(_held_bytes(t) for t in (self.a, self.b, self.blocks, self.dora) if t is not None)
+
+
+def _held_bytes(t: torch.Tensor) -> int:
+    size = t.numel() * t.element_size()
+    return 1 << max(size - 1, 0).bit_length() if t.is_pinned() else size
 
 
 class LoRAPackedLinear(nn.Module):
@@ -128,7 +134,9 @@ class LoRAPackedLinear(nn.Module):
         elif slot in self.dora_slots:
             self.dora[slot] = 1.0
             self.dora_slots.discard(slot)
-        self.ranks[slot] = rank
+        # fill_, not `ranks[slot] = rank`: that copies a CPU scalar tensor in, a blocking copy on CUDA, which
+        # would stall the host on the copy stream (LoRAManager._load) until the running step is done.
+        self.ranks[slot].fill_(rank)
         self._slot_ranks[slot] = rank
 
     def _shard_rows(self, i: int) -> slice:
@@ -206,11 +214,14 @@ class LoRAHead(nn.Module):
     def load_slot(self, slot: int, module: LoRAModule | None) -> None:
         self.a[slot].zero_()
         self.b[slot].zero_()
-        self.ranks[slot] = 0 if module is None else module.rank
-        self.scales[slot] = 0.0 if module is None else module.scale
+        self.ranks[slot].fill_(0 if module is None else module.rank)  # fill_: no blocking copy (LoRAPackedLinear)
+        self.scales[slot].fill_(0.0 if module is None else module.scale)
         if module is not None:
-            self.a[slot, :module.rank] = module.a.to(self.a.dtype)
-            self.b[slot, :module.rank] = module.b.T.to(self.b.dtype)
+            a, b = module.a.to(self.a.dtype), module.b.T.to(self.b.dtype)
+            if self.a.is_cuda:  # asynchronous copies need pinned sources
+                a, b = a.pin_memory(), b.contiguous().pin_memory()
+            self.a[slot, :module.rank].copy_(a, non_blocking=True)
+            self.b[slot, :module.rank].copy_(b, non_blocking=True)
 
     def forward(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """logits [rows, vocab] += each row's delta, in place; the rows' slots come from the context."""

@@ -9,8 +9,9 @@ of n requests then copies its inputs into static device buffers, padded to the s
 ≥ n, and replays that graph. The LM head, the sampler and everything after run eager on the n real rows.
 
 The static buffers (`DecodeGraphs`): token ids, positions, KV slots, context lengths and LoRA slots,
-one column of `max_size` each, then block tables `[max_size, max_blocks]`; one host mirror (pinned on
-CUDA) and one host→device copy per step. Padding rows write no KV (slot -1, which the triton KV write
+one column of `max_size` each, and block tables `[max_size, max_blocks]`; one host mirror (pinned on
+CUDA) and one host→device copy per step (the columns and the step's tables at their own width, which a
+device-side copy then puts into the static tables). Padding rows write no KV (slot -1, which the triton KV write
 skips), attend to one key of block 0 (context length 1) and use no adapter; their outputs are dropped.
 Adapter slot buffers never move (loraplex/lora/layers.py), so loading an adapter into a slot needs no
 recapture.
@@ -76,13 +77,19 @@ class CudaCapture:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
+        # Warm-up and capture on one side stream: libraries' per-stream state (cuBLAS workspaces) is then
+        # made by the warm-up, not inside the capture.
+        self.stream = torch.cuda.Stream(device)
 
     def __call__(self, body: Callable[[], torch.Tensor]) -> tuple[Graph, torch.Tensor]:
-        body()  # warm-up: compiles the Triton kernels for these shapes before the capture, which cannot
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            body()  # warm-up: compiles the Triton kernels for these shapes before the capture, which cannot
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             out = body()
+        torch.cuda.synchronize(self.device)
         return graph, out
 
 
@@ -167,7 +174,9 @@ class DecodeGraphs:
         self._copied: torch.cuda.Event | None = None  # the last host→device copy, before the mirror is rewritten
         columns = self._static[:COLUMNS * m].view(COLUMNS, m)
         self.input_ids, self.positions, self.slots, self.context_lens, self.lora_slots = columns
-        self.tables = self._static[COLUMNS * m:].view(m, max_blocks)
+        # The tables the graphs read; a step uploads only its own width, after the columns (`prepare`).
+        with torch.inference_mode():
+            self.tables = torch.zeros(m, max_blocks, dtype=torch.long, device=device)
         self.rows = torch.arange(m, device=device)
         self._graphs: dict[tuple[int, bool], tuple[Graph, torch.Tensor]] = {}
         self.report: CaptureReport | None = None
@@ -175,7 +184,7 @@ class DecodeGraphs:
     def capture(self, time_limit_s: float, progress: Callable[[int, int, int], None] | None = None) -> CaptureReport:
         """Capture every size, largest first (the pool is sized by the first), base then LoRA; stop
         starting new captures after `time_limit_s`. `progress(done, total, size)` after each graph."""
-        self._upload(COLUMNS * self.max_size + self.max_size * self.max_blocks)  # every row padding
+        self._upload(COLUMNS * self.max_size)  # every row padding (the tables are zeros)
         kinds = (False, True) if self.lora else (False,)
         total = len(self.sizes) * len(kinds)
         start = time.perf_counter()
@@ -235,11 +244,16 @@ class DecodeGraphs:
                                          lora_slots)):
             host[column * m:column * m + n] = values
             host[column * m + n:column * m + size] = PADDING[column]
-        tables = host[COLUMNS * m:COLUMNS * m + size * self.max_blocks].reshape(size, self.max_blocks)
-        # A row's cells past its table are never read (its context ends inside it); a padding row reads cell 0.
-        tables[:n, :inputs.tables.shape[1]] = inputs.tables
-        tables[n:, 0] = 0
-        self._upload(COLUMNS * m + size * self.max_blocks)
+        # The step's tables at their own width (not max_blocks: a long-context model's would be megabytes):
+        # uploaded after the columns, then copied into the static tables on the device. A row's cells past
+        # its table are never read (its context ends inside it); a padding row reads cell 0.
+        width = inputs.tables.shape[1]
+        tables = host[COLUMNS * m:COLUMNS * m + size * width].reshape(size, width)
+        tables[:n] = inputs.tables
+        tables[n:] = 0
+        self._upload(COLUMNS * m + size * width)
+        with torch.inference_mode():
+            self.tables[:size, :width].copy_(self._static[COLUMNS * m:COLUMNS * m + size * width].view(size, width))
         return GraphStep(graph[0], graph[1], n)
 
     def _upload(self, length: int) -> None:

@@ -270,9 +270,14 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
     start = time.perf_counter()
     if method == "fp8":
         layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        # CUDA's fp8 matmul needs both dimensions of the weight to be multiples of 16 (a vocabulary of
+        # 32,001 tokens is not): such a layer stays in float.
+        kept = [m for m in layers if m.in_features % 16 or sum(m.shard_sizes) % 16]
         for layer in layers:
-            layer.use_quantized(quantize_fp8(layer.dense_t()))
-        log.info("quantized %d linear layers to fp8 in %.1f s", len(layers), time.perf_counter() - start)
+            if layer not in kept:
+                layer.use_quantized(quantize_fp8(layer.dense_t()))
+        log.info("quantized %d linear layers to fp8 in %.1f s%s", len(layers) - len(kept), time.perf_counter() - start,
+                 f"; {len(kept)} left in float (a dimension not a multiple of 16)" if kept else "")
         return
     peaks = input_absmax(model, calibration_ids(tokenizer, model.config.vocab_size))
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]

@@ -129,7 +129,11 @@ def test_slot_loads_copy_from_pinned_memory_on_their_own_stream(tmp_path: Path) 
     weights = manager.parse(Path(adapters[0]))
     contents = weights.packed[0][0]  # layer 0's q|k|v rows, as the host tier keeps them
     assert contents.a.is_pinned() and contents.b.is_pinned()
-    slot = manager.warm(AdapterIdentity("test", adapters[0], "v"), weights)
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronization in the load raises
+    try:
+        slot = manager.warm(AdapterIdentity("test", adapters[0], "v"), weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert len(manager._copies) == 1  # issued, not waited for by the host
     manager.ready()
     assert not manager._copies

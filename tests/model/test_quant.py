@@ -221,3 +221,13 @@ def test_an_fp8_model_with_adapters_in_a_mixed_batch_computes_as_its_reference(t
     # And against the float model: fp8's rounding (3 mantissa bits) moves this tiny random model's
     # log-probabilities by 0.15 nats on average (the demo model's perplexity: +2.7 %, docs/benchmarks.md).
     assert 0.01 < (fp8 - float_model).abs().mean() < 0.3
+
+
+def test_fp8_leaves_layers_whose_dimensions_cuda_cannot_take_in_float(tmp_path: Path) -> None:
+    # A vocabulary of 500 (not a multiple of 16): the LM head stays float, every other layer is fp8.
+    base = save_tiny(LlamaConfig(**{**TINY, "vocab_size": 500}), tmp_path / "base")
+    model = LLM(str(base), device="cpu").engine.runner.model
+    quantize_model(model, "fp8", None)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert layers["lm_head"].quantized is None
+    assert all(isinstance(m.quantized, Fp8Weight) for name, m in layers.items() if name != "lm_head")
