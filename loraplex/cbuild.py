@@ -37,7 +37,10 @@ def compiler() -> str:
 
 
 def build_key(cc: str, source: Path, flags: Sequence[str]) -> str:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeUnavailable(f"{cc} --version failed: {e}") from e
     cpu = ""
     if Path("/proc/cpuinfo").is_file():
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -51,24 +54,40 @@ def build_key(cc: str, source: Path, flags: Sequence[str]) -> str:
 
 
 def kernel_dir() -> Path:
+    """`$LORAPLEX_HOME/kernels`, or where the home is not writable a folder of this user's own in the temp
+    folder (mode 0700, owned by this user: a shared folder would let another user plant a library here)."""
     folder = loraplex_home() / "kernels"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        return folder
     except OSError:
-        folder = Path(tempfile.gettempdir()) / "loraplex-kernels"
-        folder.mkdir(parents=True, exist_ok=True)
+        pass
+    folder = Path(tempfile.gettempdir()) / f"loraplex-kernels-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+    except OSError as e:
+        raise NativeUnavailable(f"no folder to build kernels in: {e}") from e
+    if not folder.is_dir() or folder.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise NativeUnavailable(f"{folder} is not a private folder of this user (owner {info.st_uid}, mode "
+                                f"{oct(info.st_mode & 0o777)}): not loading kernels from it")
     return folder
 
 
 def _build(cc: str, source: Path, flags: Sequence[str], target: Path) -> None:
     # Built under a temporary name and renamed into place: a concurrent process sees all of it or none.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+    except OSError as e:
+        raise NativeUnavailable(f"cannot write a kernel build into {target.parent}: {e}") from e
     os.close(fd)
     try:
         proc = subprocess.run([cc, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise NativeUnavailable(f"{cc} could not compile {source.name}: {proc.stderr.strip()[-800:]}")
         os.replace(tmp, target)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeUnavailable(f"building {source.name} with {cc} failed: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

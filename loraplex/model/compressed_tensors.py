@@ -47,6 +47,8 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
         raise CheckpointError("quantization_config.config_groups must name at least one group")
     schemes = []
     for name, group in groups.items():
+        if not isinstance(group, dict) or not isinstance(group.get("weights") or {}, dict):
+            raise CheckpointError(f"quantization_config.config_groups.{name} must be a mapping with a `weights` mapping")
         weights = group.get("weights")
         if not weights:
             continue  # an activation-only group: nothing stored to decode
@@ -62,6 +64,9 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
         if kind == "int" and bits not in ((4, 8) if fmt == "pack-quantized" else (8,)):
             raise CheckpointError(f"quantization_config.config_groups.{name}.weights.num_bits = {bits} is not "
                                   f"supported for {fmt} int weights")
+        if kind == "float" and fmt == "pack-quantized":
+            raise CheckpointError(f"quantization_config.config_groups.{name}: float weights are not pack-quantized "
+                                  "(float-quantized stores them)")
         if kind == "float" and bits != 8:
             raise CheckpointError(f"quantization_config.config_groups.{name}.weights.num_bits = {bits} is not "
                                   "supported for float weights (8: fp8)")
@@ -89,8 +94,12 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
             for part in ("weight_packed", "weight_shape"):
                 if part not in parts:
                     raise CheckpointError(f"{prefix}: the pack-quantized layer lacks {part}")
-            shape = parts["weight_shape"].tolist()
-            if len(shape) != 2 or min(shape) < 1:
+            shape_t = parts["weight_shape"]
+            if shape_t.dim() != 1 or shape_t.is_floating_point() or shape_t.numel() != 2:
+                raise CheckpointError(f"{prefix}.weight_shape must be two integers [out, in], got {shape_t.dtype} "
+                                      f"{tuple(shape_t.shape)}")
+            shape = shape_t.tolist()
+            if min(shape) < 1:
                 raise CheckpointError(f"{prefix}.weight_shape must be [out, in], got {shape}")
             out_f, in_f = shape
             per_word = 32 // bits
@@ -118,11 +127,16 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
             if "weight_zero_point" not in parts:
                 raise CheckpointError(f"{prefix}: the asymmetric layer (config_groups.{name}) lacks weight_zero_point")
             zp = parts["weight_zero_point"]
-            if fmt == "pack-quantized":
+            if strategy == "tensor":  # one value, stored as it is (the library packs only per-row zero points)
+                if zp.numel() != 1:
+                    raise CheckpointError(f"{prefix}.weight_zero_point must hold one value (tensor strategy), got "
+                                          f"{tuple(zp.shape)}")
+                zero = zp.to(torch.float32).reshape(1, 1).expand(out_f, 1)
+            elif fmt == "pack-quantized":
                 _expect_shape(prefix, "weight_zero_point", zp, (-(-out_f // (32 // bits)), groups), torch.int32)
                 zero = (unpack_int32(zp, bits, 0)[:out_f] - (1 << (bits - 1))).to(torch.float32)
             else:
-                zero = zp.to(torch.float32).reshape(-1, 1).expand(out_f, 1) if strategy == "tensor" else zp.to(torch.float32)
+                zero = zp.to(torch.float32)
                 _expect_shape(prefix, "weight_zero_point", zero, (out_f, groups))
         if "weight_g_idx" in parts:
             g = parts["weight_g_idx"].to(torch.int64)

@@ -70,12 +70,13 @@ def checkpoint_format(hf_config: Any) -> Format | None:
 
         return compressed_tensors_format(config)
     raise CheckpointError(f"quantization_config.quant_method {method!r} is not supported; "
-                                   f"supported: {', '.join(METHODS)}")
+                          f"supported: {', '.join(METHODS)}")
 
 
 def dequantizing(tensors: Iterator[tuple[str, torch.Tensor]], fmt: Format) -> Iterator[tuple[str, torch.Tensor]]:
     """`tensors` with each quantized layer's parts replaced by its float `weight` (yielded after the rest)."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
+    passed: set[str] = set()  # the float weights that went by, to refuse a layer stored both ways
     for name, tensor in tensors:
         prefix, _, part = name.rpartition(".")
         if fmt.holds(part, tensor):
@@ -84,12 +85,19 @@ def dequantizing(tensors: Iterator[tuple[str, torch.Tensor]], fmt: Format) -> It
                 raise CheckpointError(f"{name} appears twice in the checkpoint")
             layer[part] = tensor
         else:
+            if part == "weight":
+                passed.add(prefix)
             yield name, tensor
     for prefix, parts in layers.items():
         missing = sorted(fmt.required - parts.keys())
         if missing:
             raise CheckpointError(f"{prefix}: the {fmt.method} layer lacks {', '.join(missing)} "
-                                           f"(has {', '.join(sorted(parts))})")
+                                  f"(has {', '.join(sorted(parts))})")
+        if prefix in passed:
+            raise CheckpointError(f"{prefix} is stored both as a float weight and as {fmt.method} tensors")
+        for part, tensor in parts.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
+                raise CheckpointError(f"{prefix}.{part} holds NaN or infinite values")
         yield f"{prefix}.weight", fmt.decode(prefix, parts)
 
 
@@ -101,22 +109,24 @@ def _int_field(config: dict[str, Any], names: tuple[str, ...], allowed: tuple[in
         raise CheckpointError(f"quantization_config.{name} must be an integer, got {value!r}")
     if allowed is not None and value not in allowed:
         raise CheckpointError(f"quantization_config.{name} = {value} is not supported; "
-                                       f"supported: {', '.join(map(str, allowed))}")
+                              f"supported: {', '.join(map(str, allowed))}")
     return value
 
 
 def _group_size(config: dict[str, Any], names: tuple[str, ...]) -> int:
     size = _int_field(config, names, default=-1)
-    if size != -1 and size < 1:
-        raise CheckpointError(f"quantization_config.{names[0]} must be -1 or >= 1, got {size}")
+    if size != -1 and not 1 <= size <= 1 << 24:
+        raise CheckpointError(f"quantization_config.{names[0]} must be -1 or in [1, 2^24], got {size}")
     return size
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 words holding 32/bits unsigned values each, lowest bits first, unpacked along `dim` (int64)."""
+    """int32 words holding 32/bits unsigned values each, lowest bits first, unpacked along `dim` (int32)."""
     per_word = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)  # [per_word]
-    words = packed.to(torch.int64) & 0xFFFFFFFF  # as unsigned 32-bit values
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)  # [per_word]
+    # int32 throughout (half the memory of int64 for a large layer): an arithmetic shift of a negative
+    # word drags its sign bit down, and the mask cuts it off again.
+    words = packed.to(torch.int32)
     values = (words.unsqueeze(dim + 1) >> shifts.view([-1] + [1] * (packed.dim() - dim - 1))) & ((1 << bits) - 1)
     shape = list(packed.shape)
     shape[dim] *= per_word
@@ -129,7 +139,7 @@ def _expect(prefix: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...]
         raise CheckpointError(f"{prefix}.{part} has shape {tuple(tensor.shape)}, expected {shape}")
     if dtypes is not None and tensor.dtype not in dtypes:
         raise CheckpointError(f"{prefix}.{part} is {tensor.dtype}, expected "
-                                       f"{' or '.join(str(d) for d in dtypes)}")
+                              f"{' or '.join(str(d) for d in dtypes)}")
 
 
 def _gptq_format(config: dict[str, Any]) -> Format:
@@ -139,7 +149,7 @@ def _gptq_format(config: dict[str, Any]) -> Format:
     checkpoint = config.get("checkpoint_format", "gptq")
     if checkpoint not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"quantization_config.checkpoint_format {checkpoint!r} is not supported; "
-                                       "supported: gptq, gptq_v2")
+                              "supported: gptq, gptq_v2")
     zero_offset = 1 if checkpoint == "gptq" else 0
 
     def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,12 +157,14 @@ def _gptq_format(config: dict[str, Any]) -> Format:
         qweight = parts["qweight"]
         if qweight.dim() != 2 or qweight.dtype != torch.int32:
             raise CheckpointError(f"{prefix}.qweight must be a 2-D int32 tensor, got {qweight.dtype} "
-                                           f"{tuple(qweight.shape)}")
+                                  f"{tuple(qweight.shape)}")
         in_features, out_features = qweight.shape[0] * per_word, qweight.shape[1]
         if out_features % per_word:
             raise CheckpointError(f"{prefix}: {out_features} output features do not pack into "
-                                           f"{bits}-bit zeros")
+                                  f"{bits}-bit zeros")
         if "g_idx" in parts:
+            if parts["g_idx"].is_floating_point():
+                raise CheckpointError(f"{prefix}.g_idx must hold integers, got {parts['g_idx'].dtype}")
             g_idx = parts["g_idx"].to(torch.int64)
             _expect(prefix, "g_idx", g_idx, (in_features,))
         elif group_size == -1:
@@ -163,7 +175,7 @@ def _gptq_format(config: dict[str, Any]) -> Format:
         expected_groups = 1 if group_size == -1 else -(-in_features // group_size)
         if groups != expected_groups:
             raise CheckpointError(f"{prefix}.scales has {groups} groups, expected {expected_groups} "
-                                           f"({in_features} inputs in groups of {group_size})")
+                                  f"({in_features} inputs in groups of {group_size})")
         _expect(prefix, "scales", parts["scales"], (groups, out_features))
         _expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // per_word), (torch.int32,))
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
@@ -184,10 +196,10 @@ def _awq_format(config: dict[str, Any]) -> Format:
     version = str(config.get("version", "gemm")).lower()
     if version != "gemm":
         raise CheckpointError(f"quantization_config.version {config.get('version')!r} is not supported; "
-                                       "supported: gemm (AutoAWQ's default packing)")
+                              "supported: gemm (AutoAWQ's default packing)")
     if config.get("zero_point", True) is not True:
         raise CheckpointError(f"quantization_config.zero_point {config.get('zero_point')!r} is not "
-                                       "supported; supported: true")
+                              "supported; supported: true")
     order = torch.tensor(AWQ_REVERSE_ORDER)
 
     def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -199,7 +211,7 @@ def _awq_format(config: dict[str, Any]) -> Format:
         qweight = parts["qweight"]
         if qweight.dim() != 2 or qweight.dtype != torch.int32:
             raise CheckpointError(f"{prefix}.qweight must be a 2-D int32 tensor, got {qweight.dtype} "
-                                           f"{tuple(qweight.shape)}")
+                                  f"{tuple(qweight.shape)}")
         in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
         groups = 1 if group_size == -1 else -(-in_features // group_size)
         _expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // 8), (torch.int32,))

@@ -151,7 +151,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> to
     they build (one pass each instead of a dozen torch ops: the product is then most of the layer at
     decode batch sizes), else as `int8_linear_torch`; both give the same bits."""
     kernels = _kernels()
-    if kernels is None or x.stride(1) != 1 or not x.is_cpu:
+    if kernels is None or x.stride(1) != 1 or not x.is_cpu or x.dtype != torch.float32:
         return int8_linear_torch(x, w, bias)
     quantize, dequantize = kernels
     rows, cols = x.shape
@@ -238,12 +238,13 @@ def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module,
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, PackedLinear)]
     block = 16
-    blocks = -(-CALIBRATION_CHUNK // block)
+    size = min(CALIBRATION_CHUNK, model.rope.max_positions)  # a sequence never outgrows the rotary table
+    blocks = -(-size // block)
     kv = KVCache(cfg.num_layers, blocks, block, cfg.num_kv_heads, cfg.head_dim, dtype, device)
     try:
         with torch.inference_mode():
-            for start in range(0, len(token_ids), CALIBRATION_CHUNK):
-                chunk = token_ids[start:start + CALIBRATION_CHUNK]
+            for start in range(0, len(token_ids), size):
+                chunk = token_ids[start:start + size]
                 n = len(chunk)
                 attn = AttentionMetadata(
                     slot_mapping=torch.arange(n, device=device), num_decode=0,

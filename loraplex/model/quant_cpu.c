@@ -10,7 +10,8 @@
 
 // For each row r of x: x_out[r, k] = x[r, outliers[k]] (the channels kept in float), then with
 // v[j] = x[r, j] * inv_smooth[j], zero where mask[j]: scale[r] = max(max_j |v[j]|, 1e-12) / 127 and
-// q[r, j] = round(v[j] / scale[r]), half to even; as int8_linear_torch computes them.
+// q[r, j] = round(v[j] / scale[r]), half to even; as int8_linear_torch computes them. A NaN in a row makes
+// its scale NaN (and so its output), as torch's amax does.
 void loraplex_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t stride_x, const float *inv_smooth,
                             const uint8_t *mask, const int64_t *outliers, int64_t n_out, int8_t *q, float *scale,
                             float *x_out) {
@@ -22,10 +23,14 @@ void loraplex_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t 
         float peak = 0.0f;
         for (int64_t j = 0; j < cols; j++) {
             float v = mask[j] ? 0.0f : fabsf(row[j] * inv_smooth[j]);
-            peak = v > peak ? v : peak;
+            peak = (v > peak || v != v) ? v : peak;  // a NaN stays, as in torch's amax
         }
-        float s = (peak > 1e-12f ? peak : 1e-12f) / 127.0f;
+        float s = (peak != peak || peak > 1e-12f ? peak : 1e-12f) / 127.0f;
         scale[r] = s;
+        if (s != s) {  // the row's output is NaN whatever its integers (rounding NaN to int8 is undefined)
+            for (int64_t j = 0; j < cols; j++) out[j] = 0;
+            continue;
+        }
         for (int64_t j = 0; j < cols; j++) out[j] = mask[j] ? 0 : (int8_t)nearbyintf((row[j] * inv_smooth[j]) / s);
     }
 }

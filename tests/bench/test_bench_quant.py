@@ -20,4 +20,6 @@ def test_it_prints_perplexity_and_speed_side_by_side(demo_model_path: Path,
                  "perplexity int8 / float32:", "speed int8 base / float32 base:", "speed int8 2 distinct / int8 base:"):
         assert line in out, line
     ppl = {m: float(out.split(f"{m}: loaded")[1].split("perplexity ")[1].split()[0]) for m in ("none", "int8")}
-    assert 1 < ppl["none"] < 100 and abs(ppl["int8"] / ppl["none"] - 1) < 0.05  # the demo model, read sensibly
+    # The demo model read sensibly, and int8 within issue 16's 1 % (measured: -0.05 %; without calibration
+    # +5.5 %, without outlier channels +1.6 %).
+    assert 1 < ppl["none"] < 100 and abs(ppl["int8"] / ppl["none"] - 1) < 0.01

@@ -83,3 +83,19 @@ def test_damaged_build_is_rebuilt(fresh_build: Path) -> None:
     target.write_bytes(b"not a shared library")
     assert native_available() is None
     assert target.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_an_unwritable_home_builds_in_a_private_folder_and_refuses_a_shared_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplex import cbuild
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "kernels").write_text("a file where the folder should be")  # mkdir fails: not writable as a folder
+    monkeypatch.setenv("LORAPLEX_HOME", str(home))
+    monkeypatch.setattr(cbuild.tempfile, "gettempdir", lambda: str(tmp_path))
+    folder = cbuild.kernel_dir()
+    assert folder == tmp_path / f"loraplex-kernels-{os.getuid()}" and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o777)  # another user could write into it now
+    with pytest.raises(cbuild.NativeUnavailable, match="is not a private folder of this user"):
+        cbuild.kernel_dir()

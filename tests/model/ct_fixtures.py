@@ -82,6 +82,24 @@ CT_SCHEMES: dict[str, tuple[dict, CompressionFormat]] = {
         ),
         CompressionFormat.pack_quantized,
     ),
+    "w4a16-tensor-asym": (
+        dict(
+            num_bits=4,
+            type=QuantizationType.INT,
+            symmetric=False,
+            strategy=QuantizationStrategy.TENSOR,
+        ),
+        CompressionFormat.pack_quantized,
+    ),
+    "int8-channel-asym": (
+        dict(
+            num_bits=8,
+            type=QuantizationType.INT,
+            symmetric=False,
+            strategy=QuantizationStrategy.CHANNEL,
+        ),
+        CompressionFormat.int_quantized,
+    ),
     "fp8-channel": (
         dict(
             num_bits=8,

@@ -102,6 +102,13 @@ def _broken(folder: Path, config_change: dict | None = None, drop: str | None = 
         "targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 16}}}}),
      "format 'nvfp4-pack-quantized' .* is not supported"),
     (dict(config_change={"kv_cache_scheme": {"num_bits": 8, "type": "float"}}), "a quantized KV cache is not supported"),
+    (dict(replace=("model.layers.0.self_attn.q_proj.weight_shape", torch.tensor([64.0, 64.0]))),
+     "q_proj.weight_shape must be two integers"),
+    (dict(replace=("model.layers.0.self_attn.q_proj.weight_scale", torch.full((64, 2), float("inf")))),
+     "q_proj.weight_scale holds NaN or infinite values"),
+    (dict(config_change={"config_groups": {"g": ["not", "a", "mapping"]}}), "config_groups.g must be a mapping"),
+    (dict(config_change={"config_groups": {"g": {"targets": ["Linear"], "format": "pack-quantized", "weights": {
+        "num_bits": 8, "type": "float", "strategy": "channel"}}}}), "float weights are not pack-quantized"),
 ])
 def test_broken_checkpoints_fail_at_load_naming_what_is_wrong(float_model: Path, tmp_path: Path, change: dict,
                                                               message: str) -> None:

@@ -76,11 +76,12 @@ def _decode(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return dict(dequantizing(iter(tensors.items()), fmt))
 
 
-@pytest.mark.parametrize(("bits", "group_size", "desc_act", "checkpoint_format"), [
-    (4, 32, False, "gptq"), (8, 16, False, "gptq"), (2, -1, False, "gptq"), (4, 16, True, "gptq"),
-    (4, 32, False, "gptq_v2")])
+@pytest.mark.parametrize(("bits", "group_size", "desc_act", "checkpoint_format", "with_g_idx"), [
+    (4, 32, False, "gptq", True), (8, 16, False, "gptq", True), (2, -1, False, "gptq", True),
+    (4, 16, True, "gptq", True), (4, 32, False, "gptq_v2", True), (4, 32, False, "gptq", False),
+    (8, -1, False, "gptq", False)])
 def test_gptq_layers_decode_to_the_reference_formula(bits: int, group_size: int, desc_act: bool,
-                                                      checkpoint_format: str) -> None:
+                                                      checkpoint_format: str, with_g_idx: bool) -> None:
     in_f, out_f = 64, 96  # multiples of 32, as the reference packers assume
     groups = 1 if group_size == -1 else in_f // group_size
     q = _ints((in_f, out_f), bits, 1)
@@ -92,8 +93,10 @@ def test_gptq_layers_decode_to_the_reference_formula(bits: int, group_size: int,
     qweight, qzeros = pack_gptq(q.numpy(), zeros.numpy() + (0 if checkpoint_format == "gptq" else 1), bits)
     config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": False,
               "checkpoint_format": checkpoint_format}
-    out = _decode(config, {"layer.qweight": qweight, "layer.qzeros": qzeros, "layer.scales": scales,
-                           "layer.g_idx": g_idx.to(torch.int32), "norm.weight": torch.ones(3)})
+    tensors = {"layer.qweight": qweight, "layer.qzeros": qzeros, "layer.scales": scales, "norm.weight": torch.ones(3)}
+    if with_g_idx:  # older checkpoints without act-order carry none: rows are in groups of group_size
+        tensors["layer.g_idx"] = g_idx.to(torch.int32)
+    out = _decode(config, tensors)
     assert set(out) == {"norm.weight", "layer.weight"}
     # AutoGPTQ's dequantization (qlinear_cuda_old.py forward): scales[g_idx] * (weight - zeros[g_idx]), with
     # the stored zeros + 1 in the `gptq` format.
@@ -128,7 +131,11 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
     ({**GPTQ, "bits": 3}, {}, "quantization_config.bits = 3 is not supported; supported: 2, 4, 8"),
     ({**GPTQ, "quant_method": "bitsandbytes"}, {}, "quant_method 'bitsandbytes' is not supported"),
     ({**GPTQ, "checkpoint_format": "marlin"}, {}, "checkpoint_format 'marlin' is not supported"),
-    ({**GPTQ, "group_size": 0}, {}, "group_size must be -1 or >= 1, got 0"),
+    ({**GPTQ, "group_size": 0}, {}, r"group_size must be -1 or in \[1, 2\^24\], got 0"),
+    ({**GPTQ, "group_size": 10 ** 30}, {}, r"group_size must be -1 or in \[1, 2\^24\]"),
+    (GPTQ, {"l.scales": torch.full((2, 64), float("nan"), dtype=torch.half)}, "l.scales holds NaN or infinite values"),
+    (GPTQ, {"l.g_idx": torch.zeros(64)}, "l.g_idx must hold integers, got torch.float32"),
+    (GPTQ, {"l.weight": torch.zeros(64, 64)}, "l is stored both as a float weight and as gptq tensors"),
     (GPTQ, {"l.scales": None}, "l: the gptq layer lacks scales"),
     (GPTQ, {"l.scales": torch.ones(3, 64, dtype=torch.half)}, "l.scales has 3 groups, expected 2"),
     (GPTQ, {"l.qzeros": torch.zeros(2, 5, dtype=torch.int32)}, r"l.qzeros has shape \(2, 5\), expected \(2, 8\)"),

@@ -46,9 +46,12 @@ def test_the_c_kernels_give_the_torch_references_bits(rows: int, k: int, n: int,
     w, q = _layer(k, n)
     wide = torch.randn(rows, k + 7) * 3  # rows with a stride of their own
     wide[:, 3] *= 50  # an outlier channel that is not one of the float ones
+    wide[rows // 2, 2] = float("nan")  # a NaN row comes out NaN on both paths
     x = wide[:, :k]
     b = torch.randn(n) if bias else None
-    assert torch.equal(int8_linear(x, q, b), int8_linear_torch(x, q, b))
+    got, want = int8_linear(x, q, b), int8_linear_torch(x, q, b)
+    assert torch.equal(got.isnan(), want.isnan()) and got[rows // 2].isnan().all()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 def test_the_reference_computes_the_schemes_formula() -> None:
@@ -231,3 +234,41 @@ def test_fp8_leaves_layers_whose_dimensions_cuda_cannot_take_in_float(tmp_path: 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert layers["lm_head"].quantized is None
     assert all(isinstance(m.quantized, Fp8Weight) for name, m in layers.items() if name != "lm_head")
+
+
+def test_int8_smooths_and_sets_apart_the_channels_that_carry_outliers(tmp_path: Path) -> None:
+    # A planted outlier: input channel 7 of every layer's input reaches 100x the others in the calibration
+    # forward. It must be one of the float32 channels, and each channel's smoothing must follow
+    # s_j = max|X_j|^0.5 / max|W_j|^0.5 for the peaks the calibration saw.
+    from loraplex.model import quant
+
+    base = save_tiny(LlamaConfig(**TINY), tmp_path / "base")
+    llm = LLM(str(base), device="cpu", max_model_len=128)  # also: calibration sequences fit 128 positions
+    model = llm.engine.runner.model
+    weights = {name: m.dense_t().clone() for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    real = quant.input_absmax
+    seen = {}
+
+    def planted(model: object, token_ids: list[int]) -> dict:
+        peaks = {layer: peak.clone() for layer, peak in real(model, token_ids).items()}  # type: ignore[arg-type]
+        for peak in peaks.values():
+            peak[7] = 100 * peak.max()
+        seen.update(peaks)
+        return peaks
+
+    quant.input_absmax = planted  # type: ignore[assignment]
+    try:
+        quantize_model(model, "int8", None)
+    finally:
+        quant.input_absmax = real  # type: ignore[assignment]
+    for name, layer in model.named_modules():
+        if not isinstance(layer, PackedLinear):
+            continue
+        q = layer.quantized
+        assert isinstance(q, Int8Weight) and 7 in q.outliers.tolist(), name
+        x_max = seen[layer].clamp(min=1e-5)
+        w_max = weights[name].abs().amax(dim=1).clamp(min=1e-5)
+        smooth = (x_max.sqrt() / w_max.sqrt()).clamp(min=1e-5)
+        torch.testing.assert_close(q.inv_smooth, 1 / smooth)
+        # and the four float channels are the largest after smoothing
+        assert set(q.outliers.tolist()) == set((x_max / smooth).topk(4).indices.tolist()), name
