@@ -48,7 +48,8 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
     schemes = []
     for name, group in groups.items():
         if not isinstance(group, dict) or not isinstance(group.get("weights") or {}, dict):
-            raise CheckpointError(f"quantization_config.config_groups.{name} must be a mapping with a `weights` mapping")
+            raise CheckpointError(f"quantization_config.config_groups.{name} must be a mapping with a `weights` "
+                                  "mapping")
         weights = group.get("weights")
         if not weights:
             continue  # an activation-only group: nothing stored to decode

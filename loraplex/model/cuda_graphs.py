@@ -136,7 +136,8 @@ class CaptureReport:
     def summary(self) -> str:
         if not self.sizes:
             return "no CUDA graphs captured"
-        sizes = f"batch sizes {min(self.sizes)}–{max(self.sizes)}" if len(self.sizes) > 1 else f"batch size {self.sizes[0]}"
+        low, high = min(self.sizes), max(self.sizes)
+        sizes = f"batch sizes {low}–{high}" if low != high else f"batch size {low}"
         kinds = "with and without LoRA" if self.lora else "base model only"
         text = f"{self.graphs} CUDA graphs ({len(self.sizes)} {sizes}, {kinds}) captured in {self.seconds:.1f} s"
         if self.skipped:
@@ -266,7 +267,8 @@ class DecodeGraphs:
 
 def build_decode_graphs(model: CausalLM, kv_cache: KVCache, device: torch.device, *, enforce_eager: bool,
                         attention_backend: str, lora_backend: str | None, dora_slots: set[int] | None,
-                        max_batch: int, max_model_len: int, time_limit_s: float) -> tuple[DecodeGraphs | None, dict[str, Any]]:
+                        max_batch: int, max_model_len: int,
+                        time_limit_s: float) -> tuple[DecodeGraphs | None, dict[str, Any]]:
     """The engine's decode graphs, captured (None where they cannot or should not be), and what `/info`
     reports about them. A capture that fails (out of memory, a kernel that cannot be captured) leaves the
     server running eager, with the reason logged and reported."""
