@@ -146,7 +146,9 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
     per_token = KVCache.bytes_per_block(cfg["num_hidden_layers"], 1, cfg["num_key_value_heads"],
                                         cfg["hidden_size"] // cfg["num_attention_heads"], DTYPES[dtype])
     kv_bytes = int(1.25 * per_token * len(prompts) * (len(prompts[0]) + new_tokens + 16))
-    llm = LLM(str(model_dir), device=device, dtype=dtype, max_loras=len(adapters), max_lora_rank=RANK,
+    # Base-only runs (eager, fp8) serve no adapter: no slots, and no LoRA graphs to capture.
+    llm = LLM(str(model_dir), device=device, dtype=dtype, max_loras=len(adapters) if cases != ("base",) else 0,
+              max_lora_rank=RANK,
               max_num_seqs=len(prompts), max_num_batched_tokens=max(8192, len(prompts)),
               kv_cache_bytes=max(1 << 28, kv_bytes), enforce_eager=enforce_eager, quantize=quantize)
     engine = llm.engine
