@@ -63,8 +63,7 @@ class Engine:
         kv_bytes, kv_detail = config.cache.kv_cache_bytes, "--kv-cache-bytes"
         if config.cache.num_blocks is None and kv_bytes is None:
             budget = size_kv_cache(model, device, config.cache.gpu_memory_utilization,
-                                   config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
-                                   self.max_model_len)
+                                   config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
             kv_bytes, kv_detail = budget.bytes, budget.detail
         num_blocks = config.cache.num_blocks or max(1, (kv_bytes or 0) // KVCache.bytes_per_block(
             cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype))

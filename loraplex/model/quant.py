@@ -50,7 +50,8 @@ outlier channels), 0.8 was far worse; 0.5 is the paper's default."""
 OUTLIER_CHANNELS = 4
 """Input channels per layer left in float32 (the largest after smoothing): their products are added in float."""
 CALIBRATION_TOKENS = 1024
-CALIBRATION_CHUNK = 256
+CALIBRATION_MIN_TOKENS = 256
+"""A tokenizer that reads the calibration text as fewer tokens than this gets the pseudo-random ids instead."""
 
 
 class QuantizedWeight:
@@ -213,23 +214,18 @@ def calibration_ids(tokenizer: Any, vocab_size: int) -> list[int]:
     if tokenizer is not None:
         text = resources.files("loraplex.model").joinpath("calibration.txt").read_text(encoding="utf-8")
         ids = list(tokenizer.encode(text))
-        if len(ids) >= CALIBRATION_CHUNK:
+        if len(ids) >= CALIBRATION_MIN_TOKENS:
             return ids[:CALIBRATION_TOKENS]
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab_size, (CALIBRATION_TOKENS,), generator=generator).tolist()
 
 
 def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module, torch.Tensor]:
-    """Per linear layer, the largest magnitude of each input channel while the model reads `token_ids`
-    (in chunks of CALIBRATION_CHUNK tokens, each a sequence of its own)."""
-    from loraplex.kv.block_pool import KVCache
-    from loraplex.model.attention import AttentionMetadata, PrefillChunk
-    from loraplex.model.context import ForwardContext, forward_context
+    """Per linear layer, the largest magnitude of each input channel while the model reads `token_ids` (one
+    step, `run_prefill`)."""
     from loraplex.model.layers import PackedLinear
+    from loraplex.model.prefill import run_prefill
 
-    cfg = model.config
-    weight = model.model.embed_tokens.weight
-    device, dtype = weight.device, weight.dtype
     seen: dict[torch.nn.Module, torch.Tensor] = {}
 
     def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -237,23 +233,8 @@ def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module,
         seen[module] = torch.maximum(seen[module], peak) if module in seen else peak
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, PackedLinear)]
-    block = 16
-    size = min(CALIBRATION_CHUNK, model.rope.max_positions)  # a sequence never outgrows the rotary table
-    blocks = -(-size // block)
-    kv = KVCache(cfg.num_layers, blocks, block, cfg.num_kv_heads, cfg.head_dim, dtype, device)
     try:
-        with torch.inference_mode():
-            for start in range(0, len(token_ids), size):
-                chunk = token_ids[start:start + size]
-                n = len(chunk)
-                attn = AttentionMetadata(
-                    slot_mapping=torch.arange(n, device=device), num_decode=0,
-                    decode_block_tables=torch.zeros(0, 1, dtype=torch.long, device=device),
-                    decode_context_lens=torch.zeros(0, dtype=torch.long, device=device),
-                    prefills=[PrefillChunk(0, n, n, torch.arange(blocks, device=device))])
-                with forward_context(ForwardContext(attn=attn, kv_cache=kv)):
-                    hidden = model(torch.tensor(chunk, device=device), torch.arange(n, device=device))
-                    model.compute_logits(hidden)
+        run_prefill(model, token_ids)
     finally:
         for hook in hooks:
             hook.remove()
