@@ -13,14 +13,15 @@ from loraplex.model.decoder import CausalLM
 BLOCK = 16
 
 
-def run_prefill(model: CausalLM, token_ids: list[int] | torch.Tensor, rows: int | None = None) -> int:
-    """Read `token_ids` in one step as sequences of at most the model's positions each (as the scheduler
-    batches chunks), then the LM head over the first `rows` tokens (all when None). Returns the bytes of
-    the KV cache it allocated for them (freed on return)."""
+def run_prefill(model: CausalLM, token_ids: list[int] | torch.Tensor, rows: int | None = None,
+                sequence: int | None = None) -> int:
+    """Read `token_ids` in one step as sequences of `sequence` tokens (at most the model's positions, the
+    default), then the LM head over the first `rows` tokens (all when None). Returns the bytes of the KV
+    cache it allocated for them (freed on return)."""
     weight = model.model.embed_tokens.weight
     device, cfg = weight.device, model.config
     ids = torch.as_tensor(token_ids, dtype=torch.long).to(device)
-    tokens, max_len = ids.numel(), model.rope.max_positions
+    tokens, max_len = ids.numel(), min(sequence or model.rope.max_positions, model.rope.max_positions)
     lengths = [min(max_len, tokens - start) for start in range(0, tokens, max_len)]
     blocks = [-(-n // BLOCK) for n in lengths]
     kv = KVCache(cfg.num_layers, sum(blocks), BLOCK, cfg.num_kv_heads, cfg.head_dim, weight.dtype, device)

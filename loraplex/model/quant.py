@@ -50,8 +50,10 @@ outlier channels), 0.8 was far worse; 0.5 is the paper's default."""
 OUTLIER_CHANNELS = 4
 """Input channels per layer left in float32 (the largest after smoothing): their products are added in float."""
 CALIBRATION_TOKENS = 1024
-CALIBRATION_MIN_TOKENS = 256
-"""A tokenizer that reads the calibration text as fewer tokens than this gets the pseudo-random ids instead."""
+CALIBRATION_CHUNK = 256
+"""The calibration text is read as sequences of this many tokens (each sequence's first tokens carry the
+largest activations: more of them than one long sequence has); a tokenizer that reads it as fewer tokens
+gets the pseudo-random ids instead."""
 
 
 class QuantizedWeight:
@@ -214,7 +216,7 @@ def calibration_ids(tokenizer: Any, vocab_size: int) -> list[int]:
     if tokenizer is not None:
         text = resources.files("loraplex.model").joinpath("calibration.txt").read_text(encoding="utf-8")
         ids = list(tokenizer.encode(text))
-        if len(ids) >= CALIBRATION_MIN_TOKENS:
+        if len(ids) >= CALIBRATION_CHUNK:
             return ids[:CALIBRATION_TOKENS]
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab_size, (CALIBRATION_TOKENS,), generator=generator).tolist()
@@ -222,7 +224,7 @@ def calibration_ids(tokenizer: Any, vocab_size: int) -> list[int]:
 
 def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module, torch.Tensor]:
     """Per linear layer, the largest magnitude of each input channel while the model reads `token_ids` (one
-    step, `run_prefill`)."""
+    step, `run_prefill`, in sequences of CALIBRATION_CHUNK tokens)."""
     from loraplex.model.layers import PackedLinear
     from loraplex.model.prefill import run_prefill
 
@@ -234,7 +236,7 @@ def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module,
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, PackedLinear)]
     try:
-        run_prefill(model, token_ids)
+        run_prefill(model, token_ids, sequence=CALIBRATION_CHUNK)
     finally:
         for hook in hooks:
             hook.remove()
