@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from loraplex.model.errors import CheckpointError
-from loraplex.model.prequantized import Format, unpack_int32
+from loraplex.model.prequantized import Format, expect, unpack_int32
 
 SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 STRATEGIES = ("tensor", "channel", "group")
@@ -104,7 +104,7 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
                 raise CheckpointError(f"{prefix}.weight_shape must be [out, in], got {shape}")
             out_f, in_f = shape
             per_word = 32 // bits
-            _expect_shape(prefix, "weight_packed", parts["weight_packed"], (out_f, -(-in_f // per_word)), torch.int32)
+            expect(prefix, "weight_packed", parts["weight_packed"], (out_f, -(-in_f // per_word)), (torch.int32,))
             q = unpack_int32(parts["weight_packed"], bits, 1)[:, :in_f] - (1 << (bits - 1))  # [out, in]
         else:
             if "weight" not in parts:
@@ -122,7 +122,7 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
                                       f"{tuple(scale.shape)}")
             scale = scale.reshape(1, 1).expand(out_f, 1)
         else:
-            _expect_shape(prefix, "weight_scale", scale, (out_f, groups))
+            expect(prefix, "weight_scale", scale, (out_f, groups))
         zero = None
         if not symmetric:
             if "weight_zero_point" not in parts:
@@ -134,14 +134,16 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
                                           f"{tuple(zp.shape)}")
                 zero = zp.to(torch.float32).reshape(1, 1).expand(out_f, 1)
             elif fmt == "pack-quantized":
-                _expect_shape(prefix, "weight_zero_point", zp, (-(-out_f // (32 // bits)), groups), torch.int32)
+                expect(prefix, "weight_zero_point", zp, (-(-out_f // (32 // bits)), groups), (torch.int32,))
                 zero = (unpack_int32(zp, bits, 0)[:out_f] - (1 << (bits - 1))).to(torch.float32)
             else:
                 zero = zp.to(torch.float32)
-                _expect_shape(prefix, "weight_zero_point", zero, (out_f, groups))
+                expect(prefix, "weight_zero_point", zero, (out_f, groups))
         if "weight_g_idx" in parts:
+            if parts["weight_g_idx"].is_floating_point():
+                raise CheckpointError(f"{prefix}.weight_g_idx must hold integers, got {parts['weight_g_idx'].dtype}")
             g = parts["weight_g_idx"].to(torch.int64)
-            _expect_shape(prefix, "weight_g_idx", g, (in_f,))
+            expect(prefix, "weight_g_idx", g, (in_f,))
             if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
                 raise CheckpointError(f"{prefix}.weight_g_idx names groups outside [0, {groups})")
         elif strategy == "group":
@@ -152,25 +154,11 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
             q = q - zero[:, g]
         return (q.to(torch.float32) * scale[:, g]).contiguous()
 
-    return Format("compressed-tensors", PARTS, frozenset({"weight_scale"}), _drop_activation_scales(decode),
+    return Format("compressed-tensors", PARTS, frozenset({"weight_scale"}), decode,
                   is_part=lambda part, tensor: part != "weight" or tensor.dtype in QUANTIZED_DTYPES)
-
-
-def _drop_activation_scales(decode: Any) -> Any:
-    def wrapped(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return decode(prefix, {k: v for k, v in parts.items() if k not in ("input_scale", "input_zero_point")})
-    return wrapped
 
 
 def _matches(prefix: str, target: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], prefix) is not None
     return prefix == target or prefix.endswith("." + target)
-
-
-def _expect_shape(prefix: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...],
-                  dtype: torch.dtype | None = None) -> None:
-    if tuple(tensor.shape) != shape:
-        raise CheckpointError(f"{prefix}.{part} has shape {tuple(tensor.shape)}, expected {shape}")
-    if dtype is not None and tensor.dtype != dtype:
-        raise CheckpointError(f"{prefix}.{part} is {tensor.dtype}, expected {dtype}")

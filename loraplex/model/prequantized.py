@@ -133,7 +133,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return values.reshape(shape)
 
 
-def _expect(prefix: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...],
+def expect(prefix: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...],
             dtypes: tuple[torch.dtype, ...] | None = None) -> None:
     if tuple(tensor.shape) != shape:
         raise CheckpointError(f"{prefix}.{part} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -166,7 +166,7 @@ def _gptq_format(config: dict[str, Any]) -> Format:
             if parts["g_idx"].is_floating_point():
                 raise CheckpointError(f"{prefix}.g_idx must hold integers, got {parts['g_idx'].dtype}")
             g_idx = parts["g_idx"].to(torch.int64)
-            _expect(prefix, "g_idx", g_idx, (in_features,))
+            expect(prefix, "g_idx", g_idx, (in_features,))
         elif group_size == -1:
             g_idx = torch.zeros(in_features, dtype=torch.int64)
         else:
@@ -176,8 +176,8 @@ def _gptq_format(config: dict[str, Any]) -> Format:
         if groups != expected_groups:
             raise CheckpointError(f"{prefix}.scales has {groups} groups, expected {expected_groups} "
                                   f"({in_features} inputs in groups of {group_size})")
-        _expect(prefix, "scales", parts["scales"], (groups, out_features))
-        _expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // per_word), (torch.int32,))
+        expect(prefix, "scales", parts["scales"], (groups, out_features))
+        expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // per_word), (torch.int32,))
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
             raise CheckpointError(f"{prefix}.g_idx names groups outside [0, {groups})")
         q = unpack_int32(qweight, bits, 0)  # [in, out]
@@ -214,8 +214,8 @@ def _awq_format(config: dict[str, Any]) -> Format:
                                   f"{tuple(qweight.shape)}")
         in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
         groups = 1 if group_size == -1 else -(-in_features // group_size)
-        _expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // 8), (torch.int32,))
-        _expect(prefix, "scales", parts["scales"], (groups, out_features))
+        expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // 8), (torch.int32,))
+        expect(prefix, "scales", parts["scales"], (groups, out_features))
         g = torch.zeros(in_features, dtype=torch.int64) if group_size == -1 else torch.arange(in_features) // group_size
         q, zeros, scales = unpack(qweight), unpack(parts["qzeros"]), parts["scales"].float()
         return ((q - zeros[g]).float() * scales[g]).t().contiguous()
