@@ -164,11 +164,11 @@ class DecodeGraphs:
         self.dora_slots = dora_slots if dora_slots is not None else set()
         self._capture = capture or CudaCapture(device)
         self.max_size = m = sizes[-1]
-        self._length = COLUMNS * m + m * max_blocks
+        length = COLUMNS * m + m * max_blocks  # the columns, then room for a step's tables
         pinned = device.type == "cuda"
         with torch.inference_mode():
-            self._host = torch.zeros(self._length, dtype=torch.long, pin_memory=pinned)
-            self._static = torch.zeros(self._length, dtype=torch.long, device=device)
+            self._host = torch.zeros(length, dtype=torch.long, pin_memory=pinned)
+            self._static = torch.zeros(length, dtype=torch.long, device=device)
         self._host_np = self._host.numpy()
         for column, pad in enumerate(PADDING):
             self._host_np[column * m:(column + 1) * m] = pad
@@ -180,7 +180,6 @@ class DecodeGraphs:
             self.tables = torch.zeros(m, max_blocks, dtype=torch.long, device=device)
         self.rows = torch.arange(m, device=device)
         self._graphs: dict[tuple[int, bool], tuple[Graph, torch.Tensor]] = {}
-        self.report: CaptureReport | None = None
 
     def capture(self, time_limit_s: float, progress: Callable[[int, int, int], None] | None = None) -> CaptureReport:
         """Capture every size, largest first (the pool is sized by the first), base then LoRA; stop
@@ -201,8 +200,7 @@ class DecodeGraphs:
                     progress(len(self._graphs), total, size)
             captured.append(size)
         self.sizes = sorted(captured)
-        self.report = CaptureReport(captured, self.lora, len(self._graphs), time.perf_counter() - start, skipped)
-        return self.report
+        return CaptureReport(captured, self.lora, len(self._graphs), time.perf_counter() - start, skipped)
 
     def _body(self, size: int, lora: bool) -> Callable[[], torch.Tensor]:
         attn = AttentionMetadata(slot_mapping=self.slots[:size], num_decode=size,
