@@ -147,7 +147,8 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
                                         cfg["hidden_size"] // cfg["num_attention_heads"], DTYPES[dtype])
     kv_bytes = int(1.25 * per_token * len(prompts) * (len(prompts[0]) + new_tokens + 16))
     # Base-only runs (eager, fp8) serve no adapter: no slots, and no LoRA graphs to capture.
-    llm = LLM(str(model_dir), device=device, dtype=dtype, max_loras=len(adapters) if cases != ("base",) else 0,
+    with_adapters = cases != ("base",)
+    llm = LLM(str(model_dir), device=device, dtype=dtype, max_loras=len(adapters) if with_adapters else 0,
               max_lora_rank=RANK,
               max_num_seqs=len(prompts), max_num_batched_tokens=max(8192, len(prompts)),
               kv_cache_bytes=max(1 << 28, kv_bytes), enforce_eager=enforce_eager, quantize=quantize)
@@ -166,7 +167,7 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
         rates[name] = timed(go, repeats)
     latency = {}
     singles = (("base", None), ("adapter", str(adapters[0])))
-    for name, adapter in singles if cases != ("base",) else singles[:1]:
+    for name, adapter in singles if with_adapters else singles[:1]:
         def one(tokens: int, adapter: str | None = adapter) -> float:
             sync()
             start = time.perf_counter()
@@ -178,7 +179,7 @@ def loraplex_rates(model_dir: Path, adapters: list[Path], prompts: list[list[int
         decode = statistics.median(one(new_tokens + 1) - one(1) for _ in range(repeats))
         latency[name] = decode / new_tokens * 1e3
     extra: dict[str, Any] = {"cuda_graphs": engine.cuda_graphs}
-    if engine.lora is not None and cases != ("base",):
+    if with_adapters:
         extra["load_ms"] = adapter_load_ms(engine.lora, adapters[-1], repeats=max(5, repeats))
     return rates, latency, extra
 
