@@ -51,64 +51,26 @@ __all__ = [
 _TARGETS = ["Linear"]
 _IGNORE = ["lm_head"]
 
+
+def _weights(bits: int, kind: QuantizationType, symmetric: bool, strategy: QuantizationStrategy,
+             group_size: int | None = None) -> dict:
+    args: dict = dict(num_bits=bits, type=kind, symmetric=symmetric, strategy=strategy)
+    if group_size is not None:
+        args["group_size"] = group_size
+    return args
+
+
+_INT, _FLOAT = QuantizationType.INT, QuantizationType.FLOAT
+_GROUP, _CHANNEL, _TENSOR = QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR
+
 # scheme name -> (weight QuantizationArgs kwargs, compression format)
 CT_SCHEMES: dict[str, tuple[dict, CompressionFormat]] = {
-    "w4a16-group": (
-        dict(
-            num_bits=4,
-            type=QuantizationType.INT,
-            symmetric=True,
-            strategy=QuantizationStrategy.GROUP,
-            group_size=32,
-        ),
-        CompressionFormat.pack_quantized,
-    ),
-    "w4a16-asym": (
-        dict(
-            num_bits=4,
-            type=QuantizationType.INT,
-            symmetric=False,
-            strategy=QuantizationStrategy.GROUP,
-            group_size=32,
-        ),
-        CompressionFormat.pack_quantized,
-    ),
-    "w8a16-channel": (
-        dict(
-            num_bits=8,
-            type=QuantizationType.INT,
-            symmetric=True,
-            strategy=QuantizationStrategy.CHANNEL,
-        ),
-        CompressionFormat.pack_quantized,
-    ),
-    "w4a16-tensor-asym": (
-        dict(
-            num_bits=4,
-            type=QuantizationType.INT,
-            symmetric=False,
-            strategy=QuantizationStrategy.TENSOR,
-        ),
-        CompressionFormat.pack_quantized,
-    ),
-    "int8-channel-asym": (
-        dict(
-            num_bits=8,
-            type=QuantizationType.INT,
-            symmetric=False,
-            strategy=QuantizationStrategy.CHANNEL,
-        ),
-        CompressionFormat.int_quantized,
-    ),
-    "fp8-channel": (
-        dict(
-            num_bits=8,
-            type=QuantizationType.FLOAT,
-            symmetric=True,
-            strategy=QuantizationStrategy.CHANNEL,
-        ),
-        CompressionFormat.float_quantized,
-    ),
+    "w4a16-group": (_weights(4, _INT, True, _GROUP, 32), CompressionFormat.pack_quantized),
+    "w4a16-asym": (_weights(4, _INT, False, _GROUP, 32), CompressionFormat.pack_quantized),
+    "w8a16-channel": (_weights(8, _INT, True, _CHANNEL), CompressionFormat.pack_quantized),
+    "w4a16-tensor-asym": (_weights(4, _INT, False, _TENSOR), CompressionFormat.pack_quantized),
+    "int8-channel-asym": (_weights(8, _INT, False, _CHANNEL), CompressionFormat.int_quantized),
+    "fp8-channel": (_weights(8, _FLOAT, True, _CHANNEL), CompressionFormat.float_quantized),
 }
 
 
