@@ -148,6 +148,20 @@ def test_version_changes_when_a_file_changes_and_not_otherwise(roots: tuple[Path
     assert source.resolve(ref, None).version != before
 
 
+def test_copies_of_an_adapter_share_its_version_whatever_their_times(roots: tuple[Path, Path, Path]) -> None:
+    # Replicas with their own copies agree on an adapter's identity: the version is its content, not its
+    # files' times or its folder's place.
+    import os
+    import shutil
+
+    first, second, _ = roots
+    shutil.copytree(first / "a", second / "copy")
+    for file in (second / "copy").iterdir():
+        os.utime(file, (1_000_000, 1_000_000))
+    assert local(second).resolve(AdapterRef("local", "copy"), None).version == \
+        local(first).resolve(AdapterRef("local", "a"), None).version
+
+
 def test_a_revision_is_refused(roots: tuple[Path, Path, Path]) -> None:
     first, _, _ = roots
     with pytest.raises(AdapterInvalid, match="no revisions"):
