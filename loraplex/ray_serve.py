@@ -120,9 +120,13 @@ class LoraplexReplica:
             yield item
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: a replica whose engine loop died is replaced."""
+        """Ray Serve's health check: a replica whose engine loop died, or whose startup preload failed (every
+        request after it would fail the same way), is replaced."""
         if not self.state.engine.alive:
             raise RuntimeError(f"the engine loop has stopped: {self.state.engine.dead!r}")
+        preloaded = self._preloaded
+        if preloaded is not None and preloaded.done() and (preloaded.cancelled() or preloaded.exception()):
+            raise RuntimeError(f"preloading this replica's adapters failed: {preloaded!r}")
 
 
 async def _asgi(app: Any, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,

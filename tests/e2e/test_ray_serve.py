@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from loraplex.cli import build_parser  # noqa: E402
-from loraplex.ray_serve import REPLICA_HEADER, adapter_of, build_app, configs  # noqa: E402
+from loraplex.ray_serve import REPLICA_HEADER, LoraplexReplica, adapter_of, build_app, configs  # noqa: E402
 
 SLOW = pytest.mark.slow  # the cluster tests: about two minutes (two model loads, a third after the kill)
 STREAM_TOKENS = 256
@@ -33,6 +33,33 @@ def test_adapter_of_reads_the_adapter_each_api_names() -> None:
     assert adapter_of("/", b'{"inputs": "x", "adapter_id": "upper"}', "demo") == "upper"
     assert adapter_of("/generate", b"not json", "demo") == adapter_of("/generate", b"[1]", "demo") == ""
     assert adapter_of("/v1/adapters/load", b'{"adapter_id": "upper"}', "demo") == ""
+
+
+def test_a_replica_whose_preload_failed_fails_its_health_check() -> None:
+    # Every request would fail as the preload did: Ray Serve replaces a replica whose check raises.
+    import asyncio
+    import types
+
+    check = LoraplexReplica.func_or_class.check_health
+
+    async def run() -> None:
+        async def preload(fails: bool) -> None:
+            if fails:
+                raise ValueError("bad adapter")
+
+        replica = types.SimpleNamespace(state=types.SimpleNamespace(
+            engine=types.SimpleNamespace(alive=True, dead=None)), _preloaded=None)
+        await check(replica)  # not preloaded yet: healthy
+        replica._preloaded = asyncio.ensure_future(preload(False))
+        await replica._preloaded
+        await check(replica)
+        replica._preloaded = asyncio.ensure_future(preload(True))
+        with pytest.raises(ValueError):
+            await replica._preloaded
+        with pytest.raises(RuntimeError, match="preloading this replica's adapters failed"):
+            await check(replica)
+
+    asyncio.run(run())
 
 
 def test_options_are_loraplex_serve_flags_parsed_as_the_cli_parses_them() -> None:
