@@ -118,7 +118,11 @@ def test_an_adapters_requests_stick_to_one_replica(cluster: str) -> None:
     share = hot.most_common(1)[0][1] / sum(hot.values())
     print(f"replicas by model: {dict(by_model)}; hot adapter share on its replica: {share:.2f}")
     assert share >= 0.9, dict(by_model)
-    assert len({r for counts in by_model.values() for r in counts}) == 2  # both replicas serve
+    cold = by_model["invoice-json"]
+    assert cold.most_common(1)[0][1] / sum(cold.values()) >= 0.9, dict(by_model)
+    # Not asserted: that both replicas serve. Rendezvous hashing over two replicas with random ids puts both
+    # adapters on one replica half the time, and the base model's requests may then all go there too
+    # (a CI run saw it); spreading is the router's property, for a unit test of it.
 
 
 def _base_model(url: str) -> str:
