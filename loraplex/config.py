@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from loraplex.engine.speculative import check_method
 from loraplex.model import gemm
 from loraplex.model.attention import ATTENTION_BACKENDS, resolve_attention_backend
 from loraplex.model.quant import QUANTIZE
@@ -153,8 +154,31 @@ class SchedulerConfig:
     """Make a step's outputs (text, stop strings) while the next step's forward runs: `on`, `off`, or `auto`
     (on for CUDA, whose kernels run while the host works; off on a CPU, where it needs a thread beside the
     forward's and measured no faster on 2 cores: docs/benchmarks.md). Outputs then come one step later."""
+    speculative_tokens: int = 0
+    """Speculative decoding: draft tokens a decoding request may propose per step, verified in that step
+    (0: off). Output is token for token what decoding without it gives (loraplex/engine/speculative.py)."""
+    speculative_method: str = "ngram"
+    """How drafts are proposed: `ngram` (prompt lookup: the tokens that followed the latest earlier
+    occurrence of the output's last n-gram in the prompt or output)."""
+    speculative_ngram_max: int = 3
+    """Longest n-gram looked up (tried first)."""
+    speculative_ngram_min: int = 1
+    """Shortest n-gram looked up."""
+    speculative_history_tokens: int = 4096
+    """`ngram` drafts also come from the latest outputs of the same adapter, this many tokens per adapter
+    (0: from the request's own prompt and output only). They change no output, only its speed."""
+    speculative_max_batch: int = 8
+    """Speculate only in steps with at most this many running requests: a large batch is compute-bound,
+    where verifying drafts costs more than the steps it saves."""
 
     def __post_init__(self) -> None:
+        for name in ("speculative_tokens", "speculative_max_batch", "speculative_history_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_method(self.speculative_method)
+        if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
+            raise ValueError("need 1 <= speculative_ngram_min <= speculative_ngram_max, got "
+                             f"{self.speculative_ngram_min} and {self.speculative_ngram_max}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens",
                      "max_input_length", "max_total_tokens", "max_active_adapters", "adapter_cycle_steps"):
             value = getattr(self, name)

@@ -14,6 +14,7 @@ from loraplex.engine.memory import size_kv_cache
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.engine.speculative import NgramDrafter
 from loraplex.engine.step_timer import NO_TIMER, NullTimer
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
 from loraplex.lora.adapter import AdapterError
@@ -78,14 +79,21 @@ class Engine:
         self._failed: list[RequestOutput] = []
         self.async_output = config.scheduler.resolved_async_output(device)
         """Whether a step's outputs are made while the next step's forward runs (see `step`)."""
-        self._pending: list[tuple[Sequence, int]] = []
-        """The last step's tokens whose outputs are still to be made (`_emit`)."""
+        self._pending: list[tuple[Sequence, int, int]] = []
+        """The last step's tokens whose outputs are still to be made (`_emit`): (request, token, its output's
+        length with that token)."""
         self._late: list[Sequence] = []
         """Requests `_emit` ended (a stop string, a broken detokenizer) for `_settle` to finish."""
         self.last_step_rows = 0
         """Requests that got a token in the last step."""
+        spec = config.scheduler
+        self.drafter = (NgramDrafter(spec.speculative_tokens, spec.speculative_ngram_max, spec.speculative_ngram_min,
+                                     spec.speculative_history_tokens) if spec.speculative_tokens > 0 else None)
+        """Speculative decoding's draft proposer (loraplex/engine/speculative.py); None when it is off."""
+        self.draft_tokens = self.accepted_tokens = self.verify_steps = 0
+        """Speculative decoding so far: drafts proposed, drafts accepted, and request-steps that verified some."""
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
-                                   enable_prefix_caching=config.cache.enable_prefix_caching)
+                                   enable_prefix_caching=config.cache.enable_prefix_caching, drafter=self.drafter)
         self.runner = ModelRunner(model, self.kv_cache, device)
         self.runner.graphs, self.cuda_graphs = build_decode_graphs(
             model, self.kv_cache, device, enforce_eager=config.model.enforce_eager,
@@ -205,6 +213,18 @@ class Engine:
             seq.finish_reason = FinishReason.ABORTED
             self._finish(seq)
 
+    def speculation_info(self) -> dict[str, object] | None:
+        """What `/info` says of speculative decoding (None when it is off)."""
+        if self.drafter is None:
+            return None
+        cfg = self.config.scheduler
+        return {"method": cfg.speculative_method, "tokens": cfg.speculative_tokens,
+                "ngram": [cfg.speculative_ngram_min, cfg.speculative_ngram_max],
+                "history_tokens": cfg.speculative_history_tokens, "max_batch": cfg.speculative_max_batch,
+                "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                "verify_steps": self.verify_steps,
+                "mean_accepted": round(self.accepted_tokens / self.verify_steps, 3) if self.verify_steps else None}
+
     @property
     def num_loading(self) -> int:
         """Requests waiting for their adapter to load (not in the scheduler yet)."""
@@ -246,12 +266,14 @@ class Engine:
         if self.lora is not None:
             self.lora.ready()  # this step's kernels wait (on the GPU) for the adapter slots it loaded
         sampled, result, broken = self.runner.execute(sched, timer, alongside if pending else None)
-        self.last_step_rows = len(sampled)
+        # A speculating request samples several rows: count requests.
+        self.last_step_rows = len(set(map(id, sampled))) if sched.num_drafts else len(sampled)
         timer.lap("sample")
         broken_seqs = {seq for seq, _ in broken}
         for chunk in sched.chunks:
             if chunk.seq not in broken_seqs:  # a broken chunk's KV was not computed: never cache it
-                chunk.seq.num_computed_tokens += chunk.num_new_tokens
+                # Of a chunk with drafts, only its first token's KV is known good; `_advance` adds the accepted.
+                chunk.seq.num_computed_tokens += chunk.num_new_tokens - len(chunk.drafts)
         # A request that ended while this step ran (its stop string, in `alongside`) has had its output.
         outputs += [self._fail(seq, error) for seq, error in broken if seq.finish_reason is None]
         outputs += self._advance(sampled, result)
@@ -291,13 +313,27 @@ class Engine:
         """Append each row's token and end the requests it ends by token alone (an EOS or stop token, the
         length, a complete grammar), so the next step's schedule is right; the tokens go to `_pending` for
         `_emit`. Returns the outputs of requests that failed here. This loop runs for every request at
-        every step: the common row takes no call."""
+        every step: the common row takes no call.
+
+        The rows of a chunk with drafts (consecutive) are verified here: row i's token is kept when row i
+        is the first or the draft before it was accepted (equal to row i - 1's token), and each accepted
+        draft's KV counts as computed; what the rejected ones hold goes back (`Scheduler.trim`)."""
         failed: list[RequestOutput] = []
         if result is None:
             return failed
         pending = self._pending
+        last: ScheduledChunk | None = None
+        row = 0
+        live = True  # whether this row's token is kept (its drafts so far accepted)
         for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq = chunk.seq
+            if chunk is last:
+                row += 1
+                if not live:
+                    continue
+            else:
+                last, row = chunk, 0
+            live = False
             if seq.finish_reason is not None:  # it ended at a stop string while this step ran: a token too many
                 continue
             try:  # per request: its grammar breaking ends it alone
@@ -312,22 +348,46 @@ class Engine:
                     seq.finish_reason = FinishReason.LENGTH
                 elif seq.grammar is not None and seq.grammar.done:  # the JSON is complete; only EOS could follow
                     seq.finish_reason = FinishReason.EOS_TOKEN
+                if chunk.drafts:
+                    live = self._verify(chunk, row, token)
                 if seq.finish_reason is not None:
                     self._finish(seq)
                     self._seqs.pop(seq.request_id, None)
-                pending.append((seq, token))
+                pending.append((seq, token, len(seq.output_token_ids)))
             except Exception as e:
                 failed.append(self._fail(seq, e))
         return failed
 
-    def _emit(self, pending: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+    def _verify(self, chunk: ScheduledChunk, row: int, token: int) -> bool:
+        """Whether `token`, kept at `row` of a chunk with drafts, accepts the draft at that position, so
+        the next row's token is kept too; when it does not (or the request ended), the verification ends."""
+        seq, drafts = chunk.seq, chunk.drafts
+        if row == 0:
+            seq.verify_steps += 1
+            seq.draft_tokens += len(drafts)
+            self.verify_steps += 1
+            self.draft_tokens += len(drafts)
+        if seq.finish_reason is None and row < len(drafts) and token == drafts[row]:
+            seq.num_computed_tokens += 1  # the draft's KV, computed this step, is the token's
+            seq.accepted_tokens += 1
+            self.accepted_tokens += 1
+            return True
+        if seq.finish_reason is None:
+            self.scheduler.trim(seq)
+        return False
+
+    def _emit(self, pending: list[tuple[Sequence, int, int]]) -> list[RequestOutput]:
         """The outputs of tokens `_advance` took: each token's text, the stop strings. It touches nothing the
         step holds (scheduler, blocks, adapters; no tensors), so it may run while a forward does: a request
-        that a stop string (or its detokenizer breaking) ends goes to `_late`, which `_settle` finishes."""
+        that a stop string (or its detokenizer breaking) ends goes to `_late`, which `_settle` finishes.
+        A request that took several tokens in a step (speculative decoding) gets an output for each, as
+        one step each would give it; a stop string in one of them drops the tokens after it."""
         outputs: list[RequestOutput] = []
-        for seq, token in pending:
-            ended = seq.status is SequenceStatus.FINISHED
-            if ended and seq.finish_reason is FinishReason.ABORTED:
+        for seq, token, n in pending:
+            if n > len(seq.output_token_ids):
+                continue  # after a stop string that ended the request in this step's tokens: dropped
+            ended = seq.status is SequenceStatus.FINISHED and n == len(seq.output_token_ids)
+            if seq.status is SequenceStatus.FINISHED and seq.finish_reason is FinishReason.ABORTED:
                 continue  # aborted or failed since the token was sampled: its last output has gone out
             try:  # per request: its detokenizer breaking ends it alone
                 detok = seq.detokenizer
@@ -335,15 +395,17 @@ class Engine:
                     detok.add_token(token)
                     if detok.stop_matched is not None:
                         seq.finish_reason = FinishReason.STOP_SEQUENCE  # over the length or the grammar's end
-                        if not ended:
+                        del seq.output_token_ids[n:]  # tokens verified after it in the same step
+                        del seq.logprobs[n:]
+                        if seq.status is not SequenceStatus.FINISHED:
                             self._late.append(seq)
                         ended = True
                 if ended:
                     if detok is not None:
                         detok.flush()  # text held back as a possible stop-string start is final now
-                    outputs.append(self._output(seq, True))
-                elif seq.every_token or len(seq.output_token_ids) == 1:
-                    outputs.append(self._output(seq, False))
+                    outputs.append(self._output(seq, True, n))
+                elif seq.every_token or n == 1:
+                    outputs.append(self._output(seq, False, n))
             except Exception as e:
                 if not ended:
                     seq.finish_reason = FinishReason.ABORTED
@@ -356,6 +418,8 @@ class Engine:
         late, self._late = self._late, []
         for seq in late:
             if seq.status is not SequenceStatus.FINISHED:
+                # A stop string may have dropped tokens whose KV this step computed: they are no tokens now.
+                seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
                 self._finish(seq)
             self._seqs.pop(seq.request_id, None)
 
@@ -386,17 +450,21 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if self.drafter is not None and seq.finish_reason is not FinishReason.ABORTED:
+            self.drafter.finished(seq)
         if seq.adapter is not None and self.lora is not None:
             self.lora.drop(seq.adapter)
 
     @staticmethod
-    def _output(seq: Sequence, finished: bool) -> RequestOutput:
+    def _output(seq: Sequence, finished: bool, n: int) -> RequestOutput:
+        """`seq`'s output with its first `n` tokens."""
         # Positional, in RequestOutput's field order: built for every request at every step.
         detok = seq.detokenizer
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids[:],
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids[:n],
                              detok.text if detok is not None else "", finished,
-                             seq.finish_reason, seq.logprobs[:] if seq.params.logprobs is not None else None,
-                             seq.prompt_logprobs, seq.seed, seq.prompt)
+                             seq.finish_reason if finished else None, seq.logprobs[:n] if seq.params.logprobs is not None else None,
+                             seq.prompt_logprobs, seq.seed, seq.prompt, None, seq.draft_tokens, seq.accepted_tokens,
+                             seq.verify_steps)
 
 
 def _adapter_error(name: str, error: Exception) -> AdapterError:

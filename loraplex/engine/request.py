@@ -144,4 +144,10 @@ class RequestOutput:
     """The seed actually used (drawn at random when the request gave none)."""
     prompt: str | None = None
     error: Exception | None = None
+    draft_tokens: int = 0
+    """Speculative decoding: draft tokens proposed for this request so far."""
+    accepted_draft_tokens: int = 0
+    """Of those, the ones accepted (each one a step saved)."""
+    verify_steps: int = 0
+    """Steps that verified drafts of this request."""
     """Why the request failed (finished without output), e.g. an AdapterError when its adapter could not load."""

@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.engine.speculative import NgramDrafter
 from loraplex.kv.block_pool import BlockPool, blocks_needed
 from loraplex.kv.prefix_hash import extend_block_hashes
 
@@ -99,6 +100,9 @@ _ARRIVAL = operator.attrgetter("arrival")
 class ScheduledChunk:
     seq: Sequence
     num_new_tokens: int
+    drafts: list[int] = field(default_factory=list)
+    """Speculative decoding: the draft tokens after the sequence's last token that this chunk verifies
+    (its `num_new_tokens` count them); the step samples at each of its positions."""
 
     @property
     def start(self) -> int:
@@ -106,8 +110,9 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """Whether this chunk reaches the end of the known tokens, so its last logits pick a new token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """Whether this chunk reaches the end of the known tokens, so its last logits pick a new token (with
+        drafts: it reaches them, and every position picks one)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.drafts) == self.seq.num_tokens
 
 
 @dataclass
@@ -116,6 +121,8 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_drafts: int = 0
+    """Draft tokens the chunks verify (speculative decoding)."""
 
     @property
     def num_tokens(self) -> int:
@@ -162,10 +169,13 @@ class _StepBudget:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int,
                  adapters: AdapterSlots | None = None, num_slots: int | None = 0,
-                 enable_prefix_caching: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 enable_prefix_caching: bool = False, clock: Callable[[], float] = time.monotonic,
+                 drafter: NgramDrafter | None = None) -> None:
         """`num_slots`: the device slots behind `adapters` (None: unknown, `acquire` alone decides).
-        `clock`: seconds for `adapter_cycle_time_s` (tests pass a fake one)."""
+        `clock`: seconds for `adapter_cycle_time_s` (tests pass a fake one). `drafter`: proposes drafts for
+        decoding requests (speculative decoding) in steps of at most `speculative_max_batch` requests."""
         self.config = config
+        self.drafter = drafter
         self.clock = clock
         self.pool = pool
         self.block_size = block_size
@@ -273,6 +283,7 @@ class Scheduler:
         bs, running, cap = self.block_size, SequenceStatus.RUNNING, budget.held_cap
         chunks = out.chunks
         prompts: list[Sequence] = []
+        drafter = self.drafter if len(self.running) <= self.config.speculative_max_batch else None
         for seq in order:
             if seq.status is not running:
                 continue
@@ -282,6 +293,8 @@ class Scheduler:
                 continue
             if budget.tokens <= 0:
                 continue
+            if drafter is not None and self._speculate(seq, drafter, out, budget):
+                continue
             # Mid-block, the token's slot is in a block it holds; only a block boundary or the cap needs `_reserve`.
             if (computed % bs == 0 or (cap is not None and budget.held + 1 > cap)) and not self._reserve(
                     seq, 1, out, budget):
@@ -290,6 +303,37 @@ class Scheduler:
             budget.tokens -= 1
             budget.held += 1
         return prompts
+
+    def _speculate(self, seq: Sequence, drafter: NgramDrafter, out: SchedulerOutput, budget: _StepBudget) -> bool:
+        """Schedule decoding `seq` with drafts, if it has any and they fit: the step's token budget, the
+        free KV blocks (drafts never preempt anyone) and the cap; False leaves it to the plain decode."""
+        limit = min(budget.tokens - 1, seq.max_output - len(seq.output_token_ids) - 1)
+        if budget.held_cap is not None:
+            limit = min(limit, budget.held_cap - budget.held - 1)
+        drafts = drafter.propose(seq, limit) if limit > 0 else []
+        if not drafts:
+            return False
+        n = 1 + len(drafts)
+        need = blocks_needed(seq.num_computed_tokens + n, self.block_size) - len(seq.block_table)
+        if need > self.pool.num_free:
+            return False
+        if need > 0:
+            seq.block_table += self.pool.allocate(need)
+        out.chunks.append(ScheduledChunk(seq, n, drafts))
+        out.num_drafts += len(drafts)
+        budget.tokens -= n
+        budget.held += n
+        return True
+
+    def trim(self, seq: Sequence) -> None:
+        """Return the blocks `seq` holds beyond its computed tokens (ones allocated for drafts that were
+        rejected) to the pool, as a new table list (loraplex/model/decode_rows.py relies on tables only
+        growing in place)."""
+        keep = blocks_needed(seq.num_computed_tokens, self.block_size)
+        if len(seq.block_table) > keep:
+            extra = seq.block_table[keep:]
+            seq.block_table = seq.block_table[:keep]
+            self.pool.free(reversed(extra))
 
     def _find_senior(self) -> Sequence | None:
         """The unfinished request that arrived first (each queue is in arrival order)."""

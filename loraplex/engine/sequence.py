@@ -11,6 +11,7 @@ from loraplex.engine.request import FinishReason, SamplingParams, TokenLogprob
 if TYPE_CHECKING:
     from loraplex.adapters.ref import AdapterIdentity
     from loraplex.engine.detokenizer import IncrementalDetokenizer
+    from loraplex.engine.speculative import NgramIndex
     from loraplex.sampling.structured import GrammarMatcher
 
 
@@ -61,6 +62,14 @@ class Sequence:
     max_output: int = 1 << 62
     """Output tokens at which it ends as LENGTH: `params.max_new_tokens`, or fewer where the model's length
     runs out first. Set by the engine when it takes the request."""
+    ngrams: NgramIndex | None = None
+    """Speculative decoding: the n-gram index its drafts are looked up in (built on its first lookup)."""
+    draft_tokens: int = 0
+    """Draft tokens it proposed (speculative decoding)."""
+    accepted_tokens: int = 0
+    """Of those, the ones accepted."""
+    verify_steps: int = 0
+    """Steps that verified drafts of it."""
 
     @property
     def computes_prompt_logprobs(self) -> bool:

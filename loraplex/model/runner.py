@@ -21,6 +21,7 @@ from loraplex.adapters.ref import shown_id
 from loraplex.engine.request import TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loraplex.engine.sequence import Sequence
+from loraplex.engine.speculative import DraftRow
 from loraplex.engine.step_timer import NO_TIMER, NullTimer
 from loraplex.kv.block_pool import KVCache
 from loraplex.lora.adapter import AdapterInvalid
@@ -95,8 +96,9 @@ class ModelRunner:
         sampled, logits = self._finite_rows(inputs.sampled, logits, broken)
         if not sampled:
             return [], None, broken
+        rows = _sample_rows(sampled)
         try:
-            return sampled, self._sample(logits, [c.seq for c in sampled]), broken
+            return sampled, self._sample(logits, rows), broken
         except Exception as e:
             if len(sampled) == 1:
                 return [], None, broken + [(sampled[0].seq, e)]
@@ -109,7 +111,7 @@ class ModelRunner:
         logprobs: list[TokenLogprob | None] = []
         for row, chunk in enumerate(sampled):
             try:
-                out = self._sample(logits[row:row + 1], [chunk.seq])
+                out = self._sample(logits[row:row + 1], rows[row:row + 1])
             except Exception as e:
                 broken.append((chunk.seq, e))
                 continue
@@ -137,26 +139,27 @@ class ModelRunner:
             finally:
                 work()
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        mask = token_mask([s.grammar for s in seqs], logits.shape[-1], self.device)
-        return self.sampler(logits, seqs, mask)
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence | DraftRow]) -> SamplerOutput:
+        mask = token_mask([r.grammar for r in rows], logits.shape[-1], self.device)
+        return self.sampler(logits, rows, mask)
 
     @staticmethod
     def _finite_rows(sampled: list[ScheduledChunk], logits: torch.Tensor,
                      broken: Broken) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """The rows whose logits are all finite; the others' requests go to `broken`. A NaN or infinite
         logit (an adapter whose weights overflow in this dtype) would sample garbage and report a NaN
-        logprob; rows are independent, so such a row ends alone."""
+        logprob; rows are independent, so such a row ends alone (with all its rows, if it speculates)."""
         # A row's sum is finite exactly when all its logits are (they are far too small to overflow it):
         # one pass over [rows, vocab] instead of isfinite's two.
         finite = logits.sum(dim=-1, dtype=torch.float32).isfinite()  # [rows]
         if bool(finite.all()):
             return sampled, logits
-        keep = finite.tolist()
-        for chunk, ok in zip(sampled, keep, strict=True):
+        bad: dict[Sequence, None] = {}
+        for chunk, ok in zip(sampled, finite.tolist(), strict=True):
             if not ok:
-                broken.append((chunk.seq, _non_finite_logits(chunk.seq)))
-        rows = [i for i, ok in enumerate(keep) if ok]
+                bad[chunk.seq] = None
+        broken += [(seq, _non_finite_logits(seq)) for seq in bad]
+        rows = [i for i, chunk in enumerate(sampled) if chunk.seq not in bad]
         return [sampled[i] for i in rows], logits[rows]
 
     @torch.inference_mode()
@@ -236,8 +239,9 @@ class ModelRunner:
                     sample_rows.append(len(ids) - 1)
                     sampled.append(chunk)
                 continue
+            drafts = chunk.drafts
             try:  # what may fail for one request's own state is built before anything is appended
-                chunk_ids = seq.tokens(start, start + n)
+                chunk_ids = [seq.token_at(start), *drafts] if drafts else seq.tokens(start, start + n)
                 chunk_slots = [table[p // bs] * bs + p % bs for p in range(start, start + n)]
                 if len(chunk_ids) != n:
                     raise IndexError(f"tokens [{start}, {start + n}) of a sequence of {seq.num_tokens}")
@@ -256,7 +260,10 @@ class ModelRunner:
                 decode_lens.append(start + 1)
             else:
                 prefills.append((q_start, n, start + n, table))
-            if chunk.samples:
+            if drafts:  # speculative: every position samples (loraplex/engine/speculative.py)
+                sample_rows += range(q_start, q_start + n)
+                sampled += [chunk] * n
+            elif chunk.samples:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(chunk)
             if seq.computes_prompt_logprobs:  # rows whose next token is a prompt token get scored
@@ -359,6 +366,21 @@ def _upload(columns: list[list[int]], tables: list[list[int]],
     offsets = np.cumsum([0, *lengths]).tolist()
     parts = [on_device[a:b] for a, b in itertools.pairwise(offsets)]
     return parts, on_device[flat:].view(len(tables), width)
+
+
+def _sample_rows(sampled: list[ScheduledChunk]) -> list[Sequence | DraftRow]:
+    """The sampler's row for each sampled row: its sequence, or for the i-th position (i >= 1) of a chunk
+    with drafts, the sequence as if its first i drafts were accepted (`DraftRow`)."""
+    rows: list[Sequence | DraftRow] = []
+    last: ScheduledChunk | None = None
+    i = 0
+    for chunk in sampled:
+        seq = chunk.seq
+        i = i + 1 if chunk is last else 0
+        last = chunk
+        rows.append(seq if i == 0 else DraftRow(seq.params, seq.seed, seq.prompt_token_ids,
+                                                 seq.output_token_ids + chunk.drafts[:i]))
+    return rows
 
 
 def _non_finite_logits(seq: Sequence) -> Exception:

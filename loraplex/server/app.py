@@ -126,6 +126,7 @@ def create_app(state: ServerState) -> FastAPI:
             "async_output": core.async_output,
             "cuda_graphs": core.cuda_graphs,
             "quantize": core.quantize,
+            "speculative": core.speculation_info(),
             "model_weight_bytes": core.weight_bytes,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": s.config.max_concurrent_requests,

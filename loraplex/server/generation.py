@@ -118,6 +118,7 @@ class Generation:
         start = time.perf_counter()
         first: float | None = None
         status = "error"
+        drafts = (0, 0, 0)  # speculative decoding: drafts proposed, accepted, verifying steps
         try:
             async for out in self.engine.generate(request_id, job.prompt_ids, params, prompt=job.prompt,
                                                   adapter_id=None if adapter.merge else adapter.id,
@@ -129,6 +130,7 @@ class Generation:
                 completion.text = out.text
                 completion.token_ids = out.token_ids
                 completion.tokens += new
+                drafts = (out.draft_tokens, out.accepted_draft_tokens, out.verify_steps)
                 if out.finished:
                     completion.finish_reason = out.finish_reason
                     completion.seed = out.seed
@@ -144,7 +146,7 @@ class Generation:
             self.metrics.observe_request(adapter.id, status, end - start,
                                          None if first is None else first - start,
                                          None if first is None else (end - first) / max(1, len(completion.tokens) - 1),
-                                         len(job.prompt_ids), len(completion.tokens))
+                                         len(job.prompt_ids), len(completion.tokens), drafts)
 
     def _new_tokens(self, out: RequestOutput, completion: Completion) -> list[TokenInfo]:
         """Tokens of `out` the completion does not have yet. One new token gets the text it added to the

@@ -45,17 +45,30 @@ class Metrics:
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens by adapter", ["adapter"], registry=r)
         self.generated_tokens = Counter("loraplex_generated_tokens", "Generated tokens by adapter", ["adapter"],
                                         registry=r)
+        self.draft_tokens = Counter("loraplex_speculative_draft_tokens",
+                                    "Draft tokens proposed (speculative decoding), by adapter", ["adapter"], registry=r)
+        self.accepted_tokens = Counter("loraplex_speculative_accepted_tokens",
+                                       "Draft tokens accepted (each a step saved), by adapter", ["adapter"], registry=r)
+        self.verify_steps = Counter("loraplex_speculative_verify_steps",
+                                    "Request-steps that verified drafts; accepted / verify_steps is the mean "
+                                    "accepted length", ["adapter"], registry=r)
         self.batch_size = Histogram("loraplex_batch_size", "Requests that got a token per engine step",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.step_duration = Histogram("loraplex_step_duration_seconds", "Engine step time",
                                        buckets=TOKEN_LATENCY_BUCKETS, registry=r)
 
     def observe_request(self, adapter: str, status: str, duration: float, ttft: float | None,
-                        tpot: float | None, prompt_tokens: int, generated_tokens: int) -> None:
+                        tpot: float | None, prompt_tokens: int, generated_tokens: int,
+                        drafts: tuple[int, int, int] = (0, 0, 0)) -> None:
+        """One finished request; `drafts`: its draft tokens proposed, accepted, and the steps that verified them."""
         adapter = self.adapter_label(adapter, loaded=status == "ok")
         self.requests.labels(adapter, status).inc()
         self.prompt_tokens.labels(adapter).inc(prompt_tokens)
         self.generated_tokens.labels(adapter).inc(generated_tokens)
+        if drafts[2]:
+            self.draft_tokens.labels(adapter).inc(drafts[0])
+            self.accepted_tokens.labels(adapter).inc(drafts[1])
+            self.verify_steps.labels(adapter).inc(drafts[2])
         if status != "ok":
             return
         self.duration.labels(adapter).observe(duration)

@@ -1,0 +1,290 @@
+"""Speculative decoding (issue 18): drafts verified in the step change no output, roll back their KV, and
+keep the sampled distribution; the n-gram drafter's lookups."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import LlamaConfig
+
+from loraplex import LLM, SamplingParams
+from loraplex.engine.sequence import Sequence
+from loraplex.engine.speculative import SEPARATOR, NgramDrafter, OutputHistory
+from tests.helpers import TINY, engine_last_logits, save_tiny
+from tests.lora.peft_fixtures import make_adapter
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(save_tiny(LlamaConfig(**TINY), tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    return [str(make_adapter(tiny, root / f"a{i}", config, seed=i)) for i in range(2)]
+
+
+class OracleDrafter:
+    """Drafts from the outputs a run without speculation gave (by request id), each draft corrupted with
+    probability `corrupt`: long accepted runs, rejections at every position, and requests with no drafts."""
+
+    def __init__(self, expected: dict[str, list[int]], corrupt: float, num_tokens: int = 4, seed: int = 0) -> None:
+        self.expected, self.corrupt, self.num_tokens = expected, corrupt, num_tokens
+        self.rng = random.Random(seed)
+        self.proposed = 0
+
+    def propose(self, seq: Sequence, limit: int) -> list[int]:
+        want = self.expected.get(seq.request_id, [])
+        start = len(seq.output_token_ids)
+        drafts = want[start:start + min(limit, self.rng.randrange(0, self.num_tokens + 1))]
+        self.proposed += len(drafts)
+        return [(t + 1) % TINY["vocab_size"] if self.rng.random() < self.corrupt else t for t in drafts]
+
+    def finished(self, seq: Sequence) -> None:
+        pass
+
+
+def _use(llm: LLM, drafter: object) -> None:
+    llm.engine.drafter = llm.engine.scheduler.drafter = drafter  # type: ignore[assignment]
+
+
+def _requests(seed: int, adapters: list[str]) -> tuple[list[list[int]], list[SamplingParams], list[str | None]]:
+    rng = random.Random(seed)
+    prompts, params, ids = [], [], []
+    for i in range(12):
+        prompts.append([rng.randrange(1, 512) for _ in range(rng.randrange(3, 40))])
+        sampled = i % 2 == 1
+        params.append(SamplingParams(
+            max_new_tokens=rng.randrange(1, 40), ignore_eos=True, seed=100 + i,
+            temperature=0.8 if sampled else 0.0, top_p=0.9 if i % 4 == 1 else 1.0,
+            repetition_penalty=1.3 if i % 3 == 0 else 1.0, frequency_penalty=0.5 if i % 5 == 0 else 0.0,
+            logprobs=2 if i % 4 == 0 else None))
+        ids.append([None, *adapters][i % (len(adapters) + 1)])
+    return prompts, params, ids
+
+
+@pytest.mark.parametrize("corrupt", [0.0, 0.3, 1.0])
+def test_verified_drafts_give_the_outputs_plain_decoding_gives(tiny, tiny_adapters, corrupt):
+    """Greedy and seeded sampled requests (penalties, top-p, logprobs), base and two adapters in one batch:
+    token for token what decoding without speculation gives, whatever share of the drafts is wrong."""
+    prompts, params, ids = _requests(1, tiny_adapters)
+    options = dict(num_blocks=256, block_size=4, max_loras=2, max_lora_rank=8)
+    plain = LLM(tiny, **options).generate(prompts, params, adapter_id=ids)
+    llm = LLM(tiny, speculative_tokens=4, speculative_max_batch=64, **options)
+    expected = {f"r{i}": out.token_ids for i, out in enumerate(plain)}
+    drafter = OracleDrafter(expected, corrupt)
+    _use(llm, drafter)
+    engine, got = llm.engine, {}
+    for i, (prompt, p, a) in enumerate(zip(prompts, params, ids, strict=True)):
+        engine.add_request(f"r{i}", prompt, p, adapter_id=a)
+    engine.wait_for_adapter_loads()
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out
+    for i, want in enumerate(plain):
+        out = got[f"r{i}"]
+        assert out.token_ids == want.token_ids, f"request {i}"
+        if want.logprobs is not None:
+            assert out.logprobs is not None
+            for a, b in zip(out.logprobs, want.logprobs, strict=True):
+                assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert drafter.proposed > 50 and engine.draft_tokens == drafter.proposed
+    if corrupt == 0.0:
+        assert engine.accepted_tokens == engine.draft_tokens  # right drafts are all taken
+    elif corrupt == 1.0:
+        assert engine.accepted_tokens == 0
+    else:
+        assert 0 < engine.accepted_tokens < engine.draft_tokens
+    assert sum(o.accepted_draft_tokens for o in got.values()) == engine.accepted_tokens
+    assert engine.pool.num_free == engine.pool.num_blocks  # rejected drafts' blocks came back
+
+
+def test_rejected_drafts_leave_no_stale_kv_in_the_prefix_cache(tiny):
+    """Drafts half wrong, with block size 4: rejected positions hold wrong keys and values until rewritten.
+    A second request whose prompt extends the first one's output reuses its cached blocks: it must get
+    what a fresh engine gives."""
+    rng = random.Random(5)
+    prompt = [rng.randrange(1, 512) for _ in range(10)]
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    fresh = LLM(tiny, num_blocks=128, block_size=4, enable_prefix_caching=False)
+    first = fresh.generate([prompt], params)[0].token_ids
+    follow = prompt + first + [7, 8]
+    expected = fresh.generate([follow], params)[0].token_ids
+
+    llm = LLM(tiny, num_blocks=128, block_size=4, speculative_tokens=4, speculative_max_batch=64)
+    drafter = OracleDrafter({"a": first}, corrupt=0.5, seed=3)
+    _use(llm, drafter)
+    engine = llm.engine
+    engine.add_request("a", prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.accepted_tokens > 0 and engine.accepted_tokens < engine.draft_tokens
+    hits = engine.scheduler.prefix_cache_hits
+    assert llm.generate([follow], params)[0].token_ids == expected
+    assert engine.scheduler.prefix_cache_hits - hits >= 32  # the first request's blocks were reused
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_sampled_tokens_keep_the_model_distribution(tmp_path):
+    """On an 8-token vocabulary, 4,000 sampled requests of 3 tokens, the second verified against a random
+    draft: the triples (x1, x2, x3) follow the model's p(x1) p(x2 | x1) p(x3 | x1 x2) (chi-square), and
+    drafts are accepted at the rate rejection sampling gives a one-hot draft d, p(d)."""
+    config = LlamaConfig(**{**TINY, "vocab_size": 8, "initializer_range": 0.5})
+    path = str(save_tiny(config, tmp_path / "small"))
+    prompt = [1, 2, 3]
+    llm = LLM(path, num_blocks=8192, block_size=4, speculative_tokens=1, speculative_max_batch=4096,
+              max_num_seqs=1024, enable_prefix_caching=False)
+
+    def dist(tokens: list[int]) -> list[float]:
+        return torch.softmax(engine_last_logits(llm, prompt + tokens).double(), -1).tolist()
+
+    p1 = dist([])
+    p2 = {a: dist([a]) for a in range(8)}
+    p3 = {(a, b): dist([a, b]) for a in range(8) for b in range(8)}
+    rng = random.Random(11)
+    accept_chance: list[float] = []
+
+    class Guess:
+        def propose(self, seq: Sequence, limit: int) -> list[int]:
+            d = rng.randrange(8)
+            accept_chance.append(p2[seq.output_token_ids[0]][d])  # the draft is token 2
+            return [d][:limit]
+
+        def finished(self, seq: Sequence) -> None:
+            pass
+
+    _use(llm, Guess())
+    n = 4000
+    outs = llm.generate([prompt] * n, [SamplingParams(max_new_tokens=3, temperature=1.0, seed=s, ignore_eos=True)
+                                       for s in range(n)])
+    seen = Counter(tuple(o.token_ids) for o in outs)
+    expected = {(a, b, c): n * p1[a] * p2[a][b] * p3[a, b][c] for a in range(8) for b in range(8) for c in range(8)}
+    cells = [k for k, e in expected.items() if e >= 5]
+    rest_seen = n - sum(seen[k] for k in cells)
+    rest_expected = n - sum(expected[k] for k in cells)
+    chi2 = sum((seen[k] - expected[k]) ** 2 / expected[k] for k in cells)
+    chi2 += (rest_seen - rest_expected) ** 2 / rest_expected if rest_expected >= 5 else 0.0
+    dof = len(cells)  # the cells and the pooled rest, less one
+    assert dof > 20
+    assert chi2 < dof + 4 * math.sqrt(2 * dof), (chi2, dof)  # about 4 standard deviations of chi-square(dof)
+    engine = llm.engine
+    assert engine.verify_steps == n == len(accept_chance)
+    rate = sum(accept_chance) / n
+    assert engine.accepted_tokens / n == pytest.approx(rate, abs=4 * math.sqrt(rate * (1 - rate) / n))
+
+
+# ------------------------------------------------------------------------------------------ the drafter
+
+def _seq(prompt: list[int], output: list[int] = (), adapter: object = None) -> Sequence:  # type: ignore[assignment]
+    seq = Sequence("s", list(prompt), SamplingParams(), 0)
+    seq.output_token_ids = list(output)
+    seq.adapter = adapter  # type: ignore[assignment]
+    return seq
+
+
+def test_ngram_drafts_follow_the_latest_longest_match():
+    drafter = NgramDrafter(3, ngram_max=3, ngram_min=1)
+    # "5 6 7" occurs twice before the end; the latest occurrence is followed by 9 1.
+    assert drafter.propose(_seq([5, 6, 7, 8, 2, 5, 6, 7, 9, 1, 4, 6, 7]), 5) == [9, 1, 4]
+    # A 3-gram match is preferred over a later 1-gram one: "1 2 3" → 4; the last "3" alone → 0.
+    assert drafter.propose(_seq([1, 2, 3, 4, 3, 0, 1, 2, 3]), 5) == [4, 3, 0]
+    assert drafter.propose(_seq([1, 2, 3, 4, 3, 0, 1, 2, 3]), 2) == [4, 3]
+    assert drafter.propose(_seq([1, 2, 3, 4]), 5) == []  # nothing repeats
+    seq = _seq([1, 2, 3])
+    seq.grammar = object()  # type: ignore[assignment]
+    assert drafter.propose(seq, 5) == []  # structured output does not speculate
+
+
+def test_ngram_index_grows_with_the_output():
+    drafter = NgramDrafter(4, ngram_max=2, ngram_min=2)
+    seq = _seq([10, 11, 12, 13])
+    assert drafter.propose(seq, 4) == []
+    for token, want in [(20, []), (10, []), (11, [12, 13, 20, 10]), (12, [13, 20, 10, 11])]:
+        seq.output_token_ids.append(token)
+        assert drafter.propose(seq, 4) == want
+    assert seq.ngrams is not None and seq.ngrams.indexed == seq.num_tokens
+
+
+def test_adapter_history_drafts_what_earlier_requests_wrote():
+    drafter = NgramDrafter(4, ngram_max=2, ngram_min=1, history_tokens=64)
+    done = _seq([1, 2, 90, 91], [30, 31, 32, 33, 2], adapter="A")
+    drafter.finished(done)
+    # A new request of adapter A ending with the same prompt tail starts as the last answer did.
+    assert drafter.propose(_seq([7, 90, 91], adapter="A"), 4) == [30, 31, 32, 33]
+    assert drafter.propose(_seq([7, 90, 91, 30, 31], adapter="A"), 8) == [32, 33, 2]  # not past the separator
+    assert drafter.propose(_seq([7, 90, 91], adapter="B"), 4) == []  # another adapter's outputs are not used
+    assert drafter.propose(_seq([7, 90, 91]), 4) == []
+
+
+def test_output_history_stays_within_its_capacity():
+    history = OutputHistory(1, 2, capacity=40)
+    for i in range(50):
+        history.add([1], [100 + i, 200 + i, 300 + i])
+        assert len(history.tokens) <= 40
+        assert history.tokens[-1] == SEPARATOR and (history.tokens[0] == 1)
+    assert history.drafts((100 + 49,), 4) == [249, 349]
+    assert history.drafts((100,), 4) == []  # long gone
+    assert all(v < len(history.tokens) for table in history.index.maps.values() for v in table.values())
+
+
+def test_config_refuses_bad_speculation_settings():
+    from loraplex.config import SchedulerConfig
+
+    with pytest.raises(ValueError, match="speculative_method must be one of ngram"):
+        SchedulerConfig(speculative_method="medusa2")
+    with pytest.raises(ValueError, match="speculative_tokens must be >= 0"):
+        SchedulerConfig(speculative_tokens=-1)
+    with pytest.raises(ValueError, match="speculative_ngram_min <= speculative_ngram_max"):
+        SchedulerConfig(speculative_ngram_min=3, speculative_ngram_max=2)
+
+
+# ------------------------------------------------------------------------- the demo model, n-gram drafts
+
+def _chat(llm: LLM, message: str) -> list[int]:
+    tokenizer = llm.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[no-any-return]
+
+
+def _stream(llm: LLM, prompt: list[int], params: SamplingParams, adapter: str) -> list:
+    engine, outs = llm.engine, []
+    engine.add_request("s", prompt, params, adapter_id=adapter)
+    engine.wait_for_adapter_loads()
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs
+
+
+@pytest.mark.parametrize("async_output", ["off", "on"])
+@pytest.mark.parametrize("stop", [(), ('", "amount',)], ids=["eos", "stop-string"])
+def test_extraction_adapter_streams_what_it_streams_without_drafts(demo_model_path, stop, async_output):
+    """The invoice-json adapter, n-gram drafts from the prompt and the adapter's earlier answers: the same
+    stream of outputs, one per token (texts growing as without speculation), the same final text and
+    finish reason, also when a stop string ends it inside a run of accepted drafts, and when outputs are
+    made while the next step runs (`async_output`)."""
+    from loraplex.examples import example_adapters
+    from tests.examples.test_example_adapters import INVOICE_HELD_OUT
+
+    adapter = str(example_adapters()["invoice-json"])
+    options = dict(max_loras=1, max_lora_rank=8, async_output=async_output)
+    plain = LLM(str(demo_model_path), **options)
+    spec = LLM(str(demo_model_path), speculative_tokens=5, **options)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, stop=stop)
+    for sentence, _, _ in INVOICE_HELD_OUT * 2:  # the second round drafts from the first round's answers too
+        prompt = _chat(plain, sentence)
+        want, got = _stream(plain, prompt, params, adapter), _stream(spec, prompt, params, adapter)
+        assert [(o.token_ids, o.text, o.finished, o.finish_reason) for o in got] == [
+            (o.token_ids, o.text, o.finished, o.finish_reason) for o in want]
+    engine = spec.engine
+    assert engine.accepted_tokens > engine.verify_steps  # more than one token saved per verifying step
+    assert engine.pool.num_free == engine.pool.num_blocks
