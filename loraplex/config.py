@@ -159,7 +159,11 @@ class SchedulerConfig:
     (0: off). Output is token for token what decoding without it gives (loraplex/engine/speculative.py)."""
     speculative_method: str = "ngram"
     """How drafts are proposed: `ngram` (prompt lookup: the tokens that followed the latest earlier
-    occurrence of the output's last n-gram in the prompt or output)."""
+    occurrence of the output's last n-gram in the prompt or output), or `medusa` (Medusa heads: a request's
+    adapter's own, else `speculative_medusa_heads`)."""
+    speculative_medusa_heads: str | None = None
+    """`medusa`: a folder of Medusa heads (config.json + medusa_lm_head.safetensors) drafting for every request
+    whose adapter carries no heads of its own; None: only requests on adapters with heads speculate."""
     speculative_ngram_max: int = 3
     """Longest n-gram looked up (tried first)."""
     speculative_ngram_min: int = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from pathlib import Path
 
 from loraplex.adapters.loader import AdapterLoader, LoadedAdapter
 from loraplex.adapters.ref import parse_ref, shown_id
@@ -14,14 +15,16 @@ from loraplex.engine.memory import size_kv_cache
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
 from loraplex.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
-from loraplex.engine.speculative import NgramDrafter
+from loraplex.engine.speculative import Drafter, MedusaDrafter, NgramDrafter
 from loraplex.engine.step_timer import NO_TIMER, NullTimer
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
 from loraplex.lora.adapter import AdapterError
 from loraplex.lora.manager import LoRAManager
+from loraplex.lora.medusa import MedusaHeads, load_medusa
 from loraplex.lora.merge import MergeSpec, merged_future
 from loraplex.model.attention import attention_op
 from loraplex.model.cuda_graphs import build_decode_graphs
+from loraplex.model.decoder import DecoderConfig
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.quant import weight_bytes
 from loraplex.model.runner import ModelRunner
@@ -83,13 +86,25 @@ class Engine:
         """The last step's tokens whose outputs are still to be made (`_emit`): (request, token, its output's
         length with that token)."""
         self._late: list[Sequence] = []
+        self._kept: dict[Sequence, int] | None = None
+        """Medusa drafts: each request that took tokens in the last step → the sampled row of its last one."""
         """Requests `_emit` ended (a stop string, a broken detokenizer) for `_settle` to finish."""
         self.last_step_rows = 0
         """Requests that got a token in the last step."""
-        spec = config.scheduler
-        self.drafter = (NgramDrafter(spec.speculative_tokens, spec.speculative_ngram_max, spec.speculative_ngram_min,
-                                     spec.speculative_history_tokens) if spec.speculative_tokens > 0 else None)
+        self.drafter: Drafter | None = None
         """Speculative decoding's draft proposer (loraplex/engine/speculative.py); None when it is off."""
+        self._medusa: MedusaDrafter | None = None
+        spec = config.scheduler
+        if spec.speculative_tokens > 0 and spec.speculative_method == "medusa":
+            lora = self.lora
+            base = _base_heads(spec.speculative_medusa_heads, model.config) if spec.speculative_medusa_heads else None
+            self.drafter = self._medusa = MedusaDrafter(
+                spec.speculative_tokens, model.base_logits,
+                lambda identity: (w.medusa if lora is not None and (w := lora.weights_of(identity)) else None),
+                base, device, dtype)
+        elif spec.speculative_tokens > 0:
+            self.drafter = NgramDrafter(spec.speculative_tokens, spec.speculative_ngram_max,
+                                        spec.speculative_ngram_min, spec.speculative_history_tokens)
         self.draft_tokens = self.accepted_tokens = self.verify_steps = 0
         """Speculative decoding so far: drafts proposed, drafts accepted, and request-steps that verified some."""
         self.scheduler = Scheduler(config.scheduler, self.pool, block_size, self.lora, num_slots=config.lora.max_loras,
@@ -277,6 +292,8 @@ class Engine:
         # A request that ended while this step ran (its stop string, in `alongside`) has had its output.
         outputs += [self._fail(seq, error) for seq, error in broken if seq.finish_reason is None]
         outputs += self._advance(sampled, result)
+        if self._medusa is not None and self._kept and self.runner.sample_hidden is not None:
+            self._medusa.draft(self._kept, self.runner.sample_hidden)
         self._settle()
         if not self.async_output:
             pending, self._pending = self._pending, []
@@ -322,10 +339,11 @@ class Engine:
         if result is None:
             return failed
         pending = self._pending
+        kept = self._kept = {} if self._medusa is not None else None  # request → the row of its last token
         last: ScheduledChunk | None = None
         row = 0
         live = True  # whether this row's token is kept (its drafts so far accepted)
-        for chunk, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
+        for i, (chunk, token, logprob) in enumerate(zip(sampled, result.token_ids, result.logprobs, strict=True)):
             seq = chunk.seq
             if chunk is last:
                 row += 1
@@ -354,6 +372,8 @@ class Engine:
                     self._finish(seq)
                     self._seqs.pop(seq.request_id, None)
                 pending.append((seq, token, len(seq.output_token_ids)))
+                if kept is not None:
+                    kept[seq] = i
             except Exception as e:
                 failed.append(self._fail(seq, e))
         return failed
@@ -465,6 +485,14 @@ class Engine:
                              seq.finish_reason if finished else None, seq.logprobs[:n] if seq.params.logprobs is not None else None,
                              seq.prompt_logprobs, seq.seed, seq.prompt, None, seq.draft_tokens, seq.accepted_tokens,
                              seq.verify_steps)
+
+
+def _base_heads(path: str, config: DecoderConfig) -> MedusaHeads:
+    """The server's own Medusa heads (`speculative_medusa_heads`); ValueError naming the flag if they are bad."""
+    try:
+        return load_medusa(Path(path).expanduser(), config)
+    except AdapterError as e:
+        raise ValueError(f"speculative_medusa_heads {path}: {e}") from None
 
 
 def _adapter_error(name: str, error: Exception) -> AdapterError:

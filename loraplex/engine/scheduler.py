@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.sequence import Sequence, SequenceStatus
-from loraplex.engine.speculative import NgramDrafter
+from loraplex.engine.speculative import Drafter
 from loraplex.kv.block_pool import BlockPool, blocks_needed
 from loraplex.kv.prefix_hash import extend_block_hashes
 
@@ -170,7 +170,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int,
                  adapters: AdapterSlots | None = None, num_slots: int | None = 0,
                  enable_prefix_caching: bool = False, clock: Callable[[], float] = time.monotonic,
-                 drafter: NgramDrafter | None = None) -> None:
+                 drafter: Drafter | None = None) -> None:
         """`num_slots`: the device slots behind `adapters` (None: unknown, `acquire` alone decides).
         `clock`: seconds for `adapter_cycle_time_s` (tests pass a fake one). `drafter`: proposes drafts for
         decoding requests (speculative decoding) in steps of at most `speculative_max_batch` requests."""
@@ -304,7 +304,7 @@ class Scheduler:
             budget.held += 1
         return prompts
 
-    def _speculate(self, seq: Sequence, drafter: NgramDrafter, out: SchedulerOutput, budget: _StepBudget) -> bool:
+    def _speculate(self, seq: Sequence, drafter: Drafter, out: SchedulerOutput, budget: _StepBudget) -> bool:
         """Schedule decoding `seq` with drafts, if it has any and they fit: the step's token budget, the
         free KV blocks (drafts never preempt anyone) and the cap; False leaves it to the plain decode."""
         limit = min(budget.tokens - 1, seq.max_output - len(seq.output_token_ids) - 1)

@@ -70,6 +70,8 @@ class Sequence:
     """Of those, the ones accepted."""
     verify_steps: int = 0
     """Steps that verified drafts of it."""
+    medusa_drafts: list[int] = field(default_factory=list)
+    """Speculative decoding by Medusa heads: the drafts its heads proposed after its last step."""
 
     @property
     def computes_prompt_logprobs(self) -> bool:

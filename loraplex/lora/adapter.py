@@ -30,13 +30,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from loraplex.model.decoder import DecoderConfig
+
+if TYPE_CHECKING:
+    from loraplex.lora.medusa import MedusaHeads
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -116,6 +119,8 @@ class AdapterWeights:
     size_bytes: int                               # bytes of the tensors held (packed slot rows included)
     packed: Any = field(default=None, compare=False, repr=False)
     """The slot rows of each wrapped layer (`LoRAManager.prepare`), built once off the step loop."""
+    medusa: MedusaHeads | None = field(default=None, compare=False, repr=False)
+    """Medusa heads the adapter carries for speculative decoding (loraplex/lora/medusa.py)."""
     targets: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +137,10 @@ class AdapterWeights:
             for t in (module.a, module.b, module.magnitude):
                 if t is not None:
                     hasher.update(t.contiguous().numpy().tobytes())
+        if self.medusa is not None:
+            hasher.update(b"medusa")
+            for t in [t for head in self.medusa.blocks for block in head for t in block] + list(self.medusa.out or ()):
+                hasher.update(t.contiguous().numpy().tobytes())
         return hasher.hexdigest()
 
 
@@ -144,6 +153,13 @@ def load_adapter(path: Path, base: DecoderConfig, max_rank: int | None = None) -
     path = Path(path)
     if not path.is_dir():
         raise AdapterNotFound(f"adapter folder {path} does not exist")
+    # Imported here: the Medusa module reads this module's errors.
+    from loraplex.lora.medusa import has_medusa, load_medusa
+
+    medusa = load_medusa(path, base) if has_medusa(path) else None
+    if medusa is not None and not (path / CONFIG_FILE).is_file():  # Medusa heads alone: no LoRA
+        return AdapterWeights(path=path, config=MappingProxyType({}), rank=0, use_dora=False,
+                              layers=MappingProxyType({}), lm_head=None, size_bytes=medusa.size_bytes, medusa=medusa)
     _, config = _read_config(path)
     _check_config(config)
     weights_file, weights_bytes = _read_weights_file(path)
@@ -184,7 +200,8 @@ def load_adapter(path: Path, base: DecoderConfig, max_rank: int | None = None) -
             start += rows
     ranks = [m.rank for m in layers.values()] + ([lm_head.rank] if lm_head else [])
     return AdapterWeights(path=path, config=MappingProxyType(config), rank=max(ranks), use_dora=use_dora,
-                          layers=MappingProxyType(layers), lm_head=lm_head, size_bytes=size)
+                          layers=MappingProxyType(layers), lm_head=lm_head,
+                          size_bytes=size + (medusa.size_bytes if medusa is not None else 0), medusa=medusa)
 
 
 def _read_config(path: Path) -> tuple[bytes, dict[str, Any]]:

@@ -80,6 +80,10 @@ class LoRAManager:
         self._weights.setdefault(identity, weights)
         self._holders[identity] = self._holders.get(identity, 0) + 1
 
+    def weights_of(self, identity: AdapterIdentity) -> AdapterWeights | None:
+        """The weights held for `identity` (None when no request or pin holds them)."""
+        return self._weights.get(identity)
+
     def drop(self, identity: AdapterIdentity) -> None:
         self._holders[identity] -= 1
         if self._holders[identity] == 0:

@@ -158,6 +158,12 @@ class CausalLM(nn.Module):
             h = layer(h, self.rope, cos, sin)
         return self.model.norm(h)
 
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base LM head alone (no adapter's), float32: what Medusa heads that share it read through."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] → logits [rows, vocab] in float32 (call inside the forward context)."""
         if self.lm_head is not None:

@@ -70,6 +70,8 @@ class ModelRunner:
         self._decode_lora: LoRABatch | None = None
         self.graphs: DecodeGraphs | None = None
         """Decode CUDA graphs (loraplex/model/cuda_graphs.py); decode steps they hold replay one."""
+        self.sample_hidden: torch.Tensor | None = None
+        """The last step's final hidden states [rows, hidden] of the rows `execute` returned (Medusa drafts)."""
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, timer: NullTimer = NO_TIMER,
@@ -93,7 +95,9 @@ class ModelRunner:
         timer.lap("forward")
         if logits is None or not inputs.sampled:
             return [], None, broken
-        sampled, logits = self._finite_rows(inputs.sampled, logits, broken)
+        sampled, logits, kept = self._finite_rows(inputs.sampled, logits, broken)
+        if kept is not None and self.sample_hidden is not None:
+            self.sample_hidden = self.sample_hidden[kept]
         if not sampled:
             return [], None, broken
         rows = _sample_rows(sampled)
@@ -106,7 +110,8 @@ class ModelRunner:
         # Some row's own state (its grammar, its parameters) broke the batch: each row alone finds which. A
         # row's token depends only on its logits, its seed and its step, and every per-row processor runs
         # before the draws, so the rows that succeed get exactly the tokens the batch would give.
-        kept: list[ScheduledChunk] = []
+        kept_chunks: list[ScheduledChunk] = []
+        kept_rows: list[int] = []
         token_ids: list[int] = []
         logprobs: list[TokenLogprob | None] = []
         for row, chunk in enumerate(sampled):
@@ -115,10 +120,13 @@ class ModelRunner:
             except Exception as e:
                 broken.append((chunk.seq, e))
                 continue
-            kept.append(chunk)
+            kept_chunks.append(chunk)
+            kept_rows.append(row)
             token_ids += out.token_ids
             logprobs += out.logprobs
-        return kept, SamplerOutput(token_ids, logprobs) if kept else None, broken
+        if self.sample_hidden is not None:
+            self.sample_hidden = self.sample_hidden[kept_rows]
+        return kept_chunks, SamplerOutput(token_ids, logprobs) if kept_chunks else None, broken
 
     @contextlib.contextmanager
     def _beside(self, work: Callable[[], None] | None) -> Iterator[None]:
@@ -145,7 +153,7 @@ class ModelRunner:
 
     @staticmethod
     def _finite_rows(sampled: list[ScheduledChunk], logits: torch.Tensor,
-                     broken: Broken) -> tuple[list[ScheduledChunk], torch.Tensor]:
+                     broken: Broken) -> tuple[list[ScheduledChunk], torch.Tensor, list[int] | None]:
         """The rows whose logits are all finite; the others' requests go to `broken`. A NaN or infinite
         logit (an adapter whose weights overflow in this dtype) would sample garbage and report a NaN
         logprob; rows are independent, so such a row ends alone (with all its rows, if it speculates)."""
@@ -153,29 +161,31 @@ class ModelRunner:
         # one pass over [rows, vocab] instead of isfinite's two.
         finite = logits.sum(dim=-1, dtype=torch.float32).isfinite()  # [rows]
         if bool(finite.all()):
-            return sampled, logits
+            return sampled, logits, None
         bad: dict[Sequence, None] = {}
         for chunk, ok in zip(sampled, finite.tolist(), strict=True):
             if not ok:
                 bad[chunk.seq] = None
         broken += [(seq, _non_finite_logits(seq)) for seq in bad]
         rows = [i for i, chunk in enumerate(sampled) if chunk.seq not in bad]
-        return [sampled[i] for i in rows], logits[rows]
+        return [sampled[i] for i in rows], logits[rows], rows
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """The model on a prepared step: logits [sampled + scored, vocab] at the sampling rows, then the
         prompt rows to score (None if there are none)."""
         if inputs.graph is not None:  # a decode step: every row samples, the head runs on them all
+            self.sample_hidden = inputs.graph.run()
             with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.sample_lora)):
-                return self.model.compute_logits(inputs.graph.run())
+                return self.model.compute_logits(self.sample_hidden)
         with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.lora)):
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.long_rope)  # [tokens, hidden]
         if not inputs.sampled and not inputs.scored:
             return None
         # The LM head sees only the sampled rows, so its LoRA batch maps rows, not tokens, to slots.
+        self.sample_hidden = hidden[inputs.sample_rows]  # [sampled + scored, hidden]
         with forward_context(ForwardContext(attn=inputs.attn, kv_cache=self.kv_cache, lora=inputs.sample_lora)):
-            return self.model.compute_logits(hidden[inputs.sample_rows])  # [sampled, vocab]
+            return self.model.compute_logits(self.sample_hidden)  # [sampled, vocab]
 
     @staticmethod
     def _score_prompts(logits: torch.Tensor, scored: list[tuple[Sequence, int]]) -> torch.Tensor:

@@ -288,3 +288,130 @@ def test_extraction_adapter_streams_what_it_streams_without_drafts(demo_model_pa
     engine = spec.engine
     assert engine.accepted_tokens > engine.verify_steps  # more than one token saved per verifying step
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+# ------------------------------------------------------------------------------------------ Medusa heads
+
+def _write_heads(folder, heads: int, layers: int, vocab: int | None, seed: int = 0, std: float = 1.0,
+                 config: dict | None = None) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from loraplex.lora.medusa import medusa_tensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(medusa_tensors(heads, layers, TINY["hidden_size"], vocab, torch.Generator().manual_seed(seed), std),
+              str(folder / "medusa_lm_head.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config or {"medusa_num_heads": heads, "medusa_num_layers": layers}))
+
+
+@pytest.fixture(scope="module")
+def medusa_adapters(tiny, tiny_adapters, tmp_path_factory):
+    """A LoRA with version-2 heads beside it, version-1 heads alone, and a base head set."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("medusa")
+    lora_heads = root / "lora-heads"
+    shutil.copytree(tiny_adapters[0], lora_heads)
+    _write_heads(lora_heads, heads=3, layers=1, vocab=None, seed=1)
+    _write_heads(root / "heads-v1", heads=2, layers=2, vocab=TINY["vocab_size"], seed=2)
+    _write_heads(root / "base-heads", heads=4, layers=1, vocab=None, seed=3, std=0.5)
+    return {name: str(root / name) for name in ("lora-heads", "heads-v1", "base-heads")}
+
+
+@pytest.mark.parametrize("base_heads", [False, True], ids=["adapter-heads", "with-base-heads"])
+def test_medusa_drafts_give_the_outputs_plain_decoding_gives(tiny, tiny_adapters, medusa_adapters, base_heads):
+    prompts, params, _ = _requests(2, [])
+    ids = [[None, medusa_adapters["lora-heads"], medusa_adapters["heads-v1"], tiny_adapters[1]][i % 4]
+           for i in range(len(prompts))]
+    options = dict(num_blocks=256, block_size=4, max_loras=3, max_lora_rank=8)
+    plain = LLM(tiny, **options).generate(prompts, params, adapter_id=ids)
+    llm = LLM(tiny, speculative_tokens=3, speculative_method="medusa", speculative_max_batch=64,
+              speculative_medusa_heads=medusa_adapters["base-heads"] if base_heads else None, **options)
+    got = llm.generate(prompts, params, adapter_id=ids)
+    for i, (a, b) in enumerate(zip(plain, got, strict=True)):
+        assert a.token_ids == b.token_ids, f"request {i}"
+    engine = llm.engine
+    assert engine.draft_tokens > 30 and engine.pool.num_free == engine.pool.num_blocks
+    by_request = {i: o.draft_tokens for i, o in enumerate(got)}
+    for i, adapter in enumerate(ids):
+        if adapter in (None, tiny_adapters[1]) and not base_heads:
+            assert by_request[i] == 0  # no heads of its own and no base set: no speculation
+    assert any(by_request[i] for i, a in enumerate(ids) if a == medusa_adapters["heads-v1"])
+
+
+def test_medusa_drafts_are_each_heads_argmax(tiny, medusa_adapters):
+    """The drafter's tokens against the heads' formula written out here (Medusa, Cai et al. 2024; LoRAX's
+    adapters/medusa.py): version 1, head i = out_i(ResBlock^L(h)); version 2, the LM head of h + SiLU(W_i h + b_i);
+    ResBlock(x) = x + SiLU(W x + b)."""
+    from safetensors.torch import load_file
+
+    from loraplex.engine.speculative import MedusaDrafter
+    from loraplex.lora.medusa import load_medusa
+
+    llm = LLM(tiny, num_blocks=64, block_size=4)
+    model = llm.engine.runner.model
+    hidden = torch.randn(5, TINY["hidden_size"], generator=torch.Generator().manual_seed(0))
+    silu = torch.nn.functional.silu
+    for name, version in (("heads-v1", 1), ("lora-heads", 2)):
+        path = medusa_adapters[name]
+        t = load_file(f"{path}/medusa_lm_head.safetensors")
+        heads = load_medusa(path, model.config)
+        want = []
+        for i in range(heads.num_heads):
+            x = hidden
+            for j in range(len(heads.blocks[i])):
+                x = x + silu(x @ t[f"{i}.{j}.linear.weight"].T + t[f"{i}.{j}.linear.bias"])
+            logits = x @ t[f"{i}.{len(heads.blocks[i])}.weight"].T if version == 1 else model.base_logits(x)
+            want.append(logits.argmax(-1))
+        drafter = MedusaDrafter(8, model.base_logits, lambda _, h=heads: h, None, torch.device("cpu"), torch.float32)
+        seqs = [_seq([1, 2], adapter="x") for _ in range(3)]
+        drafter.draft({seqs[0]: 4, seqs[1]: 0, seqs[2]: 2}, hidden)
+        for seq, row in zip(seqs, (4, 0, 2), strict=True):
+            assert seq.medusa_drafts == [int(w[row]) for w in want]
+            assert drafter.propose(seq, 1) == seq.medusa_drafts[:1]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("count", "missing 2.0.linear.bias, 2.0.linear.weight"),
+    ("extra", "unexpected 3.0.linear.bias"),
+    ("shape", "0.0.linear.weight has shape [64, 32], expected [64, 64]"),
+    ("no-config", "no config.json"),
+    ("heads-field", "medusa_num_heads must be an integer from 1 to 16, got 'three'"),
+    ("layers-v2", "medusa_num_layers 1, not 2"),
+    ("nan", "0.0.linear.bias has non-finite values"),
+    ("not-safetensors", "cannot be read as safetensors"),
+])
+def test_bad_medusa_files_are_refused_with_what_is_wrong(tiny, tmp_path, case, message):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from loraplex.lora.adapter import AdapterInvalid
+    from loraplex.lora.medusa import load_medusa
+
+    folder = tmp_path / case
+    _write_heads(folder, heads=3, layers=1, vocab=None)
+    heads_file, config_file = folder / "medusa_lm_head.safetensors", folder / "config.json"
+    tensors = load_file(str(heads_file))
+    if case == "count":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("2.")}
+    elif case == "extra":
+        tensors["3.0.linear.bias"] = tensors["0.0.linear.bias"].clone()
+    elif case == "shape":
+        tensors["0.0.linear.weight"] = tensors["0.0.linear.weight"][:, :32].contiguous()
+    elif case == "nan":
+        tensors["0.0.linear.bias"][3] = float("nan")
+    save_file(tensors, str(heads_file))
+    if case == "no-config":
+        config_file.unlink()
+    elif case == "heads-field":
+        config_file.write_text(json.dumps({"medusa_num_heads": "three", "medusa_num_layers": 1}))
+    elif case == "layers-v2":
+        config_file.write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 2}))
+    elif case == "not-safetensors":
+        heads_file.write_bytes(b"\x00" * 64)
+    config = LLM(tiny, num_blocks=16, block_size=4).engine.runner.model.config
+    with pytest.raises(AdapterInvalid, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_medusa(folder, config)
