@@ -164,6 +164,9 @@ class SchedulerConfig:
     speculative_medusa_heads: str | None = None
     """`medusa`: a folder of Medusa heads (config.json + medusa_lm_head.safetensors) drafting for every request
     whose adapter carries no heads of its own; None: only requests on adapters with heads speculate."""
+    speculative_medusa_lookup: bool = True
+    """`medusa`: where a request's own prompt and output have an n-gram match, draft by that prompt lookup
+    first (heads see no prompt, so they cannot copy from it), by the heads elsewhere."""
     speculative_ngram_max: int = 3
     """Longest n-gram looked up (tried first)."""
     speculative_ngram_min: int = 1

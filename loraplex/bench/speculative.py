@@ -12,9 +12,12 @@ server that has served the adapter before has (the drafts' adapter history). The
   generated tokens per second;
 - batch `--batch`: that many requests at once; generated tokens per second.
 
-Both engines stay loaded, the repeats go round-robin over them, the medians are compared, and the outputs
-are checked to be the same token for token. Workload (b), a lookahead (Medusa) adapter, needs an adapter
-that carries Medusa heads; loraplex has none yet, so the benchmark says so.
+Workload (b), the same requests on the bundled `invoice-json-lookahead` adapter (the invoice-json LoRA
+with Medusa heads trained by scripts/train_medusa_heads.py), drafts by `medusa`: the heads alone, and
+the heads with prompt lookup first where the request's own tokens match (the default).
+
+Every engine stays loaded, the repeats go round-robin over them, the medians are compared with the
+engine without drafts, and the outputs are checked to be the same token for token.
 """
 
 from __future__ import annotations
@@ -63,11 +66,19 @@ def main(argv: list[str] | None = None) -> None:
     from loraplex import LLM, SamplingParams
     from loraplex.examples import example_adapters
 
-    adapter = str(example_adapters()["invoice-json"])
+    adapters = example_adapters()
+    extraction, lookahead = str(adapters["invoice-json"]), str(adapters["invoice-json-lookahead"])
     options: dict[str, Any] = dict(device="cpu", max_loras=1, max_lora_rank=8)
-    engines = {"plain": LLM(args.model, **options),
-               "ngram": LLM(args.model, speculative_tokens=args.tokens, **options)}
-    tokenizer = engines["plain"].tokenizer
+    k = args.tokens
+    # name → (engine, the adapter its requests use); the lookahead adapter holds the invoice-json LoRA too.
+    engines = {
+        "plain": (LLM(args.model, **options), extraction),
+        "ngram": (LLM(args.model, speculative_tokens=k, **options), extraction),
+        "medusa": (LLM(args.model, speculative_tokens=k, speculative_method="medusa",
+                       speculative_medusa_lookup=False, **options), lookahead),
+        "medusa+lookup": (LLM(args.model, speculative_tokens=k, speculative_method="medusa", **options), lookahead),
+    }
+    tokenizer = engines["plain"][0].tokenizer
     sentences = invoice_sentences(args.warmup + args.requests + args.batch)
 
     def prompt(sentence: str) -> list[int]:
@@ -79,14 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     warmup, solo = prompts[:args.warmup], prompts[args.warmup:args.warmup + args.requests]
     batch = prompts[args.warmup + args.requests:]
     params = SamplingParams(max_new_tokens=40, temperature=0.0)
-    for llm in engines.values():
+    for llm, adapter in engines.values():
         llm.generate(warmup, params, adapter_id=[adapter] * len(warmup))
     latency: dict[str, list[float]] = {}
     solo_rate: dict[str, list[float]] = {}
     batch_rate: dict[str, list[float]] = {}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.repeats):
-        for name, llm in engines.items():
+        for name, (llm, adapter) in engines.items():
             start, n, got = time.perf_counter(), 0, []
             for p in solo:
                 out = llm.generate([p], params, adapter_id=[adapter])[0]
@@ -99,23 +110,29 @@ def main(argv: list[str] | None = None) -> None:
             outs = llm.generate(batch, params, adapter_id=[adapter] * len(batch))
             batch_rate.setdefault(name, []).append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
             tokens[name] = got + [o.token_ids for o in outs]
-    same = tokens["plain"] == tokens["ngram"]
-    spec = engines["ngram"].engine
-    print(f"model {args.model}, adapter invoice-json, {len(solo)} requests at batch 1 and {len(batch)} at once, "
-          f"greedy, up to 40 new tokens; drafts: ngram, {args.tokens} tokens, speculation while <= "
-          f"{spec.config.scheduler.speculative_max_batch} requests run")
-    print(f"drafts: {spec.draft_tokens} proposed, {spec.accepted_tokens} accepted "
-          f"({100 * spec.accepted_tokens / max(1, spec.draft_tokens):.0f} %), mean accepted per verifying step "
-          f"{spec.accepted_tokens / max(1, spec.verify_steps):.2f}; outputs identical: {'yes' if same else 'NO'}")
-    med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in
+    same = all(t == tokens["plain"] for t in tokens.values())
+    print(f"model {args.model}, {len(solo)} invoice requests at batch 1 and {len(batch)} at once, greedy, up to 40 "
+          f"new tokens, {k} draft tokens, speculation while <= "
+          f"{engines['ngram'][0].engine.config.scheduler.speculative_max_batch} requests run; outputs identical: "
+          f"{'yes' if same else 'NO'}")
+    med = {kind: {n: statistics.median(v) for n, v in d.items()} for kind, d in
            (("latency", latency), ("solo", solo_rate), ("batch", batch_rate))}
-    for name in engines:
-        print(f"{name:>6}: batch 1 {med['latency'][name]:7.1f} ms/request {med['solo'][name]:7.1f} tok/s"
-              f"   batch {len(batch)} {med['batch'][name]:7.1f} tok/s")
-    print(f"(a) extraction, n-gram: batch 1 tok/s {med['solo']['ngram'] / med['solo']['plain']:.2f}x "
-          f"(target >= 2x), latency {med['latency']['ngram'] / med['latency']['plain']:.2f}x; "
-          f"batch {len(batch)} tok/s {med['batch']['ngram'] / med['batch']['plain']:.2f}x (target >= 0.95x)")
-    print("(b) lookahead (Medusa) adapter: not available (no adapter with Medusa heads is served yet)")
+    for name, (llm, _) in engines.items():
+        e = llm.engine
+        drafts = (f"   drafts {e.draft_tokens}, accepted {e.accepted_tokens} "
+                  f"({100 * e.accepted_tokens / max(1, e.draft_tokens):.0f} %), "
+                  f"{e.accepted_tokens / max(1, e.verify_steps):.2f} per verifying step" if e.drafter else "")
+        print(f"{name:>13}: batch 1 {med['latency'][name]:6.1f} ms/request {med['solo'][name]:6.1f} tok/s   "
+              f"batch {len(batch)} {med['batch'][name]:6.1f} tok/s{drafts}")
+
+    def ratio(kind: str, name: str) -> float:
+        return med[kind][name] / med[kind]["plain"]
+
+    print(f"(a) extraction (invoice-json), n-gram: batch 1 {ratio('solo', 'ngram'):.2f}x tok/s (target >= 2x); "
+          f"batch {len(batch)} {ratio('batch', 'ngram'):.2f}x (target >= 0.95x)")
+    for name in ("medusa", "medusa+lookup"):
+        print(f"(b) lookahead adapter (invoice-json-lookahead), {name}: batch 1 {ratio('solo', name):.2f}x tok/s "
+              f"(target >= 1.8x); batch {len(batch)} {ratio('batch', name):.2f}x (target >= 0.95x)")
 
 
 if __name__ == "__main__":

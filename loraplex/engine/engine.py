@@ -101,7 +101,9 @@ class Engine:
             self.drafter = self._medusa = MedusaDrafter(
                 spec.speculative_tokens, model.base_logits,
                 lambda identity: (w.medusa if lora is not None and (w := lora.weights_of(identity)) else None),
-                base, device, dtype)
+                base, device, dtype,
+                NgramDrafter(spec.speculative_tokens, spec.speculative_ngram_max, spec.speculative_ngram_min)
+                if spec.speculative_medusa_lookup else None)
         elif spec.speculative_tokens > 0:
             self.drafter = NgramDrafter(spec.speculative_tokens, spec.speculative_ngram_max,
                                         spec.speculative_ngram_min, spec.speculative_history_tokens)
@@ -292,8 +294,8 @@ class Engine:
         # A request that ended while this step ran (its stop string, in `alongside`) has had its output.
         outputs += [self._fail(seq, error) for seq, error in broken if seq.finish_reason is None]
         outputs += self._advance(sampled, result)
-        if self._medusa is not None and self._kept and self.runner.sample_hidden is not None:
-            self._medusa.draft(self._kept, self.runner.sample_hidden)
+        if self._medusa is not None and self._kept:
+            self._draft_medusa(self._kept)
         self._settle()
         if not self.async_output:
             pending, self._pending = self._pending, []
@@ -377,6 +379,18 @@ class Engine:
             except Exception as e:
                 failed.append(self._fail(seq, e))
         return failed
+
+    def _draft_medusa(self, kept: dict[Sequence, int]) -> None:
+        """The next step's Medusa drafts of the requests that took tokens, from this step's hidden states;
+        none while more requests run than speculate (the heads' LM-head rows would cost a large batch
+        for nothing)."""
+        assert self._medusa is not None
+        hidden = self.runner.sample_hidden
+        if hidden is not None and len(self.scheduler.running) <= self.config.scheduler.speculative_max_batch:
+            self._medusa.draft(kept, hidden)
+            return
+        for seq in kept:
+            seq.medusa_drafts = []
 
     def _verify(self, chunk: ScheduledChunk, row: int, token: int) -> bool:
         """Whether `token`, kept at `row` of a chunk with drafts, accepts the draft at that position, so

@@ -179,7 +179,7 @@ class Drafter(Protocol):
 
 class MedusaDrafter:
     """Drafts from Medusa heads (loraplex/lora/medusa.py): a request's own adapter's heads, else `base` (the
-    server's head set, if any); requests with neither do not speculate. After each step the heads read the
+    server's head set, if any); requests with neither draft only by `lookup`, if given. After each step the heads read the
     hidden state of the position that picked each request's last token (`draft`), and their argmax tokens
     are the request's drafts for the next step: a chain, verified as n-gram drafts are.
 
@@ -191,8 +191,11 @@ class MedusaDrafter:
 
     def __init__(self, num_tokens: int, base_logits: Callable[[torch.Tensor], torch.Tensor],
                  heads_of: Callable[[AdapterIdentity], MedusaHeads | None], base: MedusaHeads | None,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, lookup: NgramDrafter | None = None) -> None:
+        """`lookup`: drafts by prompt lookup in the request's own tokens first, where they match (heads see
+        no prompt: they cannot copy a name or a number from it)."""
         self.num_tokens = num_tokens
+        self.lookup = lookup
         self.base_logits = base_logits
         self.heads_of = heads_of
         self.device, self.dtype = device, dtype
@@ -202,6 +205,10 @@ class MedusaDrafter:
     def propose(self, seq: Sequence, limit: int) -> list[int]:
         if seq.grammar is not None:
             return []
+        if self.lookup is not None:
+            drafts = self.lookup.propose(seq, limit)
+            if drafts:
+                return drafts
         return seq.medusa_drafts[:min(limit, self.num_tokens)]
 
     def finished(self, seq: Sequence) -> None:

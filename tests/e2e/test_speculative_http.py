@@ -71,3 +71,42 @@ def test_clients_get_what_decoding_without_drafts_gives(spec_server, demo_model_
     accepted = [line for line in metrics.splitlines()
                 if line.startswith('loraplex_speculative_accepted_tokens_total{adapter="invoice-json"}')]
     assert accepted and float(accepted[0].split()[-1]) > 0
+
+
+@pytest.fixture(scope="module")
+def medusa_server(demo_model_path, tmp_path_factory):
+    """Medusa drafts; the lookahead adapter, and a copy of it whose config.json promises five heads."""
+    import json
+    import shutil
+
+    good = example_adapters()["invoice-json-lookahead"]
+    bad = tmp_path_factory.mktemp("bad-medusa") / "five-heads"
+    shutil.copytree(good, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "medusa_num_heads": 5}))
+    thread, running = start_server({"invoice-json-lookahead": good, "five-heads": bad}, max_loras=2,
+                                   max_lora_rank=8, speculative_tokens=4, speculative_method="medusa")
+    try:
+        yield running
+    finally:
+        thread.stop()
+
+
+def test_medusa_server_serves_the_lookahead_adapter_and_refuses_bad_heads(medusa_server, demo_model_path):
+    url = medusa_server.url
+    bad = httpx.post(url + "/generate", json={"inputs": "Invoice from Kestrel Kites for $90.", "parameters": {
+        "adapter_id": "five-heads", "max_new_tokens": 8}}, timeout=120)
+    assert bad.status_code == 424, bad.text
+    assert "missing 4.0.linear.bias" in bad.json()["error"]
+    plain = LLM(str(demo_model_path), max_loras=1, max_lora_rank=8)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    for sentence, _, _ in INVOICE_HELD_OUT:
+        m = [{"role": "user", "content": sentence}]
+        want = plain.chat(m, SamplingParams(max_new_tokens=40, temperature=0.0),
+                          adapter_id=str(example_adapters()["invoice-json"]))[0]
+        chat = client.chat.completions.create(model="invoice-json-lookahead", messages=m, temperature=0,
+                                              max_tokens=40)
+        assert chat.choices[0].message.content == want.text
+    info = httpx.get(url + "/info").json()["speculative"]
+    assert info["method"] == "medusa" and info["accepted_tokens"] > 0
+    assert httpx.get(url + "/health").status_code == 200
