@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from loraplex.adapters.ref import AdapterIdentity
 from loraplex.lora.adapter import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, AdapterInvalid
+from loraplex.lora.medusa import HEADS_FILE
 
 MARKER = ".loraplex-entry.json"
 
@@ -184,6 +185,8 @@ class DiskStore:
 
 def verify_adapter_folder(folder: Path, label: str) -> None:
     """Cheap completeness check of a downloaded adapter (full validation happens when it is parsed)."""
+    if (folder / HEADS_FILE).is_file() and not (folder / CONFIG_FILE).is_file():
+        return  # Medusa heads alone (loraplex.lora.medusa checks them when parsed)
     config = folder / CONFIG_FILE
     try:
         parsed = json.loads(config.read_bytes())

@@ -46,8 +46,9 @@ from loraplex.lora.adapter import (
     AdapterFetchError,
     AdapterNotFound,
 )
+from loraplex.lora.medusa import MEDUSA_FILES
 
-ADAPTER_FILES = [CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE]
+ADAPTER_FILES = [CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, *MEDUSA_FILES]
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 

@@ -31,8 +31,9 @@ from loraplex.lora.adapter import (
     AdapterInvalid,
     AdapterNotFound,
 )
+from loraplex.lora.medusa import MEDUSA_FILES
 
-ADAPTER_FILES = (CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE)
+ADAPTER_FILES = (CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, *MEDUSA_FILES)
 _NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "NotFound", "404"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
            "AllAccessDisabled", "401", "403"}

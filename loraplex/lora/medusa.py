@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 HEADS_FILE = "medusa_lm_head.safetensors"
 CONFIG_FILE = "config.json"
+MEDUSA_FILES = (CONFIG_FILE, HEADS_FILE)
+"""The files of Medusa heads in an adapter folder (the remote sources fetch them with the LoRA's)."""
 MAX_HEADS = 16
 MAX_LAYERS = 8
 

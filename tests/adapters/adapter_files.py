@@ -32,6 +32,16 @@ def adapter_files(seed: int = 0, rank: int = 4) -> dict[str, bytes]:
     return {CONFIG_FILE: json.dumps(config).encode(), SAFETENSORS_FILE: save_safetensors(tensors)}
 
 
+def medusa_files(heads: int = 2, seed: int = 0) -> dict[str, bytes]:
+    """config.json and medusa_lm_head.safetensors of version-2 Medusa heads for the tiny model, random."""
+    from loraplex.lora.medusa import CONFIG_FILE as MEDUSA_CONFIG
+    from loraplex.lora.medusa import HEADS_FILE, medusa_tensors
+
+    tensors = medusa_tensors(heads, 1, TINY["hidden_size"], None, torch.Generator().manual_seed(seed), std=1.0)
+    config = {"medusa_num_heads": heads, "medusa_num_layers": 1}
+    return {MEDUSA_CONFIG: json.dumps(config).encode(), HEADS_FILE: save_safetensors(tensors)}
+
+
 def write_adapter(folder: Path, seed: int = 0, rank: int = 4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in adapter_files(seed, rank).items():

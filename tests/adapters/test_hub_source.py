@@ -15,7 +15,7 @@ from loraplex.adapters.loader import AdapterLoader
 from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
 from loraplex.config import AdapterSourceConfig
 from loraplex.lora.adapter import AdapterAccessDenied, AdapterFetchError, AdapterNotFound
-from tests.adapters.adapter_files import adapter_files, parse, write_adapter
+from tests.adapters.adapter_files import adapter_files, medusa_files, parse, write_adapter
 from tests.adapters.fake_hub import FakeHub
 
 
@@ -46,6 +46,14 @@ def test_a_public_adapter_downloads_only_its_files(hub: FakeHub, tmp_path: Path)
         name for name in ADAPTER_FILES if name in files)
     downloaded = {p.rsplit("/", 1)[1] for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p}
     assert downloaded == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_medusa_heads_beside_the_lora_are_downloaded_with_it(hub: FakeHub, tmp_path: Path) -> None:
+    hub.publish("org/lookahead", adapter_files(seed=3) | medusa_files(heads=3))
+    with loader_for(hub_source(hub), tmp_path) as loader:
+        loaded = loader.request(parse_ref("org/lookahead", "hub")).result(timeout=60)
+    assert loaded.weights.medusa is not None and loaded.weights.medusa.num_heads == 3
+    assert loaded.weights.layers  # and the LoRA
 
 
 def test_a_private_adapter_needs_its_token(hub: FakeHub, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from loraplex.lora.adapter import (
     AdapterInvalid,
     AdapterNotFound,
 )
-from tests.adapters.adapter_files import adapter_files, parse, write_adapter
+from tests.adapters.adapter_files import adapter_files, medusa_files, parse, write_adapter
 
 BUCKET = "adapters"
 
@@ -76,6 +76,14 @@ def test_an_uploaded_adapter_loads_through_the_disk_tier(endpoint: str, s3: Any,
     assert loaded.path == disk.get(loaded.identity)
     assert sorted(p.name for p in loaded.path.iterdir() if not p.name.startswith(".")) == sorted(
         [CONFIG_FILE, SAFETENSORS_FILE])
+
+
+def test_medusa_heads_alone_load_from_s3(endpoint: str, s3: Any, tmp_path: Path) -> None:
+    upload(s3, "team/heads", medusa_files(heads=2))
+    with AdapterLoader({"s3": source(endpoint)}, parse, disk=DiskStore(tmp_path / "disk", 1 << 30)) as loader:
+        loaded = loader.request(parse_ref(f"s3://{BUCKET}/team/heads")).result(timeout=60)
+    assert loaded.weights.medusa is not None and loaded.weights.medusa.num_heads == 2
+    assert not loaded.weights.layers  # heads alone: no LoRA
 
 
 def test_missing_prefix_or_bucket_is_not_found(endpoint: str) -> None:
