@@ -180,3 +180,34 @@ def test_fp8_quantized_model_generates_near_the_bfloat16_one(tmp_path: Path) -> 
     # The CPU test (tests/model/test_quant.py) checks the math against its reference; here the CUDA kernel runs,
     # within what fp8 rounding does to this tiny model on CPU (mean 0.15 nats) plus bfloat16's.
     assert diff.abs().mean() < 0.3
+
+
+def test_speculative_decoding_on_cuda_gives_the_outputs_of_plain_decoding(tmp_path: Path) -> None:
+    """Drafts verified through the Triton prefill attention and LoRA kernels, beside graph-replayed plain
+    decode steps (speculation on at small batches only): greedy float32 outputs identical, every KV block
+    back. The drafts come from a run without speculation, a third of them corrupted."""
+    import random
+
+    from loraplex import LLM, SamplingParams
+    from tests.engine.test_speculative import OracleDrafter
+
+    graphed, _, adapters, base = _graph_engines(tmp_path, "float32")
+    spec = LLM(str(base), dtype="float32", max_loras=2, max_lora_rank=8, max_num_seqs=32, kv_cache_bytes=KV,
+               speculative_tokens=4, speculative_max_batch=6)
+    for prompts, ids in _waves(adapters):
+        params = [SamplingParams(max_new_tokens=3 + (i * 5) % 17, temperature=0.0, ignore_eos=True)
+                  for i in range(len(prompts))]
+        want = graphed.generate(prompts, params, adapter_id=ids)  # type: ignore[attr-defined]
+        drafter = OracleDrafter({}, corrupt=0.3, seed=random.randrange(100))
+        spec.engine.drafter = spec.engine.scheduler.drafter = drafter  # type: ignore[assignment]
+        engine, got = spec.engine, {}
+        for i, (p, s, a) in enumerate(zip(prompts, params, ids, strict=True)):
+            drafter.expected[f"q{i}"] = want[i].token_ids
+            engine.add_request(f"q{i}", p, s, adapter_id=a)
+        engine.wait_for_adapter_loads()
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = out.token_ids
+        assert [got[f"q{i}"] for i in range(len(prompts))] == [w.token_ids for w in want]
+    assert spec.engine.accepted_tokens > 0 and spec.engine.pool.num_free == spec.engine.pool.num_blocks
