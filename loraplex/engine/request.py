@@ -55,6 +55,9 @@ class SamplingParams:
     json_schema: str | None = None
     """Constrain the output to JSON matching this JSON schema (text; `{"type": "object"}` = any object).
     The sequence ends as soon as the JSON is complete, even with `ignore_eos`."""
+    speculate: bool = True
+    """Whether this request drafts tokens when the server runs speculative decoding. Drafts never change the
+    output; a request whose text copies and repeats nothing may turn them off to spare the verification."""
 
     def __post_init__(self) -> None:
         # Accept lists from callers; store tuples so the params stay hashable and immutable.

@@ -132,7 +132,7 @@ class NgramDrafter:
         with a grammar (structured output) gets none: its matcher would have to be advanced through the
         drafts and rolled back."""
         limit = min(limit, self.num_tokens)
-        if limit <= 0 or seq.grammar is not None:
+        if limit <= 0 or seq.grammar is not None or not seq.params.speculate:
             return []
         index = seq.ngrams
         if index is None:
@@ -203,7 +203,7 @@ class MedusaDrafter:
         self._on_device: OrderedDict[int, tuple[MedusaHeads, MedusaHeads]] = OrderedDict()  # id(host) → (host, device)
 
     def propose(self, seq: Sequence, limit: int) -> list[int]:
-        if seq.grammar is not None:
+        if seq.grammar is not None or not seq.params.speculate:
             return []
         if self.lookup is not None:
             drafts = self.lookup.propose(seq, limit)
@@ -233,7 +233,7 @@ class MedusaDrafter:
         sampled rows; `rows` maps each request that goes on to the row that picked its last token."""
         groups: dict[int, tuple[MedusaHeads, list[Sequence], list[int]]] = {}
         for seq, row in rows.items():
-            if seq.finish_reason is not None or seq.grammar is not None:
+            if seq.finish_reason is not None or seq.grammar is not None or not seq.params.speculate:
                 continue
             heads = self.heads(seq)
             if heads is None:

@@ -90,7 +90,7 @@ def native_job(state: ServerState, p: GenerateParameters, inputs: str, authoriza
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, presence_penalty=p.presence_penalty or 0.0,
         seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos_token, logprobs=alternatives if alternatives is not None else logprobs,
-        prompt_logprobs=p.decoder_input_details, watermark=p.watermark,
+        prompt_logprobs=p.decoder_input_details, watermark=p.watermark, speculate=p.speculate,
         json_schema=json_schema_of(p.response_format))
     token = p.api_token or bearer_token(authorization)
     adapter = state.adapter_spec(p.adapter_id, p.adapter_source, token)

@@ -128,7 +128,7 @@ def _job(state: ServerState, body: OpenAISampling, ids: list[int], text: str | N
         top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0,
         repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-        seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+        seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs, speculate=body.speculate,
         json_schema=json_schema_of(body.response_format))
     token = body.api_token or bearer_token(authorization)
     return Job(ids, params, state.adapter_spec(body.model, body.adapter_source, token), body.n, text)

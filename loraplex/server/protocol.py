@@ -96,6 +96,8 @@ class GenerateParameters(_Body):
     max_new_tokens: int | None = Field(default=None, gt=0)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     ignore_eos_token: bool = False
+    speculate: bool = True
+    """loraplex: draft tokens when the server runs speculative decoding (README); output is the same."""
     truncate: int | None = Field(default=None, gt=0)
     return_full_text: bool = False
     details: bool = False
@@ -164,6 +166,8 @@ class OpenAISampling(_Body):
     ignore_eos: bool = False
     adapter_source: Literal["hub", "local", "s3"] | None = None
     api_token: str | None = None
+    speculate: bool = True
+    """loraplex: draft tokens when the server runs speculative decoding (README); output is the same."""
 
     @model_validator(mode="after")
     def _stop_count(self) -> OpenAISampling:

@@ -64,7 +64,15 @@ def test_clients_get_what_decoding_without_drafts_gives(spec_server, demo_model_
         assert g["text"] == g["stream"] == w.text
         assert g["ids"] == g["stream_ids"] == w.token_ids
 
+    before = httpx.get(spec_server.url + "/info").json()["speculative"]["draft_tokens"]
+    declined = httpx.post(spec_server.url + "/generate", json={"inputs": prompts[0], "parameters": {
+        "adapter_id": "invoice-json", "max_new_tokens": 40, "speculate": False}}, timeout=120)
+    assert declined.status_code == 200 and declined.json()["generated_text"] == want[0].text
+    chat = client.chat.completions.create(model="invoice-json", messages=messages[0], temperature=0, max_tokens=40,
+                                          extra_body={"speculate": False})
+    assert chat.choices[0].message.content == want[0].text
     info = httpx.get(spec_server.url + "/info").json()["speculative"]
+    assert info["draft_tokens"] == before  # the two requests that declined drafted nothing
     assert info["method"] == "ngram" and info["tokens"] == 5
     assert info["accepted_tokens"] > info["verify_steps"] > 0  # more than a token saved per verifying step
     metrics = httpx.get(spec_server.url + "/metrics").text

@@ -416,3 +416,13 @@ def test_bad_medusa_files_are_refused_with_what_is_wrong(tiny, tmp_path, case, m
     config = LLM(tiny, num_blocks=16, block_size=4).engine.runner.model.config
     with pytest.raises(AdapterInvalid, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_medusa(folder, config)
+
+
+def test_a_request_may_decline_to_speculate(tiny):
+    llm = LLM(tiny, num_blocks=128, block_size=4, speculative_tokens=4, speculative_max_batch=64)
+    prompt = [5, 6, 7, 8] * 6  # repeats: n-gram drafts for every step
+    on, off = llm.generate([prompt, prompt], [SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
+                                              SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True,
+                                                             speculate=False)])
+    assert on.token_ids == off.token_ids
+    assert on.draft_tokens > 0 and off.draft_tokens == 0 and off.verify_steps == 0
