@@ -25,8 +25,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -235,20 +236,36 @@ def build_app(args: dict[str, Any]) -> Any:
     return LoraplexIngress.bind(replica.bind(engine_config, server_config), base_model)  # type: ignore[attr-defined]
 
 
-def configs(options: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
-    """Engine and server configs from options by field name; strings are parsed as the CLI parses them."""
-    from loraplex.cli import PARSERS
+def configs(options: dict[str, Any], environ: Mapping[str, str] | None = None) -> tuple[EngineConfig, ServerConfig]:
+    """Engine and server configs as `loraplex serve` builds them: options by field name (or a flag's other
+    spelling, `model_id` for `model`), strings parsed as the CLI parses them; a field not given takes its
+    `$LORAPLEX_*` variable from `environ` (the process's environment by default), then its default."""
+    from loraplex.cli import FLAG_ALIASES, PARSERS, env_name
 
+    environ = os.environ if environ is None else environ
     server_fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
     engine_fields = {f.name: f for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
+    aliases = {flag.removeprefix("--").replace("-", "_"): name for name, flags in FLAG_ALIASES.items() for flag in flags}
+    given: dict[str, Any] = {}
+    for name, value in options.items():
+        field_name = aliases.get(name, name)
+        if field_name not in server_fields and field_name not in engine_fields:
+            raise ValueError(f"unknown option {name!r}: not a flag of loraplex serve")
+        if field_name in given:
+            raise ValueError(f"option {field_name!r} is given twice (as {name!r} too)")
+        given[field_name] = value
+    for name in (*server_fields, *engine_fields):
+        if name not in given and env_name(name) in environ:
+            given[name] = environ[env_name(name)]
     server: dict[str, Any] = {}
     engine: dict[str, Any] = {}
-    for name, value in options.items():
-        field = server_fields.get(name) or engine_fields.get(name)
-        if field is None:
-            raise ValueError(f"unknown option {name!r}: not a flag of loraplex serve")
+    for name, value in given.items():
+        field = server_fields.get(name) or engine_fields[name]
         if isinstance(value, str):
-            value = PARSERS[str(field.type)](value)
+            try:
+                value = PARSERS[str(field.type)](value)
+            except ValueError as e:
+                raise ValueError(f"option {name}: {e}") from None
         elif isinstance(value, list):
             value = tuple(value)
         (server if name in server_fields else engine)[name] = value

@@ -70,6 +70,15 @@ def test_options_are_loraplex_serve_flags_parsed_as_the_cli_parses_them() -> Non
     assert server.allow_request_sources == ("local", "hub") and server.admin_token == "t"
     with pytest.raises(ValueError, match="not a flag of loraplex serve"):
         configs({"max_lora": "8"})
+    # As `loraplex serve` takes them: a flag's other spelling, and $LORAPLEX_* for what the options leave out.
+    engine, server = configs({"model_id": "demo", "adapter_root": "/srv/a,/srv/b"},
+                             environ={"LORAPLEX_MAX_LORAS": "3", "LORAPLEX_MODEL": "other", "LORAPLEX_PORT": "9"})
+    assert engine.model.model == "demo" and engine.adapters.adapter_roots == ("/srv/a", "/srv/b")
+    assert engine.lora.max_loras == 3 and server.port == 9
+    with pytest.raises(ValueError, match="given twice"):
+        configs({"model": "a", "model_id": "b"})
+    with pytest.raises(ValueError, match="option max_loras"):
+        configs({}, environ={"LORAPLEX_MAX_LORAS": "many"})
     args = build_parser().parse_args(["ray-serve", "--num-replicas", "3", "--max-loras", "8"])
     assert args.num_replicas == 3 and args.max_loras == 8 and args.func.__name__ == "_ray_serve"
 
