@@ -199,10 +199,15 @@ class LoraplexIngress:
         try:
             status, out_headers = await stream.__anext__()
         except Exception as e:  # the replica died or could not be reached before answering
-            log.warning("%s %s failed on its replica: %r", request.method, path, e)
-            return JSONResponse({"error": f"the replica serving this request failed ({type(e).__name__}); "
-                                          "retry", "error_type": "unavailable"}, status_code=503)
+            return _unavailable(request, e)
         kept = {k: v for k, v in out_headers if k.lower() not in HOP_HEADERS}
+        if not any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in kept.items()):
+            # Not a stream: the whole body first, so a replica failing half way is a 503, not a cut body.
+            try:
+                body = b"".join([chunk async for chunk in stream])
+            except Exception as e:
+                return _unavailable(request, e)
+            return Response(body, status_code=status, headers=kept)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -215,6 +220,13 @@ class LoraplexIngress:
                 yield f"data: {json.dumps(message)}\n\n".encode()
 
         return StreamingResponse(chunks(), status_code=status, headers=kept)
+
+
+def _unavailable(request: Request, error: Exception) -> JSONResponse:
+    """The 503 of a request whose replica failed before its response was complete."""
+    log.warning("%s %s failed on its replica: %r", request.method, request.url.path, error)
+    return JSONResponse({"error": f"the replica serving this request failed ({type(error).__name__}); retry",
+                         "error_type": "unavailable"}, status_code=503)
 
 
 def build_app(args: dict[str, Any]) -> Any:
