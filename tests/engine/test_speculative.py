@@ -426,3 +426,33 @@ def test_a_request_may_decline_to_speculate(tiny):
                                                              speculate=False)])
     assert on.token_ids == off.token_ids
     assert on.draft_tokens > 0 and off.draft_tokens == 0 and off.verify_steps == 0
+
+
+def test_drafts_under_kv_pressure_preemption_and_slot_parking(tiny, tiny_adapters):
+    """A KV pool that holds about two long requests, two adapters over one device slot, prefix caching on:
+    drafts take blocks (never preempting for them), requests are preempted and parked mid-draft, and
+    every output is still what plain decoding gives (two requests aborted on the way), with every block back."""
+    prompts, params, ids = _requests(4, tiny_adapters)
+    options = dict(num_blocks=40, block_size=4, max_loras=1, max_lora_rank=8, adapter_cycle_steps=4)
+    plain = LLM(tiny, **options).generate(prompts, params, adapter_id=ids)
+    llm = LLM(tiny, speculative_tokens=4, speculative_max_batch=64, **options)
+    drafter = OracleDrafter({f"r{i}": out.token_ids for i, out in enumerate(plain)}, corrupt=0.25, seed=9)
+    _use(llm, drafter)
+    engine, got = llm.engine, {}
+    for i, (prompt, p, a) in enumerate(zip(prompts, params, ids, strict=True)):
+        engine.add_request(f"r{i}", prompt, p, adapter_id=a)
+    engine.wait_for_adapter_loads()
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        if steps == 6:  # two requests aborted mid-run (one may be waiting, one drafting)
+            engine.abort("r3")
+            engine.abort("r8")
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.token_ids
+    kept = [i for i in range(len(prompts)) if i not in (3, 8)]
+    assert [got[f"r{i}"] for i in kept] == [plain[i].token_ids for i in kept]
+    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_parks > 0
+    assert 0 < engine.accepted_tokens < engine.draft_tokens
+    assert engine.pool.num_free == engine.pool.num_blocks
