@@ -124,6 +124,9 @@ class Engine:
         """Times each step's phases when set to a `StepTimer` (loraplex.bench.overhead)."""
         self._seqs: dict[str, Sequence] = {}
         self._grammars: GrammarCompiler | None = None  # built on the first structured request (about 1 s)
+        if self.drafter is not None and self.cuda_graphs["enabled"]:
+            log.warning("speculative decoding: steps with drafts run eager, without the decode CUDA graphs; "
+                        "it pays where several drafts are accepted per step")
         log.info("base weights: %s", ", ".join(f"{b / 2**20:.0f} MiB {name}" for name, b in self.weight_bytes.items()))
         log.info("loaded %s (%s) on %s as %s; backends: %s linears, %s attention, %s LoRA; %d KV blocks of %d "
                  "tokens; async output %s; CUDA graphs %s", self.model_name, cfg.architecture, device, dtype,
