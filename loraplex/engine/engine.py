@@ -86,9 +86,9 @@ class Engine:
         """The last step's tokens whose outputs are still to be made (`_emit`): (request, token, its output's
         length with that token)."""
         self._late: list[Sequence] = []
+        """Requests `_emit` ended (a stop string, a broken detokenizer) for `_settle` to finish."""
         self._kept: dict[Sequence, int] | None = None
         """Medusa drafts: each request that took tokens in the last step → the sampled row of its last one."""
-        """Requests `_emit` ended (a stop string, a broken detokenizer) for `_settle` to finish."""
         self.last_step_rows = 0
         """Requests that got a token in the last step."""
         self.drafter: Drafter | None = None

@@ -100,7 +100,8 @@ class ModelRunner:
             self.sample_hidden = self.sample_hidden[kept]
         if not sampled:
             return [], None, broken
-        rows = _sample_rows(sampled)
+        # The common step has no drafts: its rows are the sequences, with no per-row work to find out.
+        rows: list[Sequence | DraftRow] = _sample_rows(sampled) if sched.num_drafts else [c.seq for c in sampled]
         try:
             return sampled, self._sample(logits, rows), broken
         except Exception as e:
