@@ -87,11 +87,16 @@ def load_medusa(path: Path, base: DecoderConfig) -> MedusaHeads:
         raise AdapterInvalid(f"{CONFIG_FILE} of the Medusa heads must be a JSON object")
     heads = _count(config, "medusa_num_heads", MAX_HEADS)
     layers = _count(config, "medusa_num_layers", MAX_LAYERS)
+    hidden, vocab = base.hidden_size, base.vocab_size
+    # Refused before it is read: the most the config's heads can take (float32, own output projections).
+    most = heads * (layers * (hidden + 1) + vocab) * hidden * 4 + (1 << 20)
+    if (size := (path / HEADS_FILE).stat().st_size) > most:
+        raise AdapterInvalid(f"{HEADS_FILE} has {size} bytes, more than {heads} heads of {layers} layers take "
+                             f"for this base model (at most {most})")
     try:
         tensors = load_file(str(path / HEADS_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterInvalid(f"{HEADS_FILE} cannot be read as safetensors: {e}") from None
-    hidden, vocab = base.hidden_size, base.vocab_size
     v1 = f"0.{layers}.weight" in tensors
     expected = {f"{i}.{j}.linear.{p}" for i in range(heads) for j in range(layers) for p in ("weight", "bias")}
     if v1:

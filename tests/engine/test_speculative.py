@@ -383,6 +383,7 @@ def test_medusa_drafts_are_each_heads_argmax(tiny, medusa_adapters):
     ("layers-v2", "medusa_num_layers 1, not 2"),
     ("nan", "0.0.linear.bias has non-finite values"),
     ("not-safetensors", "cannot be read as safetensors"),
+    ("oversized", "more than 3 heads of 1 layers take"),
 ])
 def test_bad_medusa_files_are_refused_with_what_is_wrong(tiny, tmp_path, case, message):
     import json
@@ -413,6 +414,8 @@ def test_bad_medusa_files_are_refused_with_what_is_wrong(tiny, tmp_path, case, m
         config_file.write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 2}))
     elif case == "not-safetensors":
         heads_file.write_bytes(b"\x00" * 64)
+    elif case == "oversized":  # refused from its size, before anything is read
+        heads_file.write_bytes(b"\x00" * (4 << 20))
     config = LLM(tiny, num_blocks=16, block_size=4).engine.runner.model.config
     with pytest.raises(AdapterInvalid, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_medusa(folder, config)
@@ -456,3 +459,4 @@ def test_drafts_under_kv_pressure_preemption_and_slot_parking(tiny, tiny_adapter
     assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_parks > 0
     assert 0 < engine.accepted_tokens < engine.draft_tokens
     assert engine.pool.num_free == engine.pool.num_blocks
+
