@@ -390,8 +390,11 @@ class Engine:
         assert self._medusa is not None
         hidden = self.runner.sample_hidden
         if hidden is not None and len(self.scheduler.running) <= self.config.scheduler.speculative_max_batch:
-            self._medusa.draft(kept, hidden)
-            return
+            try:
+                self._medusa.draft(kept, hidden)
+                return
+            except Exception:  # drafts are optional: a failure costs speed, never a request (nor the step)
+                log.warning("Medusa drafting failed; these requests go on without drafts", exc_info=True)
         for seq in kept:
             seq.medusa_drafts = []
 

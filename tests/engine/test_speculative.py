@@ -460,3 +460,19 @@ def test_drafts_under_kv_pressure_preemption_and_slot_parking(tiny, tiny_adapter
     assert 0 < engine.accepted_tokens < engine.draft_tokens
     assert engine.pool.num_free == engine.pool.num_blocks
 
+
+def test_a_failing_medusa_drafter_costs_drafts_not_requests(tiny, medusa_adapters, monkeypatch):
+    prompts, params, _ = _requests(6, [])
+    ids = [medusa_adapters["heads-v1"]] * len(prompts)
+    options = dict(num_blocks=256, block_size=4, max_loras=1, max_lora_rank=8)
+    plain = LLM(tiny, **options).generate(prompts, params, adapter_id=ids)
+    llm = LLM(tiny, speculative_tokens=2, speculative_method="medusa", speculative_medusa_lookup=False,
+              speculative_max_batch=64, **options)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(llm.engine._medusa, "draft", broken)
+    got = llm.generate(prompts, params, adapter_id=ids)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain] and all(o.error is None for o in got)
+    assert llm.engine.draft_tokens == 0
