@@ -99,7 +99,7 @@ class Engine:
             lora = self.lora
             base = _base_heads(spec.speculative_medusa_heads, model.config) if spec.speculative_medusa_heads else None
             self.drafter = self._medusa = MedusaDrafter(
-                spec.speculative_tokens, model.base_logits,
+                spec.speculative_tokens, model.draft_logits,
                 lambda identity: (w.medusa if lora is not None and (w := lora.weights_of(identity)) else None),
                 base, device, dtype,
                 NgramDrafter(spec.speculative_tokens, spec.speculative_ngram_max, spec.speculative_ngram_min)

@@ -196,14 +196,15 @@ class MedusaDrafter:
     0.5 fewer), and verify fewer rows.
     """
 
-    def __init__(self, num_tokens: int, base_logits: Callable[[torch.Tensor], torch.Tensor],
+    def __init__(self, num_tokens: int, head_logits: Callable[[torch.Tensor], torch.Tensor],
                  heads_of: Callable[[AdapterIdentity], MedusaHeads | None], base: MedusaHeads | None,
                  device: torch.device, dtype: torch.dtype, lookup: NgramDrafter | None = None) -> None:
-        """`lookup`: drafts by prompt lookup in the request's own tokens first, where they match (heads see
+        """`head_logits`: the base LM head that version-2 heads read through (`CausalLM.draft_logits`).
+        `lookup`: drafts by prompt lookup in the request's own tokens first, where they match (heads see
         no prompt: they cannot copy a name or a number from it)."""
         self.num_tokens = num_tokens
         self.lookup = lookup
-        self.base_logits = base_logits
+        self.head_logits = head_logits
         self.heads_of = heads_of
         self.device, self.dtype = device, dtype
         self.base = base.to(device, dtype) if base is not None else None
@@ -253,7 +254,7 @@ class MedusaDrafter:
             x = hidden.index_select(0, torch.tensor(index, device=hidden.device))  # [n, hidden]
             h = heads.hidden(x)  # [heads, n, hidden]
             if heads.out is None:
-                logits = self.base_logits(h.reshape(-1, h.shape[-1])).view(h.shape[0], len(seqs), -1)
+                logits = self.head_logits(h.reshape(-1, h.shape[-1])).view(h.shape[0], len(seqs), -1)
             else:
                 logits = torch.stack([torch.nn.functional.linear(h[i], w) for i, w in enumerate(heads.out)])
             drafts = logits.argmax(dim=-1).t().tolist()  # [n, heads]

@@ -30,6 +30,12 @@ def onednn_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether oneDNN multiplies bfloat16 natively here (a CPU with AVX-512 BF16 or AMX)."""
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend `backend` means for weights on `device` in `dtype` (`auto` decides here)."""
     if backend not in BACKENDS:

@@ -364,14 +364,35 @@ def test_medusa_drafts_are_each_heads_argmax(tiny, medusa_adapters):
             x = hidden
             for j in range(len(heads.blocks[i])):
                 x = x + silu(x @ t[f"{i}.{j}.linear.weight"].T + t[f"{i}.{j}.linear.bias"])
-            logits = x @ t[f"{i}.{len(heads.blocks[i])}.weight"].T if version == 1 else model.base_logits(x)
+            logits = x @ t[f"{i}.{len(heads.blocks[i])}.weight"].T if version == 1 else model.draft_logits(x)
             want.append(logits.argmax(-1))
-        drafter = MedusaDrafter(8, model.base_logits, lambda _, h=heads: h, None, torch.device("cpu"), torch.float32)
+        drafter = MedusaDrafter(8, model.draft_logits, lambda _, h=heads: h, None, torch.device("cpu"), torch.float32)
         seqs = [_seq([1, 2], adapter="x") for _ in range(3)]
         drafter.draft({seqs[0]: 4, seqs[1]: 0, seqs[2]: 2}, hidden)
         for seq, row in zip(seqs, (4, 0, 2), strict=True):
             assert seq.medusa_drafts == [int(w[row]) for w in want]
             assert drafter.propose(seq, 1) == seq.medusa_drafts[:1]
+
+
+@pytest.mark.parametrize("linear_backend", ["onednn", "aten"])
+def test_draft_logits_are_the_base_head_in_bfloat16_where_the_cpu_has_it(tiny, linear_backend, monkeypatch):
+    """Version-2 heads read the LM head through `draft_logits`: a bfloat16 copy where oneDNN multiplies
+    bfloat16 natively (logits within bfloat16's rounding of the float32 head's), else the float32 head."""
+    from loraplex.model import gemm
+
+    model = LLM(tiny, num_blocks=64, block_size=4, linear_backend=linear_backend).engine.runner.model
+    hidden = torch.randn(6, TINY["hidden_size"], generator=torch.Generator().manual_seed(1))
+    want = model.base_logits(hidden)
+    got = model.draft_logits(hidden)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    if gemm.bf16_native(torch.device("cpu")):
+        assert isinstance(model._draft_head, torch.Tensor) and model._draft_head.dtype == torch.bfloat16
+        assert not torch.equal(got, want)  # the bfloat16 copy ran
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+    model._draft_head = None
+    monkeypatch.setattr(gemm, "bf16_native", lambda device: False)
+    assert torch.equal(model.draft_logits(hidden), want)
+    assert model._draft_head is False
 
 
 @pytest.mark.parametrize("case, message", [
