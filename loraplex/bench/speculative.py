@@ -16,8 +16,9 @@ Workload (b), the same requests on the bundled `invoice-json-lookahead` adapter 
 with Medusa heads trained by scripts/train_medusa_heads.py), drafts by `medusa`: the heads alone, and
 the heads with prompt lookup first where the request's own tokens match (the default).
 
-Every engine stays loaded, the repeats go round-robin over them, the medians are compared with the
-engine without drafts, and the outputs are checked to be the same token for token.
+Every engine stays loaded; at batch 1 each request runs on every engine in turn, the batches go
+round-robin over them; the medians over the repeats are compared with the engine without drafts, and the
+outputs are checked to be the same token for token.
 """
 
 from __future__ import annotations
@@ -96,20 +97,29 @@ def main(argv: list[str] | None = None) -> None:
     solo_rate: dict[str, list[float]] = {}
     batch_rate: dict[str, list[float]] = {}
     tokens: dict[str, list[list[int]]] = {}
+    names = list(engines)
     for _ in range(args.repeats):
-        for name, (llm, adapter) in engines.items():
-            start, n, got = time.perf_counter(), 0, []
-            for p in solo:
+        # Batch 1 request by request, every engine in turn (the order rotating), so that the machine's drift
+        # over a repeat weighs on every engine alike.
+        elapsed = dict.fromkeys(names, 0.0)
+        n = dict.fromkeys(names, 0)
+        got: dict[str, list[list[int]]] = {name: [] for name in names}
+        for i, p in enumerate(solo):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                llm, adapter = engines[name]
+                start = time.perf_counter()
                 out = llm.generate([p], params, adapter_id=[adapter])[0]
-                n += len(out.token_ids)
-                got.append(out.token_ids)
-            elapsed = time.perf_counter() - start
-            latency.setdefault(name, []).append(1000 * elapsed / len(solo))
-            solo_rate.setdefault(name, []).append(n / elapsed)
+                elapsed[name] += time.perf_counter() - start
+                n[name] += len(out.token_ids)
+                got[name].append(out.token_ids)
+        for name in names:
+            latency.setdefault(name, []).append(1000 * elapsed[name] / len(solo))
+            solo_rate.setdefault(name, []).append(n[name] / elapsed[name])
+        for name, (llm, adapter) in engines.items():
             start = time.perf_counter()
             outs = llm.generate(batch, params, adapter_id=[adapter] * len(batch))
             batch_rate.setdefault(name, []).append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
-            tokens[name] = got + [o.token_ids for o in outs]
+            tokens[name] = got[name] + [o.token_ids for o in outs]
     same = all(t == tokens["plain"] for t in tokens.values())
     print(f"model {args.model}, {len(solo)} invoice requests at batch 1 and {len(batch)} at once, greedy, up to 40 "
           f"new tokens, {k} draft tokens, speculation while <= "
