@@ -35,6 +35,10 @@ EOF
     echo "mutation run of $module against $* in $work"
 fi
 
+# mutmut forks a process per mutant from one that has already run torch ops; an OpenMP thread pool does not
+# survive a fork, and a mutant's tests would then hang until mutmut's timeout, which counts as killed. One
+# thread: no pool, no hang, and a timeout means the mutant's own code looped.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 rm -rf mutants
 mutmut run --max-children "${MUTATION_JOBS:-2}" || true  # a non-zero exit only says that mutants survived
 mutmut results --all true >mutants/results.txt 2>&1 || mutmut results >mutants/results.txt 2>&1 || true
