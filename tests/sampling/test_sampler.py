@@ -223,6 +223,33 @@ def test_uniforms_are_uniform_and_independent_across_seeds_and_steps() -> None:
     assert torch.equal(uniforms([7], [3]), uniforms([7, 8], [3, 3])[:1])
 
 
+def test_uniforms_are_splitmix64_as_published() -> None:
+    """`uniforms` against SplitMix64 written out with Python integers (Steele, Lea & Flood 2014: Java's
+    SplittableRandom.mix64 and its golden gamma), the reference checked first against the generator's
+    first two outputs for seed 0 as published (0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4)."""
+    mask = (1 << 64) - 1
+    gamma, key = 0x9E3779B97F4A7C15, 0x5851F42D4C957F2D
+
+    def mix64(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    assert [mix64(gamma), mix64(2 * gamma & mask)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+    seeds, steps = [0, 1, 7, 2**63 + 5, 2**64 - 1], [0, 1, 2, 1000, 2**40]
+    # uniforms: the seed mixed once, then SplitMix64's output for step t + 1 from there; its top 53 bits.
+    want = [(mix64((mix64(s ^ key) + (t + 1) * gamma) & mask) >> 11) * 2.0**-53 for s in seeds for t in steps]
+    got = uniforms([s for s in seeds for _ in steps], [t for _ in seeds for t in steps])
+    assert got.dtype == torch.float64 and got.tolist() == want
+
+
+def test_reported_logprobs_are_floored() -> None:
+    """-inf, NaN and anything below the floor are reported as the floor (JSON has no -inf nor NaN)."""
+    floor = sampler_module.LOGPROB_FLOOR
+    got = sampler_module._floored(torch.tensor([-math.inf, math.nan, floor - 1, floor, -1.5, 0.0]))
+    assert got.tolist() == [floor, floor, floor, floor, -1.5, 0.0]
+
+
 def test_draw_never_picks_a_zero_probability_token() -> None:
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
     for u in (0.0, 0.25, 0.4999999, 0.5, 0.75, 1 - 2**-53):
@@ -346,6 +373,16 @@ def test_fast_top_k_top_p_equals_the_full_sort(vocab: int) -> None:
         full = filters_module._top_k_top_p_sorted(logits, params)
         assert torch.equal(fast.isinf(), full.isinf()), (seed, scale)
         assert torch.equal(fast[fast.isfinite()], logits[fast.isfinite()])
+
+
+def test_ranked_draws_follow_the_softmax_of_large_logits() -> None:
+    """Candidates' weights are exp(logit - the largest): logits near 100 (exp overflows float32 past ~88)
+    still draw each token with its softmax share, here 0.665 / 0.245 / 0.090 for 100, 99, 98 under top-k 3."""
+    logits = torch.full((1, 64), 0.0)
+    logits[0, [5, 9, 2]] = torch.tensor([100.0, 99.0, 98.0])
+    first, _ = filters_module.candidate_tiers(logits, [SamplingParams(temperature=1.0, top_k=3)])
+    for u, token in ((0.0, 5), (0.6, 5), (0.7, 9), (0.9, 9), (0.92, 2), (1 - 2**-40, 2)):
+        assert sampler_module._draw_ranked(first, torch.tensor([u], dtype=torch.float64)).tolist() == [token], u
 
 
 def test_top_p_rows_go_through_wider_candidates_until_settled() -> None:
