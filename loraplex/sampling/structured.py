@@ -83,7 +83,9 @@ class GrammarMatcher:
     def advance(self, token_id: int) -> None:
         # The mask makes a refused token impossible; should one slip through anyway the matcher enters
         # its error state, whose mask allows only EOS, so the sequence ends instead of running unconstrained.
-        if not self._matcher.consume_token(token_id) and not self._matcher.is_stopped():
+        # (The error state counts as stopped: whether the grammar had stopped is read before the token.)
+        stopped = self._matcher.is_stopped()
+        if not self._matcher.consume_token(token_id) and not stopped:
             log.warning("grammar refused token %d: %s", token_id, self._matcher.get_error())
 
     @property

@@ -160,3 +160,38 @@ def test_compiler_caches_each_schema_once_with_lru_bound(tokenizer):
 def test_compiler_refuses_bad_cache_size(tokenizer):
     with pytest.raises(ValueError, match="cache_size must be >= 1, got 0"):
         GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id], cache_size=0)
+    one = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id], cache_size=1)
+    one.matcher(FLAG)
+    assert len(one) == 1
+
+
+def test_compiler_refuses_a_slow_tokenizer_by_name():
+    class SlowTokenizer:
+        def __len__(self) -> int:
+            return 100
+
+    with pytest.raises(ValueError, match="needs a fast \\(tokenizers\\) tokenizer, not SlowTokenizer"):
+        GrammarCompiler(SlowTokenizer(), 100, [0])  # type: ignore[arg-type]
+
+
+def test_a_complete_grammar_allows_every_eos_token_and_nothing_else(tokenizer):
+    """The compiler's EOS ids (a model may have several) are what a finished grammar lets through."""
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id, 5])
+    matcher = compiler.matcher(FLAG)
+    for token in tokenizer.encode(FLAG_TEXTS[0], add_special_tokens=False):
+        matcher.advance(token)
+    assert matcher.done and matcher.error == ""
+    assert _allowed(compiler, matcher, len(tokenizer)) == {tokenizer.eos_token_id, 5}
+
+
+def test_a_refused_token_is_logged_and_leaves_the_matcher_in_error(compiler, tokenizer, caplog):
+    matcher = compiler.matcher(FLAG)
+    with caplog.at_level("WARNING", logger="loraplex.sampling.structured"):
+        matcher.advance(tokenizer.encode('{"', add_special_tokens=False)[0])  # follows the grammar
+        assert not caplog.records
+        bad = tokenizer.encode("hello", add_special_tokens=False)[0]
+        matcher.advance(bad)
+    assert [r.getMessage() for r in caplog.records] == [f"grammar refused token {bad}: {matcher.error}"]
+    # The error state ends the grammar: only EOS may follow, so the request ends rather than run unconstrained.
+    assert matcher.error and matcher.done
+    assert _allowed(compiler, matcher, len(tokenizer)) == {tokenizer.eos_token_id}
