@@ -553,3 +553,105 @@ def test_admission_takes_the_adapter_with_the_fewest_running_first():
     out = sched.schedule()
     check_step(sched, slots, out)
     assert sorted(c.seq.request_id for c in out.chunks) == ["a0", "a1", "b0"]
+
+
+@dataclass
+class FakeDrafter:
+    """Proposes `n` drafts (token 3) whatever the request, and records the limit each call was given."""
+
+    n: int = 8
+    limits: list[tuple[str, int]] = field(default_factory=list)
+
+    def propose(self, seq: Sequence, limit: int) -> list[int]:
+        self.limits.append((seq.request_id, limit))
+        return [3] * min(self.n, limit)
+
+    def finished(self, seq: Sequence) -> None:
+        pass
+
+
+def _decoding(config: SchedulerConfig, num_blocks: int, prompts: list[int], drafter: FakeDrafter,
+              max_output: int = 100) -> tuple[Scheduler, list[Sequence]]:
+    """A scheduler with `drafter` whose requests (one per prompt length) have each taken their first token."""
+    slots = FakeSlots(1)
+    sched = Scheduler(config, BlockPool(num_blocks), BLOCK, slots, 1, False, drafter=drafter)
+    seqs = [make_seq(f"r{i}", list(range(1, n + 1)), 1000, None) for i, n in enumerate(prompts)]
+    for seq in seqs:
+        seq.max_output = max_output
+        sched.add(seq)
+    while not all(s.output_token_ids for s in seqs):
+        out = sched.schedule()
+        assert not out.num_drafts  # prompts never speculate
+        sampled = [c.seq for c in out.chunks if c.samples]
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        for seq in sampled:
+            seq.output_token_ids.append(1)
+    drafter.limits.clear()
+    return sched, seqs
+
+
+def test_drafts_are_bounded_by_the_budget_the_output_left_and_the_cap():
+    drafter = FakeDrafter()
+    sched, (seq,) = _decoding(SchedulerConfig(max_num_batched_tokens=6), 64, [5], drafter, max_output=4)
+    out = sched.schedule()
+    # 6 tokens this step: the last token and 5 drafts; the output may hold 4: 1 made, 1 to verify, 2 drafts.
+    assert drafter.limits == [("r0", 2)]
+    (chunk,) = out.chunks
+    assert (chunk.num_new_tokens, chunk.drafts, out.num_drafts) == (3, [3, 3], 2)
+    assert len(seq.block_table) == blocks_needed(seq.num_computed_tokens + 3, BLOCK)
+
+    drafter = FakeDrafter()
+    sched, (seq,) = _decoding(SchedulerConfig(max_num_batched_tokens=6), 64, [5], drafter)
+    out = sched.schedule()
+    assert drafter.limits == [("r0", 5)] and out.chunks[0].num_new_tokens == 6 and out.num_drafts == 5
+
+    drafter = FakeDrafter()  # the total-token cap: 5 computed tokens held, 9 allowed: the last token + 3 drafts
+    sched, (seq,) = _decoding(SchedulerConfig(max_num_batched_tokens=16, max_batch_total_tokens=9), 64, [5], drafter)
+    out = sched.schedule()
+    assert drafter.limits == [("r0", 3)] and out.chunks[0].drafts == [3, 3, 3]
+
+
+def test_drafts_never_take_blocks_that_are_not_free_and_never_preempt():
+    drafter = FakeDrafter()
+    # Two requests of 5 prompt tokens hold 2 blocks each (positions 0..4); 5 blocks in all: one spare.
+    sched, seqs = _decoding(SchedulerConfig(max_num_batched_tokens=32), 5, [5, 5], drafter)
+    assert sched.pool.num_free == 1
+    out = sched.schedule()  # 1 + 8 tokens at positions 5..13 would need 2 more blocks each: plain decodes
+    assert [(c.num_new_tokens, c.drafts) for c in out.chunks] == [(1, []), (1, [])]
+    assert not out.preempted and sched.pool.num_free == 1
+    for seq in seqs:  # as the engine would: both tokens made
+        seq.num_computed_tokens += 1
+        seq.output_token_ids.append(1)
+    drafter.n = 4  # positions 6..10 need a third block: the first takes the spare, the second decodes plainly
+    out = sched.schedule()
+    assert sorted((c.seq.request_id, c.num_new_tokens) for c in out.chunks) == [("r0", 5), ("r1", 1)]
+    assert not out.preempted and sched.pool.num_free == 0 and out.num_drafts == 4
+
+
+def test_no_drafts_while_more_requests_run_than_speculate():
+    drafter = FakeDrafter()
+    sched, seqs = _decoding(SchedulerConfig(max_num_batched_tokens=64, speculative_max_batch=2), 64, [3, 3, 3],
+                            drafter)
+    out = sched.schedule()
+    assert drafter.limits == [] and out.num_drafts == 0 and [c.num_new_tokens for c in out.chunks] == [1, 1, 1]
+    sched.finish(seqs[0])
+    out = sched.schedule()
+    assert [r for r, _ in drafter.limits] == ["r1", "r2"] and out.num_drafts == 2 * 8
+
+
+def test_trim_returns_the_blocks_of_rejected_drafts_as_a_new_table():
+    drafter = FakeDrafter()
+    sched, (seq,) = _decoding(SchedulerConfig(max_num_batched_tokens=16), 64, [3], drafter)
+    free = sched.pool.num_free
+    table = seq.block_table
+    out = sched.schedule()
+    (chunk,) = out.chunks
+    assert chunk.num_new_tokens == 9 and seq.num_computed_tokens == 3  # positions 3..11: blocks 0..2
+    assert len(seq.block_table) == 3 and sched.pool.num_free == free - 2
+    seq.num_computed_tokens += 2  # the last token and one draft accepted: positions 0..4 computed
+    sched.trim(seq)
+    assert len(seq.block_table) == 2 and sched.pool.num_free == free - 1
+    assert seq.block_table is not table  # decode rows keep the old list: a trimmed table is a new one
+    sched.trim(seq)
+    assert len(seq.block_table) == 2 and sched.pool.num_free == free - 1
