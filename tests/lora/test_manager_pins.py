@@ -93,3 +93,39 @@ def test_lm_head_adapters_get_head_buffers_on_first_use(tiny_base: Path, tmp_pat
     assert lora_head.a.shape == (1, 8, hidden) and lora_head.b.shape == (1, 8, vocab)
     assert lora_head.a.dtype == model.model.embed_tokens.weight.dtype == torch.float32
     assert solo[head] != LLM(str(tiny_base), num_blocks=64, block_size=4).generate([[7, 8, 9]], PARAMS)[0].token_ids
+
+
+def test_packed_rows_count_in_host_bytes_and_idle_slots_are_reused_least_recently_used_first(
+        tiny_base: Path, tmp_path: Path) -> None:
+    from loraplex.lora.adapter import load_adapter
+
+    llm = LLM(str(tiny_base), num_blocks=64, block_size=4, max_loras=2, max_lora_rank=8)
+    lora = llm.engine.lora
+    assert lora is not None
+    paths = {name: write_adapter(tmp_path / name, seed=i) for i, name in enumerate("abcd")}
+    ids = {name: AdapterIdentity("local", str(p), f"hash-{name}") for name, p in paths.items()}
+    weights = {name: lora.parse(p) for name, p in paths.items()}
+
+    raw = load_adapter(paths["a"], lora.base_config, lora.config.max_lora_rank)
+    assert weights["a"].packed is not None
+    packed = sum(c.nbytes for layer in weights["a"].packed for c in layer if c is not None)
+    assert packed > 0 and weights["a"].size_bytes == raw.size_bytes + packed  # the host tier's budget
+    assert lora.prepare(weights["a"]) is weights["a"]
+
+    for name in "ab":
+        lora.warm(ids[name], weights[name])
+    lora.warm(ids["c"], weights["c"])  # replaces a, the idle adapter used least recently
+    assert lora.slot_of(ids["a"]) is None and lora.slot_of(ids["b"]) is not None
+    slot_b = lora.slot_of(ids["b"])
+    assert lora.evict(ids["b"])  # an evicted slot is reused first, before c's
+    assert lora.warm(ids["d"], weights["d"]) == slot_b and lora.slot_of(ids["c"]) is not None
+    # A request's adapter takes an idle slot the same way: c's, used less recently than d's.
+    from loraplex.engine.sequence import Sequence
+
+    seq = Sequence("r", [1, 2], SamplingParams(), 0)
+    seq.adapter = ids["a"]
+    lora.hold(ids["a"], weights["a"])
+    assert lora.acquire(seq)
+    assert lora.slot_of(ids["c"]) is None and lora.slot_of(ids["d"]) == slot_b
+    lora.release(seq)
+    lora.drop(ids["a"])
