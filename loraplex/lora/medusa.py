@@ -90,7 +90,11 @@ def load_medusa(path: Path, base: DecoderConfig) -> MedusaHeads:
     hidden, vocab = base.hidden_size, base.vocab_size
     # Refused before it is read: the most the config's heads can take (float32, own output projections).
     most = heads * (layers * (hidden + 1) + vocab) * hidden * 4 + (1 << 20)
-    if (size := (path / HEADS_FILE).stat().st_size) > most:
+    try:
+        size = (path / HEADS_FILE).stat().st_size
+    except OSError as e:  # the reason alone: the message must not carry the server's paths
+        raise AdapterInvalid(f"{HEADS_FILE} cannot be read: {e.strerror}") from None
+    if size > most:
         raise AdapterInvalid(f"{HEADS_FILE} has {size} bytes, more than {heads} heads of {layers} layers take "
                              f"for this base model (at most {most})")
     try:

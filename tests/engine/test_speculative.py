@@ -405,6 +405,7 @@ def test_draft_logits_are_the_base_head_in_bfloat16_where_the_cpu_has_it(tiny, l
     ("nan", "0.0.linear.bias has non-finite values"),
     ("not-safetensors", "cannot be read as safetensors"),
     ("oversized", "more than 3 heads of 1 layers take"),
+    ("no-heads-file", "medusa_lm_head.safetensors cannot be read: No such file or directory$"),
 ])
 def test_bad_medusa_files_are_refused_with_what_is_wrong(tiny, tmp_path, case, message):
     import json
@@ -437,6 +438,8 @@ def test_bad_medusa_files_are_refused_with_what_is_wrong(tiny, tmp_path, case, m
         heads_file.write_bytes(b"\x00" * 64)
     elif case == "oversized":  # refused from its size, before anything is read
         heads_file.write_bytes(b"\x00" * (4 << 20))
+    elif case == "no-heads-file":  # e.g. a base head set (--speculative-medusa-heads) without its weights
+        heads_file.unlink()
     config = LLM(tiny, num_blocks=16, block_size=4).engine.runner.model.config
     with pytest.raises(AdapterInvalid, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_medusa(folder, config)
