@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -141,8 +142,6 @@ class CausalLM(nn.Module):
         self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else None
         self.lora_head: nn.Module | None = None
         """Installed by the LoRA manager once an adapter targets lm_head."""
-        self._draft_head: torch.Tensor | bool | None = None
-        """`draft_logits`' head: a bfloat16 prepacked copy, False for the base head, None before the first use."""
 
     def use_attention(self, attend: PagedAttention) -> None:
         """Run every layer's paged attention with `attend` (loraplex.model.attention.attention_op)."""
@@ -173,20 +172,22 @@ class CausalLM(nn.Module):
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base LM head for drafts (Medusa heads that share it), float32 out. A draft needs only its top
         token and verification decides what is kept, so a float32 model on a CPU that multiplies bfloat16
-        natively reads a bfloat16 copy of the head, prepacked on first use: half the bytes per step (the
-        demo model, 4 rows: 1.0 ms instead of 2.5). Elsewhere `base_logits`."""
+        natively reads a bfloat16 copy of the head (`_draft_head`): half the bytes per step (the demo model,
+        4 rows: 1.0 ms instead of 2.5). Elsewhere `base_logits`."""
         if self._draft_head is None:
-            weight = self.model.embed_tokens.weight
-            if weight.dtype == torch.float32 and gemm.bf16_native(weight.device):
-                plain = weight if self.lm_head is None else self.lm_head.dense_t().t()
-                self._draft_head = gemm.prepack(plain.to(torch.bfloat16))
-                log.info("Medusa drafts read a bfloat16 copy of the LM head (%.0f MiB)",
-                         self._draft_head.numel() * 2 / 2**20)
-            else:
-                self._draft_head = False
-        if not isinstance(self._draft_head, torch.Tensor):
             return self.base_logits(hidden)
         return gemm.linear(hidden.to(torch.bfloat16), self._draft_head, None).float()
+
+    @functools.cached_property
+    def _draft_head(self) -> torch.Tensor | None:
+        """`draft_logits`' bfloat16 prepacked head, made on first use; None where bfloat16 is not native."""
+        weight = self.model.embed_tokens.weight
+        if weight.dtype != torch.float32 or not gemm.bf16_native(weight.device):
+            return None
+        plain = weight if self.lm_head is None else self.lm_head.dense_t().t()
+        packed = gemm.prepack(plain.to(torch.bfloat16))
+        log.info("Medusa drafts read a bfloat16 copy of the LM head (%.0f MiB)", packed.numel() * 2 / 2**20)
+        return packed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] → logits [rows, vocab] in float32 (call inside the forward context)."""

@@ -31,9 +31,8 @@ def onednn_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether oneDNN multiplies bfloat16 natively here (a CPU with AVX-512 BF16 or AMX)."""
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether prepacked oneDNN linears multiply bfloat16 natively here (a CPU with AVX-512 BF16 or AMX)."""
+    return onednn_supported(device, torch.float32) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
