@@ -12,7 +12,9 @@ from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
 from loraplex.adapters.ref import AdapterIdentity
-from loraplex.lora.manager import NoFreeSlot
+from loraplex.engine.sequence import Sequence
+from loraplex.lora.adapter import AdapterWeights, load_adapter
+from loraplex.lora.manager import LoRAManager, NoFreeSlot
 from tests.adapters.adapter_files import write_adapter
 from tests.helpers import TINY, save_tiny
 from tests.lora.peft_fixtures import make_adapter
@@ -25,13 +27,18 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny(LlamaConfig(**TINY, architectures=["LlamaForCausalLM"]), tmp_path_factory.mktemp("base"))
 
 
-def test_pins_hold_a_slot_until_unpinned_and_warm_loads_stay_evictable(tiny_base: Path, tmp_path: Path) -> None:
-    llm = LLM(str(tiny_base), num_blocks=64, block_size=4, max_loras=2, max_lora_rank=8)
-    lora = llm.engine.lora
+def _two_slots_four_adapters(tiny_base: Path, tmp_path: Path) -> tuple[
+        LoRAManager, dict[str, Path], dict[str, AdapterIdentity], dict[str, AdapterWeights]]:
+    """An engine's LoRA manager with 2 slots, and adapters a-d: their folders, identities and parsed weights."""
+    lora = LLM(str(tiny_base), num_blocks=64, block_size=4, max_loras=2, max_lora_rank=8).engine.lora
     assert lora is not None
     paths = {name: write_adapter(tmp_path / name, seed=i) for i, name in enumerate("abcd")}
     ids = {name: AdapterIdentity("local", str(p), f"hash-{name}") for name, p in paths.items()}
-    weights = {name: lora.parse(p) for name, p in paths.items()}
+    return lora, paths, ids, {name: lora.parse(p) for name, p in paths.items()}
+
+
+def test_pins_hold_a_slot_until_unpinned_and_warm_loads_stay_evictable(tiny_base: Path, tmp_path: Path) -> None:
+    lora, paths, ids, weights = _two_slots_four_adapters(tiny_base, tmp_path)
 
     slot = lora.pin(ids["a"], weights["a"])
     assert lora.is_pinned(ids["a"]) and lora.slot_of(ids["a"]) == slot
@@ -87,8 +94,10 @@ def test_lm_head_adapters_get_head_buffers_on_first_use(tiny_base: Path, tmp_pat
     # One slot, used in turn: the head rows are loaded with the head adapter and cleared for the plain one.
     for p in (head, plain, head):
         assert llm.generate([[7, 8, 9]], PARAMS, adapter_id=p)[0].token_ids == solo[p], p
-    lora_head = model.lora_head
-    assert lora_head is not None
+        lora_head = model.lora_head
+        assert lora_head is not None
+        assert int(lora_head.ranks[0]) == (4 if p == head else 0), p
+        assert bool(lora_head.b[0].any()) == (p == head) and bool(lora_head.a[0].any()) == (p == head), p
     hidden, vocab = TINY["hidden_size"], TINY["vocab_size"]
     assert lora_head.a.shape == (1, 8, hidden) and lora_head.b.shape == (1, 8, vocab)
     assert lora_head.a.dtype == model.model.embed_tokens.weight.dtype == torch.float32
@@ -97,14 +106,7 @@ def test_lm_head_adapters_get_head_buffers_on_first_use(tiny_base: Path, tmp_pat
 
 def test_packed_rows_count_in_host_bytes_and_idle_slots_are_reused_least_recently_used_first(
         tiny_base: Path, tmp_path: Path) -> None:
-    from loraplex.lora.adapter import load_adapter
-
-    llm = LLM(str(tiny_base), num_blocks=64, block_size=4, max_loras=2, max_lora_rank=8)
-    lora = llm.engine.lora
-    assert lora is not None
-    paths = {name: write_adapter(tmp_path / name, seed=i) for i, name in enumerate("abcd")}
-    ids = {name: AdapterIdentity("local", str(p), f"hash-{name}") for name, p in paths.items()}
-    weights = {name: lora.parse(p) for name, p in paths.items()}
+    lora, paths, ids, weights = _two_slots_four_adapters(tiny_base, tmp_path)
 
     raw = load_adapter(paths["a"], lora.base_config, lora.config.max_lora_rank)
     assert weights["a"].packed is not None
@@ -120,8 +122,6 @@ def test_packed_rows_count_in_host_bytes_and_idle_slots_are_reused_least_recentl
     assert lora.evict(ids["b"])  # an evicted slot is reused first, before c's
     assert lora.warm(ids["d"], weights["d"]) == slot_b and lora.slot_of(ids["c"]) is not None
     # A request's adapter takes an idle slot the same way: c's, used less recently than d's.
-    from loraplex.engine.sequence import Sequence
-
     seq = Sequence("r", [1, 2], SamplingParams(), 0)
     seq.adapter = ids["a"]
     lora.hold(ids["a"], weights["a"])
