@@ -32,7 +32,9 @@ def onednn_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 def bf16_native(device: torch.device) -> bool:
     """Whether prepacked oneDNN linears multiply bfloat16 natively here (a CPU with AVX-512 BF16 or AMX)."""
-    return onednn_supported(device, torch.float32) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    ops = torch.ops.mkldnn
+    return (onednn_supported(device, torch.float32) and hasattr(ops, "_is_mkldnn_bf16_supported")
+            and bool(ops._is_mkldnn_bf16_supported()))
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
