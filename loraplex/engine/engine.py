@@ -94,6 +94,8 @@ class Engine:
         self.drafter: Drafter | None = None
         """Speculative decoding's draft proposer (loraplex/engine/speculative.py); None when it is off."""
         self._medusa: MedusaDrafter | None = None
+        self._draft_failures = 0
+        """Medusa drafting calls that raised (each costs that step's drafts)."""
         spec = config.scheduler
         if spec.speculative_tokens > 0 and spec.speculative_method == "medusa":
             lora = self.lora
@@ -394,7 +396,11 @@ class Engine:
                 self._medusa.draft(kept, hidden)
                 return
             except Exception:  # drafts are optional: a failure costs speed, never a request (nor the step)
-                log.warning("Medusa drafting failed; these requests go on without drafts", exc_info=True)
+                # A lasting failure would log every step: the first with its traceback, then one in 1,000.
+                self._draft_failures += 1
+                if self._draft_failures % 1000 == 1:
+                    log.warning("Medusa drafting failed (%d times so far); these requests go on without drafts",
+                                self._draft_failures, exc_info=self._draft_failures == 1)
         for seq in kept:
             seq.medusa_drafts = []
 

@@ -485,7 +485,7 @@ def test_drafts_under_kv_pressure_preemption_and_slot_parking(tiny, tiny_adapter
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
-def test_a_failing_medusa_drafter_costs_drafts_not_requests(tiny, medusa_adapters, monkeypatch):
+def test_a_failing_medusa_drafter_costs_drafts_not_requests(tiny, medusa_adapters, monkeypatch, caplog):
     prompts, params, _ = _requests(6, [])
     ids = [medusa_adapters["heads-v1"]] * len(prompts)
     options = dict(num_blocks=256, block_size=4, max_loras=1, max_lora_rank=8)
@@ -497,6 +497,11 @@ def test_a_failing_medusa_drafter_costs_drafts_not_requests(tiny, medusa_adapter
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(llm.engine._medusa, "draft", broken)
-    got = llm.generate(prompts, params, adapter_id=ids)
+    with caplog.at_level("WARNING", logger="loraplex.engine.engine"):
+        got = llm.generate(prompts, params, adapter_id=ids)
     assert [o.token_ids for o in got] == [o.token_ids for o in plain] and all(o.error is None for o in got)
     assert llm.engine.draft_tokens == 0
+    # Failing at every step, it is logged once (with the traceback), not once per step.
+    assert llm.engine._draft_failures > 1
+    warned = [r for r in caplog.records if "Medusa drafting failed" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].exc_info is not None
