@@ -31,6 +31,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
+        self.failures: dict[str, tuple[int, str]] = {}  # path part → (status, message) answered instead
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -83,6 +84,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _serve(self, body: bool) -> None:
             path = unquote(urlparse(self.path).path)
             hub.requests.append((self.command, path, self.headers.get("Authorization")))
+            failure = next((f for part, f in hub.failures.items() if part in path), None)
+            if failure is not None:
+                return self._error(failure[0], None, failure[1])
             routes = ((tree_route, "tree"), (info_route, "info"), (file_route, "file"))
             routed = next(((kind, m) for route, kind in routes if (m := route.match(path))), None)
             if routed is None:

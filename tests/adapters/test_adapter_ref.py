@@ -120,3 +120,21 @@ def test_build_sources_knows_registered_names_and_refuses_others(monkeypatch: py
     assert set(built) == {"local", "nothing_test"}
     with pytest.raises(ValueError, match="'nope'"):
         build_sources(AdapterSourceConfig(sources=("nope",)))
+
+
+@pytest.mark.parametrize("name", ["", "has-dash", "has space", "1starts_with_digit", "a/b"])
+def test_a_source_name_must_be_an_identifier(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "_REGISTRY", dict(sources._REGISTRY))
+    with pytest.raises(ValueError, match=f"adapter source names are identifiers, got {name!r}"):
+        register_source(name, lambda config: None)  # type: ignore[arg-type,return-value]
+    assert name not in sources.source_names()
+
+
+def test_what_a_client_is_told_of_a_fetch_failure() -> None:
+    detail = sources.fetch_error_detail
+    # An OSError's text names local files: only its kind and reason go out.
+    assert detail(FileNotFoundError(2, "No such file or directory", "/srv/cache/x")) == (
+        "FileNotFoundError: No such file or directory")
+    assert detail(OSError("/srv/cache/x")) == "OSError: I/O error"
+    assert detail(TimeoutError(110, "Connection timed out")) == "TimeoutError: Connection timed out"
+    assert detail(ValueError("bad header")) == "ValueError: bad header"

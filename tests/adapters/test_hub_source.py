@@ -13,6 +13,7 @@ from loraplex.adapters.disk_store import DiskStore
 from loraplex.adapters.hub_source import ADAPTER_FILES, HubSource
 from loraplex.adapters.loader import AdapterLoader
 from loraplex.adapters.ref import AdapterIdentity, AdapterRef, parse_ref
+from loraplex.adapters.sources import Resolved
 from loraplex.config import AdapterSourceConfig
 from loraplex.lora.adapter import AdapterAccessDenied, AdapterFetchError, AdapterNotFound
 from tests.adapters.adapter_files import adapter_files, medusa_files, parse, write_adapter
@@ -129,3 +130,99 @@ def test_an_unreachable_hub_is_a_fetch_error() -> None:
         with pytest.raises(AdapterFetchError, match="hub:org/any") as info:
             source.resolve(AdapterRef("hub", "org/any"), None)
     assert isinstance(info.value.__cause__, Exception)
+
+
+def test_a_pinned_commit_is_trusted_for_good_and_fetched_exactly(hub: FakeHub, tmp_path: Path) -> None:
+    import math
+
+    old = hub.publish("org/moving", adapter_files(seed=1))
+    hub.publish("org/moving", adapter_files(seed=2))  # the branch has moved on since
+    source = hub_source(hub)
+    assert source.resolve(AdapterRef("hub", "org/moving", old), None) == Resolved(version=old, ttl_s=math.inf)
+    assert source.resolve(AdapterRef("hub", "org/moving"), None).ttl_s is None  # a branch: revalidated
+    with loader_for(source, tmp_path) as loader:
+        pinned = loader.request(parse_ref(f"org/moving@{old}", "hub")).result(timeout=60)
+    assert pinned.weights.content_hash == parse(write_adapter(tmp_path / "old", seed=1)).content_hash
+
+
+def test_a_fetch_leaves_no_bookkeeping_and_draws_no_progress_bars(hub: FakeHub, tmp_path: Path,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    hub.publish("org/public", adapter_files(seed=3))
+    with loader_for(hub_source(hub), tmp_path) as loader:
+        loaded = loader.request(AdapterRef("hub", "org/public")).result(timeout=60)
+    assert not (loaded.path / ".cache").exists()  # huggingface_hub's local_dir metadata is removed
+    assert capfd.readouterr().err == ""
+
+
+def test_offline_a_pinned_revision_is_served_from_the_cache_for_good(hub: FakeHub, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import math
+
+    from huggingface_hub import constants
+
+    old = hub.publish("org/cached", adapter_files(seed=1))
+    new = hub.publish("org/cached", adapter_files(seed=2))
+    cache = tmp_path / "hf-cache"
+    for revision in (old, "main"):
+        snapshot_download("org/cached", revision=revision, cache_dir=cache, endpoint=hub.url,
+                          allow_patterns=ADAPTER_FILES)
+    seen = len(hub.requests)
+    # Were the source to go online after all, it would reach the fake hub (and the test would see it).
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    source = HubSource(AdapterSourceConfig(hub_offline=True, hub_cache_dir=str(cache)))
+    pinned = source.resolve(AdapterRef("hub", "org/cached", old), None)
+    assert (pinned.version, pinned.ttl_s) == (old, math.inf) and pinned.path is not None
+    latest = source.resolve(AdapterRef("hub", "org/cached"), None)
+    assert (latest.version, latest.ttl_s) == (new, None)
+    assert parse(pinned.path).content_hash == parse(write_adapter(tmp_path / "old", seed=1)).content_hash
+    assert len(hub.requests) == seen
+
+
+def test_the_offline_setting_defaults_to_huggingface_hubs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    for hf_offline in (True, False):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hf_offline)
+        assert HubSource(AdapterSourceConfig(hub_offline=None)).is_offline() is hf_offline
+        assert HubSource(AdapterSourceConfig(hub_offline=not hf_offline)).is_offline() is (not hf_offline)
+
+
+def test_a_hub_that_goes_away_between_resolve_and_fetch_is_a_fetch_error(hub: FakeHub, tmp_path: Path) -> None:
+    sha = hub.publish("org/public", adapter_files(seed=3))
+    source = hub_source(hub)
+    resolved = source.resolve(AdapterRef("hub", "org/public"), None)
+    assert resolved.version == sha
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening
+        source.endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        with pytest.raises(AdapterFetchError, match="hub:org/public: .*(could not be reached|failed)"):
+            source.fetch(AdapterRef("hub", "org/public"), resolved, None, dest)
+
+
+def test_a_server_error_is_reported_with_its_first_line_and_the_endpoint(hub: FakeHub,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.hf_api import ModelInfo
+
+    hub.publish("org/flaky", adapter_files())
+    hub.failures["/api/models/org/flaky"] = (500, "the database is down")
+    with pytest.raises(AdapterFetchError, match=r"hub:org/flaky: the hub answered HTTP 500: ") as info:
+        hub_source(hub).resolve(AdapterRef("hub", "org/flaky"), None)
+    assert "\n" not in str(info.value)
+    hub.failures.clear()
+    # A hub that answers without the commit sha: named by its endpoint (the configured one, else the default).
+    monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: ModelInfo(id="org/flaky", sha=None))
+    with pytest.raises(AdapterFetchError, match=f"the hub at {hub.url} did not say which commit"):
+        hub_source(hub).resolve(AdapterRef("hub", "org/flaky"), None)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example")
+    with pytest.raises(AdapterFetchError, match="the hub at https://hub.example did not say"):
+        HubSource(AdapterSourceConfig(hub_offline=False)).resolve(AdapterRef("hub", "org/flaky"), None)
+
+
+def test_an_error_message_is_its_first_non_blank_line_else_its_kind() -> None:
+    from loraplex.adapters.hub_source import _first_line
+
+    assert _first_line(RuntimeError("\n  \nfirst\nsecond")) == "first"
+    assert _first_line(ValueError("")) == "ValueError"
