@@ -5,6 +5,9 @@
 #   scripts/mutation.sh                          the whole target as configured (hours on 2 cores)
 #   scripts/mutation.sh MODULE TESTS...          one module (or package folder) against the tests given, e.g.
 #   scripts/mutation.sh loraplex/kv/block_pool.py tests/kv/test_block_pool.py
+#   MUTATION_SAMPLE=300 scripts/mutation.sh loraplex/server tests/server tests/e2e
+#                                                a random sample of the mutants (MUTATION_SEED, default 0):
+#                                                for modules whose tests are slow (the e2e tests)
 #
 # With a module, mutmut runs in a scratch copy of the work tree whose [tool.mutmut] names only that
 # module and those tests (mutmut first runs its whole test selection once to learn which test covers
@@ -40,7 +43,24 @@ fi
 # thread: no pool, no hang, and a timeout means the mutant's own code looped.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 rm -rf mutants
-mutmut run --max-children "${MUTATION_JOBS:-2}" || true  # a non-zero exit only says that mutants survived
+if [[ -n ${MUTATION_SAMPLE:-} ]]; then
+    # First the mutants and the test coverage map, with no mutant run: a name that matches no mutant stops
+    # mutmut after both are written. Then a seeded random sample of the mutants' names, run by name.
+    mutmut run --max-children "${MUTATION_JOBS:-2}" "no-mutant-has-this-name" >mutants-setup.log 2>&1 || true
+    [[ -s mutants/mutmut-stats.json ]] || { cat mutants-setup.log >&2; echo "mutmut setup failed" >&2; exit 1; }
+    mapfile -t sample < <(python - "$MUTATION_SAMPLE" "${MUTATION_SEED:-0}" <<'EOF'
+import json, pathlib, random, sys
+names = sorted(name for meta in pathlib.Path("mutants").rglob("*.meta")
+               for name in json.loads(meta.read_text())["exit_code_by_key"])
+random.Random(int(sys.argv[2])).shuffle(names)
+print(f"sampled {min(len(names), int(sys.argv[1]))} of {len(names)} mutants", file=sys.stderr)
+print("\n".join(sorted(names[:int(sys.argv[1])])))
+EOF
+    )
+    mutmut run --max-children "${MUTATION_JOBS:-2}" "${sample[@]}" || true
+else
+    mutmut run --max-children "${MUTATION_JOBS:-2}" || true  # a non-zero exit only says that mutants survived
+fi
 mutmut results --all true >mutants/results.txt 2>&1 || mutmut results >mutants/results.txt 2>&1 || true
 python - mutants/results.txt <<'EOF'
 import collections, re, sys
