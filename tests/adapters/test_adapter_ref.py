@@ -138,3 +138,49 @@ def test_what_a_client_is_told_of_a_fetch_failure() -> None:
     assert detail(OSError("/srv/cache/x")) == "OSError: I/O error"
     assert detail(TimeoutError(110, "Connection timed out")) == "TimeoutError: Connection timed out"
     assert detail(ValueError("bad header")) == "ValueError: bad header"
+
+
+@pytest.mark.parametrize(("text", "source", "message"), [
+    ("o" * 48 + "/" + "n" * 48, "hub", "not a Hugging Face repo id"),  # 97 characters with the slash
+    ("org/na..me", "hub", "not a Hugging Face repo id"),
+    ("org/name.git", "hub", "not a Hugging Face repo id"),
+    ("org/name@a..b", "hub", "not a branch"),
+    ("org/name@branch/", "hub", "not a branch"),
+    ("org/name@branch.lock", "hub", "not a branch"),
+    ("s3://my..bucket/x", None, "not an S3 bucket"),
+    ("s3://bucket/./a", None, "empty, '.' or '..'"),
+    ("s3://bucket/a/.", None, "empty, '.' or '..'"),
+])
+def test_parse_ref_refuses_the_edges_of_each_sources_names(text: str, source: str | None, message: str) -> None:
+    with pytest.raises(AdapterIdInvalid, match=re.escape(message)):
+        parse_ref(text, source, local_paths=False)
+
+
+@pytest.mark.parametrize(("text", "source", "expected"), [
+    ("x" * MAX_ADAPTER_ID_CHARS, "local", AdapterRef("local", "x" * MAX_ADAPTER_ID_CHARS)),  # exactly the limit
+    ("o" * 47 + "/" + "n" * 48, "hub", AdapterRef("hub", "o" * 47 + "/" + "n" * 48)),  # 96: the hub's limit
+    ("org/name.gitx@v1.lockx", "hub", AdapterRef("hub", "org/name.gitx", "v1.lockx")),
+    ("s3:///bucket/", None, None),  # no bucket: refused below
+    ("s3://bucket//a/", None, AdapterRef("s3", "bucket/a")),
+    ("s3://bucket///", None, AdapterRef("s3", "bucket")),
+])
+def test_parse_ref_accepts_up_to_each_limit(text: str, source: str | None, expected: AdapterRef | None) -> None:
+    if expected is None:
+        with pytest.raises(AdapterIdInvalid, match="not an S3 bucket"):
+            parse_ref(text, source, local_paths=False)
+    else:
+        assert parse_ref(text, source, local_paths=False) == expected
+
+
+def test_a_refused_id_is_quoted_cut_short_with_an_ellipsis_only_when_cut() -> None:
+    from loraplex.adapters.ref import shown_id
+
+    assert shown_id("x" * 40) == repr("x" * 40)
+    assert shown_id("x" * 41) == repr("x" * 40) + "..."
+    with pytest.raises(AdapterIdInvalid, match=re.escape("local adapter id 'a b': the name 'a b' may")):
+        parse_ref("a b", "local", local_paths=False)
+
+
+def test_a_ref_without_a_revision_prints_without_an_at() -> None:
+    assert str(AdapterRef("hub", "org/name")) == "hub:org/name"
+    assert str(AdapterRef("local", "team/x@y")) == "local:team/x@y"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,86 @@ def test_an_unreachable_endpoint_is_a_fetch_error(monkeypatch: pytest.MonkeyPatc
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: refused
         with pytest.raises(AdapterFetchError, match=f"s3:{BUCKET}/x"):
             source(closed).resolve(AdapterRef("s3", f"{BUCKET}/x"), None)
+
+
+def test_the_endpoint_comes_from_the_standard_variable_when_not_configured(monkeypatch: pytest.MonkeyPatch,
+                                                                           endpoint: str, s3: Any) -> None:
+    upload(s3, "team/env", adapter_files(seed=1))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    src = S3Source(AdapterSourceConfig())
+    assert src.endpoint_url == endpoint
+    assert src.resolve(AdapterRef("s3", f"{BUCKET}/team/env"), None).version.startswith("etag-")
+    assert S3Source(AdapterSourceConfig(s3_endpoint_url="http://configured:9000")).endpoint_url == (
+        "http://configured:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert S3Source(AdapterSourceConfig()).endpoint_url is None
+
+
+def test_an_s3_ref_with_a_revision_is_invalid(endpoint: str) -> None:
+    with pytest.raises(AdapterInvalid, match=f"s3:{BUCKET}/x@v1: s3 adapters have no revisions"):
+        source(endpoint).resolve(AdapterRef("s3", f"{BUCKET}/x", "v1"), None)
+
+
+def test_an_adapter_may_fill_a_whole_bucket(endpoint: str, s3: Any, tmp_path: Path) -> None:
+    s3.create_bucket(Bucket="whole-adapter")
+    for name, data in adapter_files(seed=2).items():
+        s3.put_object(Bucket="whole-adapter", Key=name, Body=data)
+    with AdapterLoader({"s3": source(endpoint)}, parse) as loader:
+        loaded = loader.request(parse_ref("s3://whole-adapter")).result(timeout=60)
+    assert loaded.weights.content_hash == parse(write_adapter(tmp_path / "same", seed=2)).content_hash
+
+
+def test_an_object_replaced_during_the_fetch_is_refused_not_mixed(endpoint: str, s3: Any, tmp_path: Path) -> None:
+    # The fetch lists the objects, then reads each one by the ETag it listed (If-Match): a write that lands
+    # between the two fails the fetch instead of mixing two versions' files.
+    upload(s3, "team/race", adapter_files(seed=1))
+    src, ref = source(endpoint), AdapterRef("s3", f"{BUCKET}/team/race")
+    resolved = src.resolve(ref, None)
+    listed = src._list  # noqa: SLF001
+
+    def list_then_replace(r: AdapterRef) -> dict[str, dict[str, Any]]:
+        objects = listed(r)
+        upload(s3, "team/race", {SAFETENSORS_FILE: adapter_files(seed=2)[SAFETENSORS_FILE]})
+        return objects
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(src, "_list", list_then_replace)
+    try:
+        with pytest.raises(AdapterFetchError, match=f"s3:{BUCKET}/team/race: S3 error PreconditionFailed"):
+            src.fetch(ref, resolved, None, tmp_path)
+    finally:
+        monkeypatch.undo()
+
+
+def test_a_body_shorter_than_its_listed_size_fails_the_fetch(endpoint: str, s3: Any, tmp_path: Path) -> None:
+    upload(s3, "team/short", adapter_files(seed=1))
+    src, ref = source(endpoint), AdapterRef("s3", f"{BUCKET}/team/short")
+    resolved = src.resolve(ref, None)
+    client = src._s3()  # noqa: SLF001
+    real_get = client.get_object
+
+    class Truncated:
+        def __init__(self, body: Any) -> None:
+            self.body, self.left = body, 10
+
+        def read(self, n: int) -> bytes:
+            data = self.body.read(min(n, self.left))
+            self.left -= len(data)
+            return data
+
+        def __enter__(self) -> Truncated:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.body.close()
+
+    def get_object(**kwargs: Any) -> dict[str, Any]:
+        answer = real_get(**kwargs)
+        return {**answer, "Body": Truncated(answer["Body"])}
+
+    client.get_object = get_object
+    sizes = {name: len(data) for name, data in adapter_files(seed=1).items()}
+    with pytest.raises(AdapterFetchError, match=r"s3://adapters/team/short/(\S+) ended after 10 of (\d+) bytes") as info:
+        src.fetch(ref, resolved, None, tmp_path)
+    name, size = re.search(r"team/short/(\S+) ended after 10 of (\d+)", str(info.value)).groups()  # type: ignore[union-attr]
+    assert sizes[name] == int(size)
