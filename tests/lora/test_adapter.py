@@ -356,7 +356,87 @@ def test_dora_magnitude_without_use_dora(adapter_copy: Path) -> None:
 ])
 def test_config_field_rejected(adapter_copy: Path, field: str, value: Any) -> None:
     edit_config(adapter_copy, **{field: value})
-    raises(adapter_copy, field)
+    # The whole message: it is what a client reads in the 422 (the field, its value, and why).
+    why = {
+        "peft_type": "is not supported; loraplex serves LORA adapters",
+        "task_type": "is not supported; loraplex serves CAUSAL_LM adapters",
+        "bias": "is not supported (adapters that train biases); only 'none' is",
+        "init_lora_weights": "means the adapter fits a base model PEFT modified at init; convert it with "
+                             "save_pretrained(path_initial_model_for_weight_conversion=...) first",
+        "some_future_flag": "is a field loraplex does not know, so it cannot vouch for the adapter's math",
+        "r": f"must be a positive integer of at most {1 << 20}",
+        "lora_alpha": "must be a finite number within float32's range",
+        "rank_pattern": f"must map module patterns to positive integers of at most {1 << 20}",
+    }.get(field, "is not supported by loraplex")
+    with pytest.raises(AdapterInvalid) as info:
+        load_adapter(adapter_copy, base_of())
+    assert str(info.value) == f"adapter_config.json: {field}={value!r} {why}"
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"alpha_pattern": {"q_proj": "x"}},
+     "adapter_config.json: alpha_pattern={'q_proj': 'x'} must map module patterns to finite numbers within "
+     "float32's range"),
+    ({"rank_pattern": ["q_proj"]},
+     f"adapter_config.json: rank_pattern=['q_proj'] must map module patterns to positive integers of at most "
+     f"{1 << 20}"),
+    ({"target_modules": 5}, "adapter_config.json: target_modules=5 must be a list of names or a regex string"),
+    ({"target_modules": {"q_proj": 1}},
+     "adapter_config.json: target_modules={'q_proj': 1} must be a list of names or a regex string"),
+])
+def test_config_values_of_the_wrong_kind_are_named(adapter_copy: Path, changes: dict[str, Any], message: str) -> None:
+    edit_config(adapter_copy, **changes)
+    with pytest.raises(AdapterInvalid) as info:
+        load_adapter(adapter_copy, base_of())
+    assert str(info.value) == message
+
+
+def test_config_edges_that_load(adapter_copy: Path) -> None:
+    # No target_modules (PEFT then uses its per-architecture defaults; the weights say what is adapted), the
+    # largest rank a config may claim in a pattern, and lora_alpha at float32's largest value.
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    del config["target_modules"], config["lora_alpha"]  # lora_alpha defaults to 8, as in PEFT
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    adapter = load_adapter(adapter_copy, base_of())
+    assert {m.scale for m in adapter.layers.values()} == {8 / 4}
+    edit_config(adapter_copy, rank_pattern={"nothing_matches": 1 << 20}, r=1 << 20, lora_alpha=0)
+    with pytest.raises(AdapterInvalid, match=r"needs \(1048576, 64\)"):  # r is allowed; the tensors then disagree
+        load_adapter(adapter_copy, base_of())
+    biggest = float(torch.finfo(torch.float32).max)
+    edit_config(adapter_copy, r=4, rank_pattern={}, lora_alpha=biggest)  # B's entries are below 4: no overflow
+    assert {m.scale for m in load_adapter(adapter_copy, base_of()).layers.values()} == {biggest / 4}
+
+
+def test_a_config_that_is_not_an_object_is_named(adapter_copy: Path) -> None:
+    (adapter_copy / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(AdapterInvalid) as info:
+        load_adapter(adapter_copy, base_of())
+    assert str(info.value) == f"{adapter_copy / 'adapter_config.json'} must hold a JSON object, not list"
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['BOOM']).write_text('ran')",))
+
+
+def test_a_legacy_bin_is_read_without_running_its_pickle(adapter_copy: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    flag = tmp_path / "flag"
+    monkeypatch.setenv("BOOM", str(flag))
+    (adapter_copy / "adapter_model.safetensors").unlink()
+    torch.save({"x": _Boom()}, adapter_copy / "adapter_model.bin")
+    with pytest.raises(AdapterInvalid, match="not a readable torch weights file"):
+        load_adapter(adapter_copy, base_of())
+    assert not flag.exists()
+
+
+@pytest.mark.parametrize("state", [[torch.zeros(2)], {"x": 1}, {1: torch.zeros(2)}])
+def test_a_legacy_bin_must_map_names_to_tensors(adapter_copy: Path, state: Any) -> None:
+    (adapter_copy / "adapter_model.safetensors").unlink()
+    torch.save(state, adapter_copy / "adapter_model.bin")
+    with pytest.raises(AdapterInvalid) as info:
+        load_adapter(adapter_copy, base_of())
+    assert str(info.value) == f"{adapter_copy / 'adapter_model.bin'} does not hold a mapping of tensor names to tensors"
 
 
 def test_training_only_fields_ignored(adapter_copy: Path) -> None:
