@@ -501,3 +501,126 @@ def test_overlapping_patterns_take_the_first_match_as_peft_does(tmp_path: Path, 
     layer1, layer0 = adapter.layers[(1, "q_proj")], adapter.layers[(0, "q_proj")]
     assert (layer1.rank, layer1.scale) == ((6, 30 / 6) if specific_first else (2, 10 / 2))
     assert (layer0.rank, layer0.scale) == (2, 10 / 2)
+
+
+# --- which modules a config selects, and Medusa heads beside (or instead of) the LoRA --------------
+
+
+@pytest.mark.parametrize(("exclude", "refused"), [
+    (["q_proj"], "model.layers.0.self_attn.q_proj"),  # a name matches every key ending in '.q_proj'
+    (["model.layers.2.self_attn.v_proj"], "model.layers.2.self_attn.v_proj"),  # or one whole key
+    (r"model\.layers\.1\..*", "model.layers.1.self_attn.q_proj"),  # a string is a regex over whole keys
+])
+def test_exclude_modules_unselects_what_it_names(adapter_copy: Path, exclude: Any, refused: str) -> None:
+    edit_config(adapter_copy, exclude_modules=exclude)
+    with pytest.raises(AdapterInvalid) as info:
+        load_adapter(adapter_copy, base_of())
+    targets = json.loads((adapter_copy / "adapter_config.json").read_text())["target_modules"]  # PEFT's order
+    assert str(info.value) == (f"adapter_model.safetensors has weights for {refused}, which target_modules "
+                               f"{targets!r} of adapter_config.json does not select")
+
+
+@pytest.mark.parametrize("exclude", [["k_proj"], ["self_attn.q"], r"model\.layers\.9\..*", []])
+def test_exclude_modules_that_name_nothing_with_weights_change_nothing(adapter_copy: Path, exclude: Any) -> None:
+    edit_config(adapter_copy, exclude_modules=exclude)
+    assert set(load_adapter(adapter_copy, base_of()).targets) == {"q_proj", "v_proj"}
+
+
+def test_peft_exclude_modules_round_trip(tmp_path: Path) -> None:
+    peft_model = make_adapter(tmp_path, target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])
+    adapter = load_adapter(tmp_path, base_of())
+    assert_matches_peft(adapter, peft_model)
+    assert adapter.targets == {"q_proj"}
+
+
+def test_all_linear_selects_every_projection_but_not_the_lm_head(adapter_copy: Path, tmp_path: Path) -> None:
+    edit_config(adapter_copy, target_modules="all-linear")
+    assert load_adapter(adapter_copy, base_of()).targets == {"q_proj", "v_proj"}
+    with_head = tmp_path / "head"
+    make_adapter(with_head, target_modules=["q_proj", "lm_head"])
+    edit_config(with_head, target_modules="all-linear")
+    with pytest.raises(AdapterInvalid, match="weights for lm_head, which target_modules 'all-linear'"):
+        load_adapter(with_head, base_of())
+
+
+@pytest.mark.parametrize("pattern", ["layers", ["blocks", "layers"]])
+def test_layers_pattern_as_a_string_or_a_list(tmp_path: Path, pattern: Any) -> None:
+    make_adapter(tmp_path, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
+    edit_config(tmp_path, layers_pattern=pattern)
+    assert {layer for layer, _ in load_adapter(tmp_path, base_of()).layers} == {1}
+    edit_config(tmp_path, layers_to_transform=[0])  # the weights of layer 1 are then not selected
+    with pytest.raises(AdapterInvalid, match="model.layers.1.self_attn.q_proj, which target_modules"):
+        load_adapter(tmp_path, base_of())
+    edit_config(tmp_path, layers_to_transform=[], layers_pattern=None)  # empty: every layer, as None is
+    assert {layer for layer, _ in load_adapter(tmp_path, base_of()).layers} == {1}
+
+
+def test_the_adapters_rank_counts_its_lm_head(tmp_path: Path) -> None:
+    make_adapter(tmp_path, r=4, target_modules=["q_proj", "lm_head"], rank_pattern={"lm_head": 8})
+    adapter = load_adapter(tmp_path, base_of())
+    assert adapter.lm_head is not None and (adapter.lm_head.rank, adapter.rank) == (8, 8)
+
+
+def test_fused_and_split_weights_for_one_projection_are_refused(tmp_path: Path) -> None:
+    make_adapter(tmp_path, arch="phi3", target_modules=["qkv_proj", "o_proj"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn"
+    tensors[f"{prefix}.q_proj.lora_A.weight"] = torch.zeros(4, TINY["hidden_size"])
+    tensors[f"{prefix}.q_proj.lora_B.weight"] = torch.zeros(64, 4)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    edit_config(tmp_path, target_modules=["qkv_proj", "o_proj", "q_proj"])
+    with pytest.raises(AdapterInvalid) as info:
+        load_adapter(tmp_path, base_of("phi3"))
+    assert str(info.value) == ("modules model.layers.0.self_attn.q_proj and model.layers.0.self_attn.qkv_proj "
+                               "both adapt q_proj")
+
+
+@pytest.mark.parametrize(("tensor", "shape", "message"), [
+    ("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight", (5, 4),
+     "lora_B of model.layers.0.self_attn.v_proj has shape (5, 4), but the base model needs (32, 4) "
+     "([out_features, r])"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (7,),
+     "lora_magnitude_vector of model.layers.0.self_attn.q_proj has shape (7,), but the base model needs (64,) "
+     "([out_features])"),
+])
+def test_a_wrong_shape_is_named_with_its_layout(adapter_copy: Path, tensor: str, shape: tuple[int, ...],
+                                               message: str) -> None:
+    edit_tensors(adapter_copy, lambda t: t.__setitem__(tensor, torch.zeros(shape)))
+    with pytest.raises(AdapterInvalid) as info:
+        load_adapter(adapter_copy, base_of())
+    assert str(info.value) == message
+
+
+def test_weights_with_base_copies_only_and_a_wrong_base_copy_are_named(adapter_copy: Path) -> None:
+    head = "base_model.model.lm_head.weight"  # what PEFT saves beside an lm_head LoRA
+    for shape, message in (((TINY["vocab_size"], TINY["hidden_size"]), "adapter weights hold no LoRA tensors "
+                            "(lora_A / lora_B)"),
+                           ((3, 3), f"base weight copy of {head} has shape (3, 3), but the base model needs "
+                            f"({TINY['vocab_size']}, {TINY['hidden_size']}) ([vocab, hidden])")):
+        save_file({head: torch.zeros(shape)}, adapter_copy / "adapter_model.safetensors")
+        with pytest.raises(AdapterInvalid) as info:
+            load_adapter(adapter_copy, base_of())
+        assert str(info.value) == message
+
+
+def test_medusa_heads_beside_a_lora_and_alone(tmp_path: Path) -> None:
+    from tests.adapters.adapter_files import medusa_files
+
+    both = tmp_path / "both"
+    make_adapter(both, target_modules=["q_proj"])
+    lora_only = load_adapter(both, base_of())
+    for name, data in medusa_files(heads=3).items():
+        (both / name).write_bytes(data)
+    loaded = load_adapter(both, base_of())
+    assert loaded.medusa is not None and loaded.medusa.num_heads == 3
+    assert loaded.size_bytes == lora_only.size_bytes + loaded.medusa.size_bytes > lora_only.size_bytes
+    assert loaded.targets == {"q_proj"} and loaded.rank == 4
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name, data in medusa_files(heads=2).items():
+        (alone / name).write_bytes(data)
+    heads = load_adapter(alone, base_of())
+    assert heads.medusa is not None and heads.medusa.num_heads == 2 and heads.path == alone
+    assert (heads.rank, heads.use_dora, dict(heads.layers), dict(heads.config), heads.lm_head) == (0, False, {}, {}, None)
+    assert heads.size_bytes == heads.medusa.size_bytes > 0
