@@ -227,3 +227,46 @@ def test_the_sdks_own_reply_message_goes_back_in_the_conversation(client):
                                            temperature=0, max_tokens=30)
     _assert_valid_tool_reply(final.choices[0], {"get_weather": WEATHER})
     assert final.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+def test_chat_logprobs_in_openais_shape_streamed_or_not(client):
+    kwargs = {"model": "qv8", "messages": MESSAGES, "temperature": 0, "max_tokens": 6, "logprobs": True,
+              "top_logprobs": 3}
+    whole = client.chat.completions.create(**kwargs)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    for t in content:
+        assert t.bytes == list(t.token.encode()) and t.logprob <= 0
+        assert len(t.top_logprobs) == 3 and all(x.bytes == list(x.token.encode()) for x in t.top_logprobs)
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+        assert (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (t.token, t.logprob)  # greedy: the top one
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    # The same tokens and numbers (to float rounding: the prompt's KV may come from the prefix cache the second time).
+    assert [(t.token, t.bytes, [x.token for x in t.top_logprobs]) for t in streamed] == [
+        (t.token, t.bytes, [x.token for x in t.top_logprobs]) for t in content]
+    assert [[t.logprob] + [x.logprob for x in t.top_logprobs] for t in streamed] == [
+        pytest.approx([t.logprob] + [x.logprob for x in t.top_logprobs], abs=1e-4) for t in content]
+
+
+def test_a_streamed_chat_opens_every_choice_with_its_index_and_role(client):
+    chunks = list(client.chat.completions.create(model="", messages=MESSAGES, temperature=0.7, seed=1, n=2,
+                                                 max_tokens=4, stream=True))
+    openers = [c.choices[0] for c in chunks[:2]]
+    assert [(o.index, o.delta.role, o.delta.content) for o in openers] == [(0, "assistant", ""), (1, "assistant", "")]
+    assert {c.choices[0].index for c in chunks[2:] if c.choices} == {0, 1}
+
+
+def test_completion_logprobs_offsets_and_stream(client):
+    kwargs = {"model": "", "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    whole = client.completions.create(**kwargs).choices[0]
+    lp = whole.logprobs
+    assert "".join(lp.tokens) == whole.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(top[tok] == value for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs,
+                                                              strict=True))  # greedy: the chosen token is listed
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert [c.logprobs.tokens[0] for c in chunks] == lp.tokens
+    assert [c.logprobs.token_logprobs[0] for c in chunks] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert [c.logprobs.top_logprobs[0] for c in chunks] == [pytest.approx(top, abs=1e-4) for top in lp.top_logprobs]
