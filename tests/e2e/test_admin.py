@@ -70,7 +70,8 @@ def test_load_pin_unpin_unload(admin_server):
 def test_unknown_adapters(admin_server):
     r = call(admin_server, "POST", "/v1/adapters/load", adapter_id="nope")
     assert r.status_code == 404 and "nope" in r.json()["error"]
-    assert call(admin_server, "POST", "/v1/adapters/unpin", adapter_id="nope").status_code == 404
+    unpinned = call(admin_server, "POST", "/v1/adapters/unpin", adapter_id="nope")
+    assert unpinned.status_code == 404 and unpinned.json()["error"] == "adapter 'nope' is not loaded"
     bad = call(admin_server, "POST", "/v1/adapters/load", adapter_id="../etc")  # the check every client id passes
     assert bad.status_code == 422 and "'..'" in bad.json()["error"]
 
@@ -91,6 +92,8 @@ def test_unload_leaves_the_slot_of_a_running_request(admin_server):
             streamed.append(event["token"]["text"])
             if removed is None:  # the request is running on its slot now
                 removed = call(admin_server, "POST", "/v1/adapters/unload", adapter_id="all16").json()
+                entry = listing(admin_server)["all16"]  # on its slot still, no longer in host memory
+                assert (entry["tiers"], entry["size_bytes"]) == (["device"], None) and entry["slot"] is not None
     assert removed == {"adapter_id": "all16", "removed_from": ["host"]}
     assert "".join(streamed) == alone
     assert len(streamed) == 24

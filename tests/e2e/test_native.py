@@ -173,6 +173,8 @@ def test_health_info_metrics(server):
     assert float(weights.split()[-1]) == info["model_weight_bytes"]["float32"]
     assert "loraplex_prefix_cache_query_tokens_total" in text and "loraplex_prefix_cache_hit_tokens_total" in text
     assert 'loraplex_adapter_resident{adapter="all16",tier="device"} 1.0' in text
+    assert 'loraplex_adapter_resident{adapter="all16",tier="host"} 1.0' in text  # parsed, kept in host memory
+    assert "loraplex_engine_alive 1.0" in text
     docs = httpx.get(server.url + "/openapi.json").json()
     assert {"/generate", "/generate_stream", "/v1/chat/completions"} <= set(docs["paths"])
 
