@@ -242,3 +242,45 @@ def test_drain_keeps_probes_answered_and_refuses_new_generation(server):
         assert signalled.should_exit
     finally:
         server.state.engine.draining = False
+
+
+@pytest.mark.timeout(180)
+def test_serve_in_process_logs_its_address_and_returns_0_after_a_drain(monkeypatch, caplog):
+    # `serve` itself (the subprocess tests above run it out of this process's sight): SIGTERM once ready,
+    # the drain finds nothing in flight, and it returns 0. uvicorn re-raises the signal it captured once
+    # shut down; the handler installed here takes it instead of ending the test run.
+    import logging
+    import threading
+
+    from loraplex.config import EngineConfig
+    from loraplex.server import main
+
+    monkeypatch.setattr(main, "use_one_torch_thread", lambda: None)  # keep this thread's torch threads
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    reraised: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: reraised.append(sig))
+
+    def stop_when_ready() -> None:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_ready, daemon=True).start()
+    try:
+        with caplog.at_level(logging.INFO, logger="loraplex.server.main"):
+            status = main.serve(EngineConfig.from_options(max_loras=0),
+                                ServerConfig(hostname="127.0.0.1", port=port, shutdown_timeout_s=5))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == 0 and reraised == [signal.SIGTERM]
+    assert f"serving SmolLM2-135M-Instruct on http://127.0.0.1:{port}" in caplog.text
+    assert "draining: 0 requests in flight, at most 5 s" in caplog.text
