@@ -36,7 +36,8 @@ def listing(srv) -> dict[str, dict]:
 def test_admin_needs_the_token(admin_server):
     for token in (None, "wrong"):
         r = call(admin_server, "GET", "/v1/adapters", token=token)
-        assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
+        assert r.status_code == 401 and r.json() == {
+            "error": "the adapter admin API needs `Authorization: Bearer <admin token>`", "error_type": "unauthorized"}
         assert call(admin_server, "POST", "/v1/adapters/pin", token=token, adapter_id="all16").status_code == 401
 
 
@@ -109,7 +110,9 @@ def test_the_inference_gateways_dynamic_lora_routes(admin_server):
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'all16' added successfully."
     assert "device" in listing(admin_server)["all16"]["tiers"]
     alias = call(admin_server, "POST", "/v1/load_lora_adapter", lora_name="my-alias", lora_path="all16")
-    assert alias.status_code == 422 and "no aliases" in alias.json()["error"]["message"]  # OpenAI's shape, as vLLM
+    assert alias.status_code == 422 and alias.json()["error"]["message"] == (  # OpenAI's shape, as vLLM's
+        "lora_path must equal lora_name: loraplex serves an adapter under its own id (a name under --adapter-root, "
+        "a Hub id, or an s3:// URL), which is also the `model` clients send; it has no aliases")
     assert call(admin_server, "POST", "/v1/load_lora_adapter", lora_name="nope").status_code == 404
     body = {"model": "all16", "prompt": "Hello", "max_tokens": 3}
     assert httpx.post(admin_server.url + "/v1/completions", json=body, timeout=120).status_code == 200

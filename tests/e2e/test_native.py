@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 
-from loraplex import SamplingParams
+from loraplex import SamplingParams, __version__
 from loraplex.model import gemm
 
 PROMPT = "The capital of France is"
@@ -176,6 +176,7 @@ def test_health_info_metrics(server):
     assert 'loraplex_adapter_resident{adapter="all16",tier="host"} 1.0' in text  # parsed, kept in host memory
     assert "loraplex_engine_alive 1.0" in text
     docs = httpx.get(server.url + "/openapi.json").json()
+    assert docs["info"]["title"] == "loraplex" and docs["info"]["version"] == __version__
     assert {"/generate", "/generate_stream", "/v1/chat/completions"} <= set(docs["paths"])
 
 

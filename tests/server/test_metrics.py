@@ -80,7 +80,13 @@ def test_gateway_metrics_follow_the_model_server_protocol(base: Path, tmp_path: 
     assert gauge("vllm:num_requests_waiting") == sched.num_waiting + engine.num_loading >= 2
     usage = 1 - engine.pool.num_free / engine.pool.num_blocks
     assert 0 < usage < 1 and gauge("vllm:kv_cache_usage_perc") == gauge("vllm:gpu_cache_usage_perc") == usage
-    assert families["vllm:cache_config_info"].samples[0].labels["block_size"] == "4"
+    (cache,) = families["vllm:cache_config_info"].samples
+    assert cache.labels == {"block_size": "4", "num_gpu_blocks": str(engine.pool.num_blocks)} and cache.value == 1
+    exchange = engine.adapters.stats()  # the adapter exchange's timers, exported as they are
+    for stage in ("fetch", "parse", "resolve"):
+        (sample,) = families[f"loraplex_adapter_{stage}_seconds"].samples
+        assert sample.value == getattr(exchange, f"{stage}_seconds")
+    assert families["loraplex_adapter_parse_seconds"].samples[0].value > 0
     (info,) = families["vllm:lora_requests_info"].samples
     assert families["vllm:lora_requests_info"].type == "gauge" and abs(info.value - time.time()) < 60
     assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}

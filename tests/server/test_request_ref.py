@@ -59,3 +59,23 @@ def test_preloaded_ids_pass_the_same_check(adapter_id: str) -> None:
 def test_a_request_source_the_engine_lacks_is_refused_at_startup() -> None:
     with pytest.raises(ValueError, match=r"\['hub'\]"):
         build_state(EngineConfig.from_options(sources=("local",)), ServerConfig(allow_request_sources=("hub",)))
+
+
+def test_preloading_needs_adapter_slots_and_names_the_id_that_fails() -> None:
+    from concurrent.futures import Future
+
+    from loraplex.lora.adapter import AdapterNotFound
+
+    no_slots = SimpleNamespace(config=ServerConfig(preloaded_adapter_ids=("team/a",)),
+                               engine=SimpleNamespace(engine=SimpleNamespace(adapters=None, lora=None)))
+    with pytest.raises(ValueError, match=r"^preloaded_adapter_ids needs max_loras > 0$"):
+        preload(no_slots)  # type: ignore[arg-type]
+    missing: Future[object] = Future()
+    missing.set_exception(AdapterNotFound("adapter local:team/a: not a folder under the adapter roots"))
+    failing = SimpleNamespace(request=lambda ref: missing, warm=None)
+    state = SimpleNamespace(config=ServerConfig(preloaded_adapter_ids=("team/a",)),
+                            engine=SimpleNamespace(engine=SimpleNamespace(adapters=failing, lora=failing)))
+    with pytest.raises(ValueError, match=r"^preloaded adapter 'team/a' could not be loaded: adapter local:team/a: "):
+        preload(state)  # type: ignore[arg-type]
+    assert ServerConfig().preloaded_adapter_ids == ()  # nothing preloaded: nothing asked of the engine
+    preload(SimpleNamespace(config=ServerConfig(), engine=SimpleNamespace(engine=None)))  # type: ignore[arg-type]

@@ -71,3 +71,6 @@ def test_tool_prompt_joins_the_system_message_or_leads():
     assert with_tool_prompt([{"role": "user", "content": "x"}], "P")[0] == {"role": "system", "content": "P"}
     joined = with_tool_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}], "P")
     assert joined[0] == {"role": "system", "content": "Be brief.\n\nP"} and len(joined) == 2
+    for empty in ("", None):  # an empty system message: the tool prompt alone, no blank lines before it
+        assert with_tool_prompt([{"role": "developer", "content": empty}], "P") == [{"role": "developer",
+                                                                                      "content": "P"}]
