@@ -263,3 +263,24 @@ def test_a_fetched_adapter_that_does_not_parse_names_the_adapter_without_a_disk_
             pytest.raises(AdapterInvalid, match=r"^adapter mem:a: ") as info:
         loader.request(ref("a")).result(timeout=30)
     assert "loraplex-adapter-" not in str(info.value)  # the temp folder is not named
+
+
+def test_a_fetch_into_the_disk_tier_gets_the_requests_token(tmp_path: Path) -> None:
+    source = published("p", token="good")  # checks the token on resolve and on fetch
+    with AdapterLoader({"mem": source}, parse, disk=DiskStore(tmp_path / "disk", 1 << 30), clock=Clock()) as loader:
+        assert loader.request(ref("p"), token="good").result(timeout=30).weights.rank == 4
+    assert source.fetches == 1
+
+
+def test_a_remembered_failure_keeps_its_cause_and_host_entries_list_lru_first() -> None:
+    from tests.adapters.test_adapter_loader import BrokenSource
+
+    with AdapterLoader({"mem": BrokenSource(), "ok": published("a", "b")}, parse, negative_ttl_s=5.0,
+                       clock=Clock()) as loader:
+        for _ in range(2):  # the load's own error, then the remembered one
+            with pytest.raises(AdapterFetchError) as info:
+                loader.request(ref("x")).result(timeout=30)
+            assert isinstance(info.value.__cause__, OSError)
+        for name in ("a", "b", "a"):
+            loader.request(AdapterRef("ok", name)).result(timeout=30)
+        assert [e.identity.id for e in loader.host_entries()] == ["b", "a"]
