@@ -251,3 +251,23 @@ def test_seed_zero_is_reproducible_and_reported(server):
     assert a["details"]["seed"] == 0 and a == b
     c = post(server, "/generate", {"inputs": PROMPT, "parameters": {**params, "seed": 1}}).json()
     assert c["generated_text"] != a["generated_text"]
+
+
+@pytest.mark.parametrize("knob", [{"top_p": 0.3}, {"top_k": 2}, {"typical_p": 0.3}, {"repetition_penalty": 1.8}])
+def test_each_sampling_knob_reaches_the_engine(server, offline, knob):
+    # Seeded sampling at temperature 1.5: with the knob the text is the offline engine's with the same knob,
+    # and (checked) not what the same seed gives without it, so a knob dropped on the way would show.
+    base = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "seed": 5}
+    got = post(server, "/generate", {"inputs": PROMPT, "parameters": {**base, **knob}}).json()["generated_text"]
+    want = SamplingParams(max_new_tokens=12, temperature=1.5, seed=5, **knob)  # the same names offline
+    without = SamplingParams(max_new_tokens=12, temperature=1.5, seed=5)
+    with_knob, plain = (offline.generate(PROMPT, p)[0].text for p in (want, without))
+    assert got == with_knob and with_knob != plain
+
+
+def test_the_stream_ends_with_the_whole_text(server):
+    r = post(server, "/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6}})
+    events = sse_events(r)
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert r.headers["content-type"].startswith("text/event-stream")

@@ -270,3 +270,20 @@ def test_completion_logprobs_offsets_and_stream(client):
     assert [c.logprobs.tokens[0] for c in chunks] == lp.tokens
     assert [c.logprobs.token_logprobs[0] for c in chunks] == pytest.approx(lp.token_logprobs, abs=1e-4)
     assert [c.logprobs.top_logprobs[0] for c in chunks] == [pytest.approx(top, abs=1e-4) for top in lp.top_logprobs]
+
+
+def test_openai_penalties_and_ignore_eos_reach_the_engine(client, offline):
+    prompt = "1, 2, 3, 4,"
+    base = {"max_new_tokens": 16, "temperature": 0.0}
+    got = client.completions.create(model="", prompt=prompt, max_tokens=16, temperature=0,
+                                    frequency_penalty=1.5).choices[0].text
+    want = offline.generate(prompt, SamplingParams(**base, frequency_penalty=1.5))[0].text
+    assert got == want != offline.generate(prompt, SamplingParams(**base))[0].text
+    short = "The capital of France is"
+    stopped = client.completions.create(model="", prompt=short, max_tokens=64, temperature=0)
+    assert stopped.choices[0].finish_reason == "stop"  # the model ends this answer itself
+    ignored = client.completions.create(model="", prompt=short, max_tokens=64, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 64
+    with pytest.raises(openai.UnprocessableEntityError, match="logit_bias is not supported"):
+        client.completions.create(model="", prompt=short, max_tokens=4, logit_bias={"15": 5})
