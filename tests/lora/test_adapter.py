@@ -551,6 +551,11 @@ def test_layers_pattern_as_a_string_or_a_list(tmp_path: Path, pattern: Any) -> N
     edit_config(tmp_path, layers_to_transform=[0])  # the weights of layer 1 are then not selected
     with pytest.raises(AdapterInvalid, match="model.layers.1.self_attn.q_proj, which target_modules"):
         load_adapter(tmp_path, base_of())
+    edit_config(tmp_path, layers_to_transform=1)  # PEFT also takes one index as an int
+    assert {layer for layer, _ in load_adapter(tmp_path, base_of()).layers} == {1}
+    edit_config(tmp_path, layers_to_transform=0)
+    with pytest.raises(AdapterInvalid, match="model.layers.1.self_attn.q_proj, which target_modules"):
+        load_adapter(tmp_path, base_of())
     edit_config(tmp_path, layers_to_transform=[], layers_pattern=None)  # empty: every layer, as None is
     assert {layer for layer, _ in load_adapter(tmp_path, base_of()).layers} == {1}
 
