@@ -36,6 +36,7 @@ def test_generate_equals_offline_engine(server, offline, adapter):
     assert [t["id"] for t in details["tokens"]] == want.token_ids
     assert [t["logprob"] for t in details["tokens"]] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
     assert "".join(t["text"] for t in details["tokens"]) == body["generated_text"]
+    assert all(isinstance(t["special"], bool) for t in details["tokens"])  # TGI's field
     assert details["finish_reason"] == "length" and details["generated_tokens"] == 12
     assert details["prompt_tokens"] == len(offline.tokenizer(PROMPT).input_ids)
 
@@ -271,3 +272,13 @@ def test_the_stream_ends_with_the_whole_text(server):
     assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
     assert all(e["generated_text"] is None for e in events[:-1])
     assert r.headers["content-type"].startswith("text/event-stream")
+
+
+def test_top_tokens_in_tgis_shape(server):
+    r = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "details": True,
+                                                                     "top_n_tokens": 2}})
+    details = r.json()["details"]
+    assert len(details["top_tokens"]) == 3
+    for chosen, top in zip(details["tokens"], details["top_tokens"], strict=True):
+        assert [set(t) for t in top] == [{"id", "text", "logprob", "special"}] * 2
+        assert top[0]["id"] == chosen["id"] and top[0]["special"] == chosen["special"]  # greedy: the top one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -79,3 +80,18 @@ def test_preloading_needs_adapter_slots_and_names_the_id_that_fails() -> None:
         preload(state)  # type: ignore[arg-type]
     assert ServerConfig().preloaded_adapter_ids == ()  # nothing preloaded: nothing asked of the engine
     preload(SimpleNamespace(config=ServerConfig(), engine=SimpleNamespace(engine=None)))  # type: ignore[arg-type]
+
+
+def test_a_native_grammar_becomes_a_response_format_or_is_refused_by_name() -> None:
+    from loraplex.server.protocol import Grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for value in (schema, json.dumps(schema)):
+        response_format = Grammar(type="json", value=value).as_response_format()
+        assert (response_format.type, response_format.schema_) == ("json_object", schema)
+    with pytest.raises(ValueError, match=r'^grammar of type "regex" is not supported; use a "json" grammar or '
+                                         r"response_format$"):
+        Grammar(type="regex", value="[a-z]+").as_response_format()
+    for not_an_object in ("[1, 2]", "3"):
+        with pytest.raises(ValueError, match="^grammar.value must be a JSON schema object$"):
+            Grammar(type="json", value=not_an_object).as_response_format()
