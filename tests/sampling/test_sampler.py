@@ -528,3 +528,15 @@ def test_the_kept_parameter_table_follows_the_rows_parameters() -> None:
         assert got == Sampler()(logits, batch).token_ids, step
         for row, token in zip(batch, got, strict=True):
             row.output_token_ids.append(token)
+
+
+def test_parameters_that_overflow_the_logits_still_draw_a_likely_token() -> None:
+    # Found by the fuzzer (tests/e2e/test_fuzz.py, slow sweep): a repetition penalty of 1e-258 divides the
+    # positive logits of seen tokens to +inf, and the softmax's inf - inf gave an out-of-range draw.
+    logits = torch.tensor([[3.0, 1.0, -2.0, 2.5, 0.5]])
+    for params, seen in ((SamplingParams(temperature=6.4e15, top_p=1.6e-211, repetition_penalty=1.3e-258,
+                                         frequency_penalty=-1.3, seed=1), [0, 3]),
+                         (SamplingParams(temperature=1e-40, seed=2, logprobs=1), [])):
+        out = _run(Sampler(), logits, [params], outputs=[seen])
+        assert out.token_ids in ([0], [3])  # the overflowed (or sharpest) tokens, never out of range
+    assert out.logprobs[0] is not None and math.isfinite(out.logprobs[0].logprob)
