@@ -21,8 +21,13 @@ from tests.adapters.fake_hub import FakeHub
 
 
 @pytest.fixture()
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_TOKEN", raising=False)  # the only tokens are the ones a test passes
+    # An empty huggingface_hub cache of the test's own: the machine's may hold these repos' commits already
+    # (the fake hub's shas are deterministic), and huggingface_hub then serves them without a download.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-hub-cache")))
     with FakeHub() as fake:
         yield fake
 
