@@ -212,6 +212,9 @@ def test_close_returns_at_once_and_cancels_queued_loads() -> None:
     loader = AdapterLoader({"mem": source}, parse, workers=1, clock=Clock())
     running = loader.request(ref("a"))
     queued = loader.request(ref("b"))
+    deadline = time.monotonic() + 30
+    while source.resolves == 0 and time.monotonic() < deadline:  # the worker has taken "a" (blocked in it)
+        time.sleep(0.01)
     started = time.perf_counter()
     loader.close()
     assert time.perf_counter() - started < 1.0 and not running.done()  # did not wait for the blocked load
