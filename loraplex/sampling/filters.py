@@ -9,13 +9,14 @@ from typing import NamedTuple
 import torch
 
 from loraplex.engine.request import SamplingParams
-from loraplex.sampling.penalties import column, vector
+from loraplex.sampling.penalties import PENALIZED_LIMIT, column, vector
 
 _NEG_INF = float("-inf")
 
 MIN_TEMPERATURE = 1e-2
 """Smaller positive temperatures sample as this one (as vLLM does): dividing logits by less overflows
 float32 to inf, and the softmax of inf is NaN. At 0.01 sampling is already all but greedy."""
+assert torch.finfo(torch.float32).max > PENALIZED_LIMIT / MIN_TEMPERATURE  # penalized logits stay finite too
 
 TOP_P_CANDIDATES = (128, 1024)
 """Top-p without top-k looks for its cut among this many most likely tokens, tier after tier (one `topk`

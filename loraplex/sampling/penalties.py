@@ -60,6 +60,11 @@ def apply_penalties(
     return apply_watermark(logits, params, prompt_token_ids, output_token_ids)
 
 
+PENALIZED_LIMIT = torch.finfo(torch.float32).max / 1e3
+"""The largest magnitude a penalized logit keeps: divided by the smallest temperature the sampler uses
+(filters.MIN_TEMPERATURE), it is still finite."""
+
+
 def _penalize(logits: torch.Tensor, table: PenaltyTable, support: torch.Tensor, counts: torch.Tensor | None
               ) -> torch.Tensor:
     """The penalties, given every (row, token) pair a penalized row has seen in its prompt or output, as
@@ -74,7 +79,9 @@ def _penalize(logits: torch.Tensor, table: PenaltyTable, support: torch.Tensor, 
         # index_select / index_copy_: advanced indexing (`flat[support]`) is several times slower on a CPU.
         values = flat.index_select(0, support)  # [n_seen]
         penalty = table.repetition.index_select(0, row)  # [n_seen]
-        values = torch.where(values < 0, values * penalty, values / penalty)
+        # A tiny repetition penalty divides a positive logit past float32's range (1e-258 did, from the fuzzer),
+        # and inf - inf in the softmax is NaN: held at PENALIZED_LIMIT, the largest stay the likeliest.
+        values = torch.where(values < 0, values * penalty, values / penalty).clamp(-PENALIZED_LIMIT, PENALIZED_LIMIT)
         if counts is not None:
             frequency = table.frequency.index_select(0, row)
             presence = table.presence.index_select(0, row)

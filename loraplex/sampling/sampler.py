@@ -101,9 +101,6 @@ class Sampler:
         # Every step below is out of place, so the caller's tensor is never written to.
         logits = self._history.penalize(logits.float(), rows, table.penalties)
         scaled = logits if table.temperature is None else logits / table.temperature  # [batch, vocab]
-        # Extreme parameters (a repetition penalty of 1e-200, a temperature of 1e-40) overflow finite logits
-        # to ±inf, and inf - inf in the softmax is NaN: held at float32's largest, the largest stay the likeliest.
-        scaled = scaled.clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
         choice = scaled if mask is None else mask.apply(scaled)  # [batch, vocab]
         token_ids = [0] * batch
         # Greedy rows are divided by 1, which is exact, so their argmax is the argmax of the penalized logits.
@@ -185,7 +182,6 @@ def _draw_ranked(c: Candidates, u: torch.Tensor) -> torch.Tensor:
     return c.ids.gather(1, draw(weights, u).unsqueeze(1)).squeeze(1)  # [n]
 
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _SEED_KEY = np.uint64(0x5851F42D4C957F2D)
 
