@@ -24,7 +24,7 @@ from loraplex.lora.adapter import (
     AdapterWeights,
 )
 from tests.adapters.adapter_files import adapter_files, parse, write_adapter
-from tests.adapters.test_adapter_loader import Clock, CountingSource
+from tests.adapters.test_adapter_loader import Clock, CountingSource, ref
 
 PAUSE = 0.05  # each resolve, fetch and parse of the timed source below takes at least this long
 
@@ -47,10 +47,6 @@ class SlowSource(CountingSource):
 def slow_parse(path: Path) -> AdapterWeights:
     time.sleep(PAUSE)
     return parse(path)
-
-
-def ref(name: str) -> AdapterRef:
-    return AdapterRef("mem", name)
 
 
 def published(*names: str, token: str | None = None) -> SlowSource:
@@ -143,7 +139,6 @@ def test_at_most_workers_loads_run_at_once_on_named_threads(workers: int) -> Non
     source = published(*"abcd")
     running, most, names = 0, 0, set()
     lock = threading.Lock()
-    release = threading.Event()
 
     def parse_slowly(path: Path) -> AdapterWeights:
         nonlocal running, most
@@ -151,7 +146,7 @@ def test_at_most_workers_loads_run_at_once_on_named_threads(workers: int) -> Non
             running += 1
             most = max(most, running)
             names.add(threading.current_thread().name)
-        release.wait(0.3)
+        time.sleep(0.3)  # long enough for every worker to be inside a parse at once
         with lock:
             running -= 1
         return parse(path)
