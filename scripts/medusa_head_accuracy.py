@@ -2,8 +2,8 @@
 
     python scripts/medusa_head_accuracy.py [--sentences bench|train] [--n 48]
 
-The adapter's own greedy answers (loraplex, the invoice-json LoRA) to `--n` invoice sentences, either this
-repository's benchmark sentences (loraplex.bench.speculative, templates and names the heads never saw) or
+The adapter's own greedy answers (loraplex, the invoice-json LoRA; made as the heads' training script makes
+them) to `--n` invoice sentences, either this repository's benchmark sentences (loraplex.bench.speculative, templates and names the heads never saw) or
 held-out sentences of the generator the heads were trained on (scripts/train_example_adapters.py, another
 seed). The first 16 answers stand for the adapter's earlier answers; over the others' answer positions,
 with HF transformers + PEFT hidden states, it prints each head's top-1 accuracy and the mean leading run
@@ -26,13 +26,13 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loraplex import LLM, SamplingParams  # noqa: E402
 from loraplex.bench.speculative import invoice_sentences  # noqa: E402
 from loraplex.examples import example_adapters  # noqa: E402
 from loraplex.lora.medusa import load_medusa  # noqa: E402
 from loraplex.model.decoder import DecoderConfig  # noqa: E402
 from loraplex.paths import resolve_model  # noqa: E402
 from scripts.train_example_adapters import build_invoice  # noqa: E402
+from scripts.train_medusa_heads import answers  # noqa: E402
 
 HISTORY = 16
 
@@ -50,10 +50,7 @@ def main() -> None:
         sentences = [e.user for e in build_invoice(random.Random("heldout-check"), args.n)]
     else:
         sentences = invoice_sentences(args.n, seed=11)
-    outs = LLM("demo", max_loras=1, max_lora_rank=8).chat(
-        [[{"role": "user", "content": s}] for s in sentences], SamplingParams(max_new_tokens=40, temperature=0.0),
-        adapter_id=str(lora))
-    answers = [o.token_ids for o in outs]
+    outputs = answers(sentences, lora)  # as the heads' training script makes them
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True,
                                                        tokenize=False), add_special_tokens=False).input_ids
                for s in sentences]
@@ -61,11 +58,11 @@ def main() -> None:
     heads = load_medusa(Path(lookahead), DecoderConfig.from_hf(hf.config))
     inner = PeftModel.from_pretrained(hf, str(lora)).eval().get_base_model().model  # output after the final norm
     lm_head = hf.get_output_embeddings().weight.detach()
-    history = {t for a in answers[:HISTORY] for t in a}
+    history = {t for a in outputs[:HISTORY] for t in a}
     k = heads.num_heads
     results: dict[str, list[tuple[int, list[bool]]]] = {"A": [], "B": [], "C": []}
     with torch.no_grad():
-        for prompt, answer in zip(prompts[HISTORY:], answers[HISTORY:], strict=True):
+        for prompt, answer in zip(prompts[HISTORY:], outputs[HISTORY:], strict=True):
             ids = prompt + answer
             hidden = inner(input_ids=torch.tensor([ids])).last_hidden_state[0]
             for t in range(len(prompt) - 1, len(ids) - 2):  # h_t picked token t + 1; head i drafts t + 2 + i
