@@ -6,8 +6,9 @@ The adapter's own greedy answers (loraplex, the invoice-json LoRA; made as the h
 them) to `--n` invoice sentences, either this repository's benchmark sentences (loraplex.bench.speculative,
 templates and names the heads never saw) or held-out sentences of the generator the heads were trained on
 (scripts/train_example_adapters.py, another seed). The first 16 answers stand for the adapter's earlier
-answers; over the others' answer positions, with HF transformers + PEFT hidden states, it prints each head's top-1 accuracy and the mean leading run
-of right drafts (what a chain verification accepts per step, at most) for the heads' argmax over:
+answers; over the others' answer positions, with HF transformers + PEFT hidden states, it prints each
+head's top-1 accuracy and the mean leading run of right drafts (what a chain verification accepts per step,
+at most) for the heads' argmax over:
 
     A  the whole vocabulary (what the engine drafts)
     B  the request's own tokens (prompt and answer so far)
