@@ -17,7 +17,7 @@ with Medusa heads trained by scripts/train_medusa_heads.py), drafts by `medusa`:
 the heads with prompt lookup first where the request's own tokens match (the default).
 
 Every engine stays loaded; at batch 1 each request runs on every engine in turn, the batches go
-round-robin over them; the medians over the repeats are compared with the engine without drafts, and the
+round-robin over them (each repeat starting with the next engine); the medians over the repeats are compared with the engine without drafts, and the
 outputs are checked to be the same token for token.
 """
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     batch_rate: dict[str, list[float]] = {}
     tokens: dict[str, list[list[int]]] = {}
     names = list(engines)
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         # Batch 1 request by request, every engine in turn (the order rotating), so that the machine's drift
         # over a repeat weighs on every engine alike.
         elapsed = dict.fromkeys(names, 0.0)
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             latency.setdefault(name, []).append(1000 * elapsed[name] / len(solo))
             solo_rate.setdefault(name, []).append(n[name] / elapsed[name])
-        for name, (llm, adapter) in engines.items():
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # each repeat starts elsewhere
+            llm, adapter = engines[name]
             start = time.perf_counter()
             outs = llm.generate(batch, params, adapter_id=[adapter] * len(batch))
             batch_rate.setdefault(name, []).append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
