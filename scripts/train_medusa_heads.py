@@ -1,13 +1,15 @@
 """Train Medusa heads for the bundled `invoice-json` adapter and ship them as the `invoice-json-lookahead`
-adapter (the LoRA and the heads in one folder), on CPU in a few minutes.
+adapter (the LoRA and the heads in one folder), on CPU in about 14 minutes.
 
-    python scripts/train_medusa_heads.py [--heads 4] [--steps 400] [--out loraplex/examples/adapters]
+    python scripts/train_medusa_heads.py [--heads 4] [--steps 2000] [--sentences 1500]
+                                         [--out loraplex/examples/adapters]
 
 Self-distillation, Medusa-1 style (Cai et al., 2024): the base model and the LoRA stay frozen; the heads
 learn to predict what the adapter itself writes. The script
 
-1. generates invoice sentences (the generator of scripts/train_example_adapters.py, another seed) and the
-   adapter's own greedy answers to them through loraplex's offline API;
+1. generates invoice sentences of many phrasings with made-up names (`varied_invoices`: the vocabulary's
+   capitalised words, alone, paired or compounded; loraplex.bench.speculative's templates and names are
+   held out) and the adapter's own greedy answers to them through loraplex's offline API;
 2. runs the demo model with the LoRA (HF transformers + PEFT) over prompt + answer once, keeping the
    final (normed) hidden state h_t of every position from the prompt's last token on;
 3. trains head i (version 2 of LoRAX's format: one residual block h + SiLU(W_i h + b_i), zero-initialised,
@@ -29,6 +31,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -37,12 +40,91 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loraplex import LLM, SamplingParams  # noqa: E402
+from loraplex.bench.speculative import FIRST, PEOPLE, SUFFIX  # noqa: E402
 from loraplex.paths import resolve_model  # noqa: E402
-from scripts.train_example_adapters import BASE_MODEL_ID, OUT_DIR, build_invoice  # noqa: E402
+from scripts.train_example_adapters import BASE_MODEL_ID, MONTHS, OUT_DIR, invoice_amount  # noqa: E402
 
 SEED = 1
 NAME = "invoice-json-lookahead"
 NEGATIVES = 2048
+
+# ---------------------------------------------------------------- varied training sentences
+
+
+HELD_OUT_WORDS = frozenset(w for name in (*FIRST, *SUFFIX, *PEOPLE) for w in name.split())
+"""loraplex.bench.speculative's names: the heads never see them, so that the benchmark measures heads on
+names they have not learnt."""
+
+LEADS = ("", "", "", "Hi, ", "FYI: ", "Note: ", "Accounts payable: ", "Hello team, ", "Urgent: ", "Quick one: ")
+TAILS = ("", "", "", " Thanks.", " Please confirm.", " See attached.", " Net 30.", " Ref {number}.",
+         " Call us with questions.", " Regards, accounting.")
+PHRASES = (
+    "{name} sent an invoice of {amount}, payable by the end of {month}.",
+    "We received a bill from {name}: {amount} for services rendered in {month}.",
+    "Invoice #{number}: {name}, total {amount}.",
+    "Amount due to {name} is {amount}.",
+    "{name} billed us {amount} on {month} {day}.",
+    "Payment request: {amount} owed to {name}, invoice {number}.",
+    "{name} charged {amount} for the {month} order.",
+    "Bill #{number} from {name} comes to {amount}.",
+    "Outstanding balance with {name}: {amount}.",
+    "Transfer {amount} to {name} by {month} {day}, please.",
+    "{name} asks for {amount} for work done in {month}.",
+    "Our supplier {name} invoiced {amount} last {month}.",
+    "Statement from {name}: {amount} due on {month} {day}.",
+    "The {month} invoice of {name} totals {amount}.",
+    "{amount} is owed to {name} (invoice {number}).",
+    "Pay {name} {amount} for invoice {number}.",
+    "{name} is owed {amount} as of {month} {day}.",
+    "Received invoice {number} from {name} for {amount}.",
+    "Settle {amount} with {name} before the end of {month}.",
+    "Vendor: {name}. Total due: {amount}. Due date: {month} {day}.",
+    "{name} expects payment of {amount} by {month}.",
+    "Remit {amount} to {name}; invoice dated {month} {day}.",
+)
+ENDINGS = ("field", "wood", "brook", "stone", "ridge", "ford", "well", "worth", "dale", "haven", "gate", "water",
+           "land", "port", "view", "side", "hill", "crest", "light", "bridge", "mill", "moor", "vale", "wick")
+SUFFIXES = ("Corp", "Inc.", "Ltd", "LLC", "Co.", "Group", "Industries", "Labs", "& Sons", "GmbH", "Partners",
+            "Consulting", "Plumbing", "Studios", "Supply", "Foods", "Motors", "Design", "Systems", "Garden",
+            "Builders", "Electric", "Clinic", "Media", "Traders", "Textiles", "Ventures", "Works", "Catering")
+
+
+def _capitalised(tokenizer: Any) -> list[str]:
+    """The capitalised whole words of the tokenizer's vocabulary (one token each, as "ĠWord"), 7,000 or so."""
+    words = (piece[1:] for piece in tokenizer.get_vocab() if piece.startswith("Ġ"))
+    return sorted(w for w in words if len(w) >= 4 and w.isascii() and w.isalpha() and w[0].isupper()
+                  and w[1:].islower() and w not in HELD_OUT_WORDS)
+
+
+def varied_invoices(rng: random.Random, n: int, tokenizer: Any) -> list[str]:
+    """Invoice sentences of many phrasings, names made up from the vocabulary's words (single words, two
+    words, compounds like "Copperfield", people's names) and amounts in several notations: the heads have
+    to learn how an answer follows the request rather than a list of names."""
+    upper = _capitalised(tokenizer)
+
+    def made_up() -> str:
+        if rng.random() < 0.25:
+            return f"{rng.choice(upper)} {rng.choice(upper)}"  # a person
+        first = rng.choice(upper) if rng.random() < 0.6 else rng.choice(upper) + rng.choice(ENDINGS)
+        if rng.random() < 0.3:
+            first += f" {rng.choice(upper)}"
+        return f"{first} {rng.choice(SUFFIXES)}" if rng.random() < 0.8 else first
+
+    def name() -> str:
+        while HELD_OUT_WORDS & set((chosen := made_up()).split()):
+            pass
+        return chosen
+
+    out = []
+    for _ in range(n):
+        written, _ = invoice_amount(rng)
+        if rng.random() < 0.2:
+            written = f"{written.removeprefix('$').removesuffix(' USD')} dollars"
+        sentence = (rng.choice(LEADS) + rng.choice(PHRASES) + rng.choice(TAILS)).format(
+            name=name(), amount=written, month=rng.choice(MONTHS), day=rng.randrange(1, 29),
+            number=rng.randrange(100, 99999))
+        out.append(sentence)
+    return out
 
 
 def answers(sentences: list[str], adapter: Path) -> list[list[int]]:
@@ -108,7 +190,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--sentences", type=int, default=600)
+    parser.add_argument("--sentences", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -117,7 +199,7 @@ def main() -> None:
     lora = args.out / "invoice-json"
     base_path = resolve_model("demo")
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    sentences = [e.user for e in build_invoice(random.Random(f"{SEED}-medusa"), args.sentences)]
+    sentences = varied_invoices(random.Random(f"{SEED}-medusa"), args.sentences, tokenizer)
     start = time.perf_counter()
     outputs = answers(sentences, lora)
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True,
