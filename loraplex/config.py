@@ -37,8 +37,9 @@ class ModelConfig:
     SDPA). See loraplex/model/attention.py."""
     quantize: str = "none"
     """Quantize the base model's linear layers at load: `none`; `int8` (CPU, float32: int8 weights per channel,
-    int8 activations per token, SmoothQuant calibrated at load); `fp8` (CUDA, compute capability 8.9+: fp8
-    e4m3 weights and activations); loraplex/model/quant.py. Adapters apply on top unchanged."""
+    int8 activations per token, SmoothQuant calibrated at load); `int4` (any device: 4-bit weights in groups
+    of 32 inputs, decoded for each product; the LM head stays in float); `fp8` (CUDA, compute capability
+    8.9+: fp8 e4m3 weights and activations); loraplex/model/quant.py. Adapters apply on top unchanged."""
     enforce_eager: bool = False
     """Run every step op by op. Otherwise, on CUDA with the triton attention, decode steps replay CUDA
     graphs captured at startup (loraplex/model/cuda_graphs.py); prefill and mixed steps always run eager."""

@@ -1,8 +1,15 @@
-"""Quantized base weights: `--quantize int8` on the CPU, `--quantize fp8` on GPUs with fp8 tensor cores.
+"""Quantized base weights: `--quantize int8` on the CPU, `--quantize int4` anywhere, `--quantize fp8` on GPUs
+with fp8 tensor cores.
 
     int8   weights int8 per output channel, activations int8 per token (dynamic), the product in int8
            (`torch._int_mm`, oneDNN's VNNI kernels); SmoothQuant smoothing and four float32 outlier
            channels per layer, calibrated at load
+    int4   weights only: 4 bits in groups of 32 inputs, each group of each output channel on the 16-level grid
+           from its minimum to its maximum (GGUF's Q4_1 grid; a weight already on it comes back exactly), the
+           LM head left in float as GPTQ and AWQ leave it; each product decodes the weight to the activations'
+           dtype (on the CPU a C kernel into a reused buffer, then oneDNN) and multiplies in float. A memory
+           saving, not a speed-up: no CPU kernel measured here multiplies 4-bit weights faster than oneDNN
+           multiplies float32 ones at decode batch sizes (docs/benchmarks.md)
     fp8    weights float8 e4m3 per output channel, activations float8 e4m3 per token (dynamic), the product
            in fp8 with float32 accumulation (`torch._scaled_mm`, row-wise scales; CUDA compute capability
            8.9+: L4, L40S, H100, H200). e4m3's exponent covers outliers: no smoothing, no calibration
@@ -27,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUANTIZE = ("none", "int8", "fp8")
+QUANTIZE = ("none", "int8", "int4", "fp8")
 FP8_MAX = 448.0
 """The largest float8 e4m3fn value."""
 SMOOTH_ALPHA = 0.5
@@ -114,6 +122,84 @@ class Fp8Weight(QuantizedWeight):
         return (self.weight.float() * self.scale.t()).t()
 
 
+@dataclass
+class Int4Weight(QuantizedWeight):
+    """A linear layer's weight as 4-bit integers, each output row in groups of `group` inputs with a float32
+    scale and offset of its own: weight[c, k] = q[c, k] · scale[c, k // group] + offset[c, k // group] (to
+    nearest on the grid from the group's minimum to its maximum, as GGUF's Q4_1 blocks; GPTQ's and AWQ's zero
+    point z is offset = −z · scale). Two inputs share a byte: input 2i in the low nibble, 2i + 1 in the high.
+    Rows of `[out, in]` as oneDNN multiplies a plain weight, and as GGUF and GPTQ's `qweight` transpose
+    order them."""
+
+    packed: torch.Tensor  # [out, in / 2] uint8
+    scale: torch.Tensor  # [out, in / group] float32
+    offset: torch.Tensor  # [out, in / group] float32
+    group: int
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.scale, self.offset
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int4_linear(x, self, bias)
+
+    def dense(self) -> torch.Tensor:
+        """The float weight `[out, in]`."""
+        q = torch.stack((self.packed & 15, self.packed >> 4), dim=2).flatten(1).float()  # [out, in]
+        return (q * self.scale.repeat_interleave(self.group, 1)) + self.offset.repeat_interleave(self.group, 1)
+
+    def dense_t(self) -> torch.Tensor:
+        return self.dense().t()
+
+
+INT4_GROUP = 32
+"""Input rows per scale and offset of `--quantize int4`: GGUF's Q4_0/Q4_1 block, the finest group GPTQ and AWQ
+checkpoints use. A layer whose input size it does not divide stays in float."""
+
+
+def quantize_int4(weight_t: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
+    """`weight_t` `[in, out]` on each group's 16-level grid from its minimum to its maximum, each weight to
+    the nearest level."""
+    rows, cols = weight_t.shape
+    w = weight_t.float().t().reshape(cols, rows // group, group)
+    low = w.amin(dim=2)  # [out, groups]
+    scale = ((w.amax(dim=2) - low) / 15).clamp_(min=1e-12)
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).reshape(cols, rows)
+    return Int4Weight((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scale.contiguous(), low.contiguous(), group)
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight + bias`: the weight decoded to `x`'s dtype, then multiplied; on the CPU in float32, decoded
+    by quant_cpu.c into a buffer reused from call to call and multiplied by oneDNN where torch has it (3×
+    faster than ATen's matmul of a plain weight on the CPUs measured, docs/benchmarks.md)."""
+    kernels = _kernels()
+    if kernels is None or not x.is_cpu or x.dtype != torch.float32 or w.group % 32:  # the C decoder's unit: 32
+        return torch.nn.functional.linear(x, w.dense().to(x.dtype), bias)
+    rows, cols = w.packed.shape[0], w.packed.shape[1] * 2
+    weight = _scratch(rows * cols)[:rows * cols].view(rows, cols)
+    kernels[2](w.packed.data_ptr(), rows, cols, w.scale.data_ptr(), w.offset.data_ptr(), w.group, weight.data_ptr())
+    if _onednn():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@functools.cache
+def _onednn() -> bool:
+    from loraplex.model import gemm
+
+    return gemm.onednn_supported(torch.device("cpu"), torch.float32)
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """A float32 buffer of at least `size` elements, this thread's own, kept for the next call."""
+    buffer: torch.Tensor | None = getattr(_local, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _local.buffer = torch.empty(size, dtype=torch.float32)
+    return buffer
+
+
 def quantize_fp8(weight_t: torch.Tensor) -> Fp8Weight:
     """`weight_t` `[in, out]` as float8 e4m3 with one scale per output column (its largest value maps to 448)."""
     w = weight_t.float().t()  # [out, in]
@@ -156,7 +242,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> to
     kernels = _kernels()
     if kernels is None or x.stride(1) != 1 or not x.is_cpu or x.dtype != torch.float32:
         return int8_linear_torch(x, w, bias)
-    quantize, dequantize = kernels
+    quantize, dequantize, _ = kernels
     rows, cols = x.shape
     n = w.outliers.numel()
     xq = torch.empty(rows, cols, dtype=torch.int8)
@@ -191,14 +277,15 @@ KERNEL_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-co
 
 
 @functools.cache
-def _kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
-    """quant_cpu.c's (quantize rows, dequantize rows), built on first use; None where it cannot build."""
+def _kernels() -> tuple[Callable[..., None], Callable[..., None], Callable[..., None]] | None:
+    """quant_cpu.c's (quantize rows, dequantize rows, int4 decode), built on first use; None where it cannot
+    build."""
     from loraplex.cbuild import NativeUnavailable, load_library
 
     try:
-        library = load_library(KERNEL_SOURCE, KERNEL_FLAGS, "the int8 row kernels")
+        library = load_library(KERNEL_SOURCE, KERNEL_FLAGS, "the int8 and int4 kernels")
     except NativeUnavailable as e:
-        log.warning("%s; int8 layers round and scale their rows with torch ops (slower)", e)
+        log.warning("%s; int8 layers round and scale their rows, int4 layers decode, with torch ops (slower)", e)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     quantize = library.loraplex_quantize_rows
@@ -207,7 +294,10 @@ def _kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
     dequantize = library.loraplex_dequantize_rows
     dequantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr]
     dequantize.restype = None
-    return quantize, dequantize
+    decode = library.loraplex_int4_decode
+    decode.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+    decode.restype = None
+    return quantize, dequantize, decode
 
 
 def calibration_ids(tokenizer: Any, vocab_size: int) -> list[int]:
@@ -252,16 +342,25 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
     if method not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {method!r}")
     start = time.perf_counter()
-    if method == "fp8":
+    if method in ("fp8", "int4"):
         layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-        # CUDA's fp8 matmul needs both dimensions of the weight to be multiples of 16 (a vocabulary of
-        # 32,001 tokens is not): such a layer stays in float.
-        kept = [m for m in layers if m.in_features % 16 or sum(m.shard_sizes) % 16]
+        quantize: Callable[[torch.Tensor], QuantizedWeight]
+        if method == "fp8":
+            # CUDA's fp8 matmul needs both dimensions of the weight to be multiples of 16 (a vocabulary of
+            # 32,001 tokens is not): such a layer stays in float.
+            kept = [m for m in layers if m.in_features % 16 or sum(m.shard_sizes) % 16]
+            why, quantize = "a dimension not a multiple of 16", quantize_fp8
+        else:
+            # The LM head stays in float, as GPTQ and AWQ leave it (llama.cpp's Q4_K files keep it in 6 bits):
+            # the demo model's, 8-bit in its GGUF file, costs +4.5 % perplexity on 4 bits (docs/benchmarks.md).
+            layers = [m for m in layers if m is not model.lm_head]
+            kept = [m for m in layers if m.in_features % INT4_GROUP]
+            why, quantize = f"an input size not a multiple of {INT4_GROUP}", quantize_int4
         for layer in layers:
             if layer not in kept:
-                layer.use_quantized(quantize_fp8(layer.dense_t()))
-        log.info("quantized %d linear layers to fp8 in %.1f s%s", len(layers) - len(kept), time.perf_counter() - start,
-                 f"; {len(kept)} left in float (a dimension not a multiple of 16)" if kept else "")
+                layer.use_quantized(quantize(layer.dense_t()))
+        log.info("quantized %d linear layers to %s in %.1f s%s", len(layers) - len(kept), method,
+                 time.perf_counter() - start, f"; {len(kept)} left in float ({why})" if kept else "")
         return
     peaks = input_absmax(model, calibration_ids(tokenizer, model.config.vocab_size))
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]

@@ -57,3 +57,32 @@ void loraplex_dequantize_rows(const int32_t *acc, int64_t rows, int64_t cols, co
         }
     }
 }
+
+// An int4 layer's weight decoded to float32 (loraplex/model/quant.py, Int4Weight): out[r, k] =
+// q * scale[r, k / group] + low[r, k / group] for output row r and input k, q the low nibble of packed[r, k / 2]
+// for an even k and the high one for an odd k; out is [rows, cols], group a multiple of 32. One multiply and
+// one add, each rounded (-ffp-contract=off), as Int4Weight.dense computes them.
+void loraplex_int4_decode(const uint8_t *packed, int64_t rows, int64_t cols, const float *scale, const float *low,
+                          int64_t group, float *out) {
+    const int64_t groups = cols / group;
+#pragma omp parallel for if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *in = packed + r * (cols / 2);
+        const float *s = scale + r * groups, *m = low + r * groups;
+        float *o = out + r * cols;
+        for (int64_t j = 0; j < cols / 32; j++) {  // 32 inputs (16 bytes) at a time: decoded, then interleaved
+            const int64_t g = j * 32 / group;
+            const float sg = s[g], mg = m[g];
+            const uint8_t *b = in + j * 16;
+            float *oj = o + j * 32, even[16], odd[16];
+            for (int i = 0; i < 16; i++) {
+                even[i] = (float)(b[i] & 15) * sg + mg;
+                odd[i] = (float)(b[i] >> 4) * sg + mg;
+            }
+            for (int i = 0; i < 16; i++) {
+                oj[2 * i] = even[i];
+                oj[2 * i + 1] = odd[i];
+            }
+        }
+    }
+}

@@ -5,6 +5,7 @@ stay within a stated tolerance of the float model's and of the dequantized model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_quantized_weights_dequantize_within_their_rounding() -> None:
 
 def test_int8_needs_the_cpu_in_float32() -> None:
     assert ModelConfig(quantize="int8", device="cpu").resolved_quantize() == "int8"
-    with pytest.raises(ValueError, match="quantize must be one of none, int8, fp8, got 'int3'"):
+    with pytest.raises(ValueError, match="quantize must be one of none, int8, int4, fp8, got 'int3'"):
         ModelConfig(quantize="int3")
     with pytest.raises(ValueError, match="runs on the CPU in float32"):
         ModelConfig(quantize="int8", device="cpu", dtype="bfloat16").resolved_quantize()
@@ -99,20 +100,28 @@ def _dequantized(llm: LLM) -> None:
             module.weight_t, module.quantized = module.quantized.dense_t(), None
 
 
-def test_a_quantized_model_with_adapters_in_a_mixed_batch_stays_near_the_float_one(tmp_path: Path) -> None:
-    base = save_tiny(LlamaConfig(**TINY), tmp_path / "base")
-    adapters = [str(make_adapter(base, tmp_path / "lora", LoraConfig(r=8, lora_alpha=16, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), seed=1)),
-        str(make_adapter(base, tmp_path / "dora", LoraConfig(r=4, lora_alpha=8, use_dora=True,
-                                                              target_modules=["q_proj", "down_proj"]), seed=2))]
+def mixed_batch(base: Path, tmp_path: Path, lora: list[str], dora: list[str]) -> Callable[[LLM], torch.Tensor]:
+    """The prompt log-probabilities [6, 23] an engine gives a mixed batch of 6 requests: base, a LoRA on
+    `lora`, a DoRA on `dora`, the LoRA, base, the DoRA."""
+    adapters = [str(make_adapter(base, tmp_path / "lora", LoraConfig(r=8, lora_alpha=16, target_modules=lora),
+                                 seed=1)),
+                str(make_adapter(base, tmp_path / "dora", LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                                      target_modules=dora), seed=2))]
     prompts = [[(13 * i + j) % 500 + 1 for j in range(24)] for i in range(6)]
     ids = [None, adapters[0], adapters[1], adapters[0], None, adapters[1]]
     params = SamplingParams(max_new_tokens=1, prompt_logprobs=True)
 
     def logprobs(llm: LLM) -> torch.Tensor:
         outs = llm.generate(prompts, params, adapter_id=ids)
-        return torch.tensor([out.prompt_logprobs[1:] for out in outs])  # [requests, 23]
+        return torch.tensor([out.prompt_logprobs[1:] for out in outs])
 
+    return logprobs
+
+
+def test_a_quantized_model_with_adapters_in_a_mixed_batch_stays_near_the_float_one(tmp_path: Path) -> None:
+    base = save_tiny(LlamaConfig(**TINY), tmp_path / "base")
+    logprobs = mixed_batch(base, tmp_path, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"], ["q_proj", "down_proj"])
     options = dict(device="cpu", max_loras=2, max_lora_rank=8)
     float_model = logprobs(LLM(str(base), **options))
     quantized = LLM(str(base), quantize="int8", **options)
