@@ -1,17 +1,19 @@
 """Quantized base models, side by side in one run (issue 16): quality and speed of float32 vs int8 and int4.
 
     python -m loraplex.bench.quant [--model demo] [--adapters 8] [--requests 32] [--new-tokens 64]
-                                   [--repeats 3] [--methods none int8 int4]
+                                   [--repeats 3] [--methods none int8 int4] [--solo 4]
 
 For each `--quantize` method: the perplexity of the model on a fixed held-out text (loraplex/bench/
 heldout.txt, ~1,300 tokens of English prose that the int8 calibration text does not contain), read in
 windows of 512 tokens through the engine's prompt logprobs; then generated tokens per second on the
 reference workload (shared/BENCHMARKS.md: 32 requests, ~16-token prompts, 64 greedy tokens) on the base
 model and with `--adapters` distinct adapters (request i uses adapter i % N; the benchmark adapters of
-`loraplex.bench.adapters`). Prints the perplexity change and the speed ratios against float32, with
+`loraplex.bench.adapters`), and `--solo` of its requests one at a time on the base model (batch 1, each
+request on every engine in turn). Prints the perplexity change and the speed ratios against float32, with
 issue 16's targets: int8 perplexity within 1 %, int4 within 5 %, int8 base ≥ 1.8× float32 base, int8 with
 distinct adapters ≥ 0.85× int8 base. (The demo model's decoder linears come from Q4_1 blocks of its GGUF
-file, which int4 finds again exactly; its LM head, which int4 leaves in float, from 8-bit ones.) The repeats go round-robin over the engines, which stay loaded together.
+file, which int4 finds again exactly; its LM head, which int4 leaves in float, from 8-bit ones.) The
+repeats go round-robin over the engines, which stay loaded together.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     add_workload_arguments(ap)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=["none", "int8", "int4"])
+    ap.add_argument("--solo", type=int, default=4, help="requests also run one at a time (batch 1), base model")
     args = ap.parse_args(argv)
     from loraplex import LLM
 
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
         engines[method] = llm
     runs: dict[str, list[float]] = {}
+    solo: dict[str, list[tuple[int, float]]] = {}
     cases: dict[str, list[str | None]] = {"base": [None] * len(prompts)}
     if adapters:
         cases[f"{len(adapters)} distinct"] = [adapters[i % len(adapters)] for i in range(len(prompts))]
@@ -80,6 +84,13 @@ def main(argv: list[str] | None = None) -> None:
                 outs = llm.generate(prompts, params, adapter_id=ids)
                 rate = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
                 runs.setdefault(f"{method} {case}", []).append(rate)
+        for i in range(args.solo):  # batch 1: each request on every engine in turn
+            for method, llm in engines.items():
+                start = time.perf_counter()
+                out = llm.generate(prompts[i:i + 1], params)[0]
+                solo.setdefault(method, []).append((len(out.token_ids), time.perf_counter() - start))
+    for method, timed in solo.items():  # batch 1: tokens over time of all its requests, as one rate
+        runs[f"{method} batch 1"] = [sum(n for n, _ in timed) / sum(t for _, t in timed)]
     rates = {name: statistics.median(values) for name, values in runs.items()}
     for name, rate in rates.items():
         print(f"{name:<20} {rate:>8.1f} tokens/s   (runs: {', '.join(f'{r:.0f}' for r in runs[name])})")
@@ -92,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"perplexity {method} / float32: {change:+.2f} %{shown}")
                 print(f"speed {method} base / float32 base: {rates[f'{method} base'] / rates['none base']:.2f}x"
                       + ("   (target >= 1.8x)" if method == "int8" else ""))
+                if solo:
+                    print(f"speed {method} batch 1 / float32 batch 1: "
+                          f"{rates[f'{method} batch 1'] / rates['none batch 1']:.2f}x")
     for method in engines:
         for case in cases:
             if case != "base":

@@ -167,14 +167,27 @@ def quantize_int4(weight_t: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight
     return Int4Weight((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scale.contiguous(), low.contiguous(), group)
 
 
+INT4_FUSED_ROWS = 8
+"""Up to this many rows an int4 product on the CPU runs quant_cpu.c's fused kernel (each weight decoded in
+registers); above it, the decoded weight goes through oneDNN (docs/benchmarks.md: at 8 rows the two cost
+about the same as float32, at 1 row the fused kernel reads 4 bits a weight and is 1.7× faster)."""
+
+
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weight + bias`: the weight decoded to `x`'s dtype, then multiplied; on the CPU in float32, decoded
-    by quant_cpu.c into a buffer reused from call to call and multiplied by oneDNN where torch has it (3×
-    faster than ATen's matmul of a plain weight on the CPUs measured, docs/benchmarks.md)."""
+    """`x @ weight + bias`: the weight decoded to `x`'s dtype, then multiplied. On the CPU in float32, a few
+    rows run a C kernel that decodes and multiplies at once; more rows have the weight decoded by a C kernel
+    into a buffer reused from call to call and multiplied by oneDNN where torch has it (3× faster than ATen's
+    matmul of a plain weight on the CPUs measured, docs/benchmarks.md)."""
     kernels = _kernels()
     if kernels is None or not x.is_cpu or x.dtype != torch.float32 or w.group % 32:  # the C decoder's unit: 32
         return torch.nn.functional.linear(x, w.dense().to(x.dtype), bias)
     rows, cols = w.packed.shape[0], w.packed.shape[1] * 2
+    if x.shape[0] <= INT4_FUSED_ROWS:
+        xe, xo = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
+        out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+        kernels[3](w.packed.data_ptr(), rows, cols, w.scale.data_ptr(), w.offset.data_ptr(), w.group, xe.data_ptr(),
+                   xo.data_ptr(), x.shape[0], None if bias is None else bias.data_ptr(), out.data_ptr())
+        return out
     weight = _scratch(rows * cols)[:rows * cols].view(rows, cols)
     kernels[2](w.packed.data_ptr(), rows, cols, w.scale.data_ptr(), w.offset.data_ptr(), w.group, weight.data_ptr())
     if _onednn():
@@ -242,7 +255,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> to
     kernels = _kernels()
     if kernels is None or x.stride(1) != 1 or not x.is_cpu or x.dtype != torch.float32:
         return int8_linear_torch(x, w, bias)
-    quantize, dequantize, _ = kernels
+    quantize, dequantize = kernels[:2]
     rows, cols = x.shape
     n = w.outliers.numel()
     xq = torch.empty(rows, cols, dtype=torch.int8)
@@ -277,9 +290,9 @@ KERNEL_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-co
 
 
 @functools.cache
-def _kernels() -> tuple[Callable[..., None], Callable[..., None], Callable[..., None]] | None:
-    """quant_cpu.c's (quantize rows, dequantize rows, int4 decode), built on first use; None where it cannot
-    build."""
+def _kernels() -> tuple[Callable[..., None], ...] | None:
+    """quant_cpu.c's (quantize rows, dequantize rows, int4 decode, int4 rows), built on first use; None where
+    it cannot build."""
     from loraplex.cbuild import NativeUnavailable, load_library
 
     try:
@@ -297,7 +310,10 @@ def _kernels() -> tuple[Callable[..., None], Callable[..., None], Callable[..., 
     decode = library.loraplex_int4_decode
     decode.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
     decode.restype = None
-    return quantize, dequantize, decode
+    rows = library.loraplex_int4_linear_rows
+    rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr]
+    rows.restype = None
+    return quantize, dequantize, decode, rows
 
 
 def calibration_ids(tokenizer: Any, vocab_size: int) -> list[int]:

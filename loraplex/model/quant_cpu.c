@@ -86,3 +86,39 @@ void loraplex_int4_decode(const uint8_t *packed, int64_t rows, int64_t cols, con
         }
     }
 }
+
+// out[m, r] = Σ_k x[m, k] · w[r, k] (+ bias[r]) for the m < n_x <= 8 rows of a small batch, an int4 layer's
+// weight decoded 32 inputs at a time in registers and never written out: at decode batch sizes the layer
+// then reads its 4-bit weight once instead of writing and reading a float32 copy. xe and xo are x's even
+// and odd inputs ([n_x, cols / 2] each, contiguous), so each 16-byte chunk's low and high nibbles meet
+// their inputs in two vectors. Sums in 16 lanes, then across them: rounding differs from a GEMM's.
+void loraplex_int4_linear_rows(const uint8_t *packed, int64_t rows, int64_t cols, const float *scale,
+                               const float *low, int64_t group, const float *xe, const float *xo, int64_t n_x,
+                               const float *bias, float *out) {
+    const int64_t groups = cols / group, half = cols / 2;
+#pragma omp parallel for if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *in = packed + r * half;
+        const float *s = scale + r * groups, *m = low + r * groups;
+        float acc[8][16] = {{0}};
+        for (int64_t j = 0; j < cols / 32; j++) {
+            const int64_t g = j * 32 / group;
+            const float sg = s[g], mg = m[g];
+            const uint8_t *b = in + j * 16;
+            float even[16], odd[16];
+            for (int i = 0; i < 16; i++) {
+                even[i] = (float)(b[i] & 15) * sg + mg;
+                odd[i] = (float)(b[i] >> 4) * sg + mg;
+            }
+            for (int64_t row = 0; row < n_x; row++) {
+                const float *e = xe + row * half + j * 16, *o = xo + row * half + j * 16;
+                for (int i = 0; i < 16; i++) acc[row][i] += even[i] * e[i] + odd[i] * o[i];
+            }
+        }
+        for (int64_t row = 0; row < n_x; row++) {
+            float sum = 0.0f;
+            for (int i = 0; i < 16; i++) sum += acc[row][i];
+            out[row * rows + r] = bias ? sum + bias[r] : sum;
+        }
+    }
+}

@@ -54,8 +54,10 @@ def test_weights_on_gguf_q4_1_blocks_come_back_exactly() -> None:
     assert torch.equal(quantize_int4(on_grid.t()).dense(), on_grid)
 
 
-@pytest.mark.parametrize(("rows", "k", "n"), [(1, 64, 96), (32, 576, 3072), (7, 1536, 40)])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 64, 96), (32, 576, 3072), (7, 1536, 40), (8, 576, 960),
+                                              (9, 576, 960)])
 def test_int4_layers_multiply_the_decoded_weight(rows: int, k: int, n: int) -> None:
+    # Up to INT4_FUSED_ROWS (8) rows the fused C kernel, above it the decoded weight through oneDNN.
     g = torch.Generator().manual_seed(rows)
     q = quantize_int4(torch.randn(k, n, generator=g))
     x, b = torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
