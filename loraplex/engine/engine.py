@@ -47,7 +47,9 @@ class Engine:
         self.config = config
         device, dtype = config.model.torch_device(), config.model.torch_dtype()
         keep_freed_memory(device)  # reuse per-step host buffers rather than fault them in again each step
-        ckpt = open_checkpoint(resolve_model(config.model.model))
+        self.quantize = config.model.resolved_quantize()
+        # `--quantize int4` keeps a pre-quantized checkpoint's own 4-bit layers as they are stored.
+        ckpt = open_checkpoint(resolve_model(config.model.model), keep_int4=self.quantize == "int4")
         self.tokenizer = ckpt.tokenizer
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)
         self.hf_config = ckpt.hf_config
@@ -55,7 +57,6 @@ class Engine:
         self.max_model_len = config.model.max_model_len or ckpt.hf_config.max_position_embeddings
         self.linear_backend = config.model.resolved_linear_backend()
         self.attention_backend = config.model.resolved_attention_backend()
-        self.quantize = config.model.resolved_quantize()
         model = build_model(ckpt, dtype, device, self.max_model_len, self.linear_backend, self.quantize)
         self.weight_bytes = weight_bytes(model)
         """Bytes of the base model's weights by storage dtype (`/info`, metrics)."""

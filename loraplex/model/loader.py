@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from loraplex.model.decoder import CausalLM, DecoderConfig
 from loraplex.model.errors import CheckpointError
 from loraplex.model.layers import Linear, PackedLinear, RMSNorm
 from loraplex.model.prequantized import checkpoint_format, dequantizing
-from loraplex.model.quant import quantize_model
+from loraplex.model.quant import Int4Weight, quantize_model
 
 # Checkpoint projection name → (our packed module, shard index).
 PACKED_MODULES = {
@@ -35,10 +35,14 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerBase | None
     eos_token_ids: tuple[int, ...]
     name: str
+    int4: dict[str, Int4Weight] = field(default_factory=dict)
+    """A pre-quantized checkpoint's 4-bit layers as Int4Weight, by their `weight`'s name, filled while
+    `tensors` is read (`open_checkpoint(keep_int4=True)`)."""
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
-    """Open an HF checkpoint folder or a .gguf file (dequantized to float at load)."""
+def open_checkpoint(path: Path, keep_int4: bool = False) -> Checkpoint:
+    """Open an HF checkpoint folder or a .gguf file (dequantized to float at load). With `keep_int4`, a
+    pre-quantized checkpoint's 4-bit layers are also kept as they are stored (`Checkpoint.int4`)."""
     if path.is_file() and path.suffix == ".gguf":
         from loraplex.model.gguf import read_gguf
 
@@ -57,9 +61,10 @@ def open_checkpoint(path: Path) -> Checkpoint:
         eos = _as_tuple(tokenizer.eos_token_id)
     tensors = _iter_tensors(path)
     quantized = checkpoint_format(hf_config)  # a quantization_config it cannot decode fails here, before any tensor
+    int4: dict[str, Int4Weight] = {}
     if quantized is not None:
-        tensors = dequantizing(tensors, quantized)
-    return Checkpoint(hf_config, tensors, tokenizer, eos, path.name)
+        tensors = dequantizing(tensors, quantized, int4 if keep_int4 else None)
+    return Checkpoint(hf_config, tensors, tokenizer, eos, path.name, int4)
 
 
 def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
@@ -141,8 +146,29 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
             module.finalize(linear_backend if quantize == "none" else "aten")
         elif isinstance(module, RMSNorm):
             module.finalize()
-    quantize_model(model, quantize, ckpt.tokenizer)
+    quantize_model(model, quantize, ckpt.tokenizer, _int4_layers(ckpt.int4, modules, device))
     return model.eval()
+
+
+def _int4_layers(int4: dict[str, Int4Weight], modules: dict[str, Any],
+                 device: torch.device) -> dict[PackedLinear, Int4Weight]:
+    """The checkpoint's own 4-bit layers (by weight name) as the model's linears: a packed linear's shards
+    (q, k and v; gate and up) stacked along the output, where every shard has one and their groups agree."""
+    shards: dict[PackedLinear, dict[int, Int4Weight]] = {}
+    for name, weight in int4.items():
+        target, shard = _map_name(name)
+        module = modules.get(target.rpartition(".")[0])
+        if isinstance(module, PackedLinear):
+            shards.setdefault(module, {})[shard or 0] = weight
+    layers = {}
+    for module, parts in shards.items():
+        ordered = [parts[i] for i in range(len(module.shard_sizes)) if i in parts]
+        group = ordered[0].group
+        if len(ordered) == len(module.shard_sizes) and all(p.group == group for p in ordered):
+            layers[module] = Int4Weight(torch.cat([p.packed for p in ordered]).to(device),
+                                        torch.cat([p.scale for p in ordered]).to(device),
+                                        torch.cat([p.offset for p in ordered]).to(device), group)
+    return layers
 
 
 def _num_shards(module: Any) -> int:

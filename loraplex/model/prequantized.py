@@ -1,4 +1,5 @@
-"""Pre-quantized checkpoints: GPTQ, AWQ and compressed-tensors linears decoded to float weights at load.
+"""Pre-quantized checkpoints: GPTQ, AWQ and compressed-tensors linears decoded to float weights at load (and
+4-bit ones also kept as they are for `--quantize int4`).
 
 A checkpoint whose `config.json` carries a `quantization_config` stores each quantized linear layer as
 packed integers and scales instead of a `weight`. `dequantizing` reads them from the checkpoint's tensor
@@ -16,6 +17,10 @@ stream and yields each layer's float `weight` `[out, in]` in their place, so the
                         [groups, out]; w[i, o] = (q[i, o] - z[g, o]) · scales[g, o], g = i // group_size.
     compressed-tensors  see loraplex/model/compressed_tensors.py (llm-compressor's formats).
 
+With `--quantize int4` the loader also asks for each 4-bit GPTQ / AWQ layer as an Int4Weight (`Format.int4`,
+`dequantizing(int4=...)`): its own integers, scales and zeros, where its groups are runs of a multiple of 32
+inputs in order; the model then serves those instead of rounding the decoded weight anew.
+
 The packed tensors are kept until the stream ends (a layer's parts may lie in different shards, in any
 order), then decoded one layer at a time: they are a fraction of the float weights' size. A missing or
 misshapen part, an unknown method or an unsupported setting is a CheckpointError that names the tensor or
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 
 from loraplex.model.errors import CheckpointError
+from loraplex.model.quant import Int4Weight
 
 METHODS = ("gptq", "awq", "compressed-tensors")
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
@@ -46,6 +52,9 @@ class Format:
     required: frozenset[str]
     decode: Callable[[str, dict[str, torch.Tensor]], torch.Tensor]  # (layer prefix, parts) -> weight [out, in]
     is_part: Callable[[str, torch.Tensor], bool] | None = None  # for names shared with float layers ("weight")
+    int4: Callable[[str, dict[str, torch.Tensor]], Int4Weight | None] | None = None
+    """(layer prefix, parts) -> the layer's own 4-bit grid as an Int4Weight, where it is one (`--quantize int4`
+    keeps it instead of rounding the decoded weight anew); None where it is not (other bits, act-order)."""
 
     def holds(self, part: str, tensor: torch.Tensor) -> bool:
         if part not in self.parts:
@@ -73,8 +82,11 @@ def checkpoint_format(hf_config: Any) -> Format | None:
                           f"supported: {', '.join(METHODS)}")
 
 
-def dequantizing(tensors: Iterator[tuple[str, torch.Tensor]], fmt: Format) -> Iterator[tuple[str, torch.Tensor]]:
-    """`tensors` with each quantized layer's parts replaced by its float `weight` (yielded after the rest)."""
+def dequantizing(tensors: Iterator[tuple[str, torch.Tensor]], fmt: Format,
+                 int4: dict[str, Int4Weight] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensors` with each quantized layer's parts replaced by its float `weight` (yielded after the rest).
+    With `int4`, each layer whose integers are 4-bit groups Int4Weight holds (groups of a multiple of 32
+    inputs in order) is also put there as one, under the name of its `weight`."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     passed: set[str] = set()  # the float weights that went by, to refuse a layer stored both ways
     for name, tensor in tensors:
@@ -98,7 +110,12 @@ def dequantizing(tensors: Iterator[tuple[str, torch.Tensor]], fmt: Format) -> It
         for part, tensor in parts.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
                 raise CheckpointError(f"{prefix}.{part} holds NaN or infinite values")
-        yield f"{prefix}.weight", fmt.decode(prefix, parts)
+        weight = fmt.decode(prefix, parts)
+        if int4 is not None and fmt.int4 is not None:
+            grid = fmt.int4(prefix, parts)
+            if grid is not None:
+                int4[f"{prefix}.weight"] = grid
+        yield f"{prefix}.weight", weight
 
 
 def _int_field(config: dict[str, Any], names: tuple[str, ...], allowed: tuple[int, ...] | None = None,
@@ -152,7 +169,8 @@ def _gptq_format(config: dict[str, Any]) -> Format:
                               "supported: gptq, gptq_v2")
     zero_offset = 1 if checkpoint == "gptq" else 0
 
-    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def unpack(prefix: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(q [in, out], zeros [groups, out], scales [groups, out] float32, g_idx [in]), checked."""
         per_word = 32 // bits
         qweight = parts["qweight"]
         if qweight.dim() != 2 or qweight.dtype != torch.int32:
@@ -182,12 +200,20 @@ def _gptq_format(config: dict[str, Any]) -> Format:
             raise CheckpointError(f"{prefix}.g_idx names groups outside [0, {groups})")
         q = unpack_int32(qweight, bits, 0)  # [in, out]
         zeros = unpack_int32(parts["qzeros"], bits, 1) + zero_offset  # [groups, out]
-        scales = parts["scales"].float()
+        return q, zeros, parts["scales"].float(), g_idx
+
+    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, zeros, scales, g_idx = unpack(prefix, parts)
         weight = scales[g_idx] * (q - zeros[g_idx]).float()  # [in, out]
         return weight.t().contiguous()
 
+    def int4(prefix: str, parts: dict[str, torch.Tensor]) -> Int4Weight | None:
+        q, zeros, scales, g_idx = unpack(prefix, parts)
+        return int4_grid(q, zeros, scales, g_idx) if bits == 4 else None
+
     required = {"qweight", "qzeros", "scales"} | ({"g_idx"} if desc_act else set())
-    return Format("gptq", frozenset({"qweight", "qzeros", "scales", "g_idx"}), frozenset(required), decode)
+    return Format("gptq", frozenset({"qweight", "qzeros", "scales", "g_idx"}), frozenset(required), decode,
+                  int4=int4)
 
 
 def _awq_format(config: dict[str, Any]) -> Format:
@@ -207,7 +233,8 @@ def _awq_format(config: dict[str, Any]) -> Format:
         values = unpack_int32(packed, 4, 1).view(rows, words, 8)
         return values[:, :, order].reshape(rows, words * 8)
 
-    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def integers(prefix: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(q [in, out], zeros [groups, out], scales [groups, out] float32, each input's group [in]), checked."""
         qweight = parts["qweight"]
         if qweight.dim() != 2 or qweight.dtype != torch.int32:
             raise CheckpointError(f"{prefix}.qweight must be a 2-D int32 tensor, got {qweight.dtype} "
@@ -217,7 +244,29 @@ def _awq_format(config: dict[str, Any]) -> Format:
         expect(prefix, "qzeros", parts["qzeros"], (groups, out_features // 8), (torch.int32,))
         expect(prefix, "scales", parts["scales"], (groups, out_features))
         g = torch.zeros(in_features, dtype=torch.int64) if group_size == -1 else torch.arange(in_features) // group_size
-        q, zeros, scales = unpack(qweight), unpack(parts["qzeros"]), parts["scales"].float()
+        return unpack(qweight), unpack(parts["qzeros"]), parts["scales"].float(), g
+
+    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, zeros, scales, g = integers(prefix, parts)
         return ((q - zeros[g]).float() * scales[g]).t().contiguous()
 
-    return Format("awq", frozenset({"qweight", "qzeros", "scales"}), frozenset({"qweight", "qzeros", "scales"}), decode)
+    def int4(prefix: str, parts: dict[str, torch.Tensor]) -> Int4Weight | None:
+        return int4_grid(*integers(prefix, parts))
+
+    return Format("awq", frozenset({"qweight", "qzeros", "scales"}), frozenset({"qweight", "qzeros", "scales"}), decode,
+                  int4=int4)
+
+
+def int4_grid(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> Int4Weight | None:
+    """The Int4Weight of a layer whose weight is scales[g] · (q - zeros[g]), g = g_idx[input] (q [in, out] and
+    zeros [groups, out] in 0..15, scales [groups, out]): its own grid, offset −zeros · scales; None unless the
+    groups are runs of a multiple of 32 inputs in order (act-order permutes them; Int4Weight decodes 32 at once)."""
+    in_features, groups = q.shape[0], scales.shape[0]
+    group = in_features // groups
+    if (in_features % groups or group % 32 or not torch.equal(g_idx, torch.arange(in_features) // group)
+            or int(q.min()) < 0 or int(q.max()) > 15 or int(zeros.min()) < 0 or int(zeros.max()) > 15):
+        return None
+    q8 = q.t().to(torch.uint8)  # [out, in]
+    scale = scales.t().contiguous()
+    return Int4Weight((q8[:, 0::2] | (q8[:, 1::2] << 4)).contiguous(), scale, (-zeros.t().float() * scale).contiguous(),
+                      group)

@@ -36,7 +36,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,6 +46,7 @@ import torch
 
 if TYPE_CHECKING:
     from loraplex.model.decoder import CausalLM
+    from loraplex.model.layers import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +350,11 @@ def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module,
     return seen
 
 
-def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
-    """Quantize every linear layer of a loaded, finalized model in place (`method` of QUANTIZE)."""
+def quantize_model(model: CausalLM, method: str, tokenizer: Any,
+                   int4: Mapping[PackedLinear, Int4Weight] | None = None) -> None:
+    """Quantize every linear layer of a loaded, finalized model in place (`method` of QUANTIZE). For `int4`,
+    the layers of `int4` take those weights (a pre-quantized checkpoint's own 4-bit grid) instead of their
+    float weight rounded anew."""
     from loraplex.model.layers import PackedLinear
 
     if method == "none":
@@ -372,11 +376,15 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
             layers = [m for m in layers if m is not model.lm_head]
             kept = [m for m in layers if m.in_features % INT4_GROUP]
             why, quantize = f"an input size not a multiple of {INT4_GROUP}", quantize_int4
+        own = int4 if method == "int4" and int4 else {}
         for layer in layers:
-            if layer not in kept:
+            if layer in own:
+                layer.use_quantized(own[layer])
+            elif layer not in kept:
                 layer.use_quantized(quantize(layer.dense_t()))
-        log.info("quantized %d linear layers to %s in %.1f s%s", len(layers) - len(kept), method,
-                 time.perf_counter() - start, f"; {len(kept)} left in float ({why})" if kept else "")
+        log.info("quantized %d linear layers to %s in %.1f s%s%s", len(layers) - len(kept), method,
+                 time.perf_counter() - start, f" ({len(own)} on the checkpoint's own 4-bit grid)" if own else "",
+                 f"; {len(kept)} left in float ({why})" if kept else "")
         return
     peaks = input_absmax(model, calibration_ids(tokenizer, model.config.vocab_size))
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]

@@ -9,6 +9,7 @@ Broken checkpoints fail at load with the field or tensor named."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
 from loraplex.model.errors import CheckpointError
+from loraplex.model.layers import PackedLinear
 from loraplex.model.prequantized import checkpoint_format, dequantizing
+from loraplex.model.quant import Int4Weight, quantize_int4
 from tests.helpers import TINY, save_tiny
 
 
@@ -155,38 +158,46 @@ def test_bad_quantized_checkpoints_fail_naming_the_field_or_tensor(config: dict,
         _decode(config, tensors)
 
 
-def test_a_gptq_model_generates_exactly_as_its_dequantized_float_twin(tmp_path: Path) -> None:
+def _rtn_integers(w: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest GPTQ integers for `w` [in, out] with per-group asymmetric scales: (q, zeros, scales)."""
+    wg = w.reshape(w.shape[0] // group, group, -1)
+    lo, hi = wg.amin(1), wg.amax(1)  # [groups, out]
+    scales = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-4).half()
+    zeros = torch.round(-lo / scales.float()).clamp(1, 2 ** bits - 1).to(torch.int64)
+    q = torch.round(wg / scales.float()[:, None] + zeros[:, None]).clamp(0, 2 ** bits - 1).to(torch.int64)
+    return q.reshape(w.shape), zeros, scales
+
+
+def _gptq_and_twin(tmp_path: Path, integers: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                   group: int = 32, bits: int = 4) -> tuple[Path, Path]:
+    """A tiny model's linears saved as GPTQ (`integers(w)` → q, zeros, scales for w [in, out]) and its float
+    twin holding the weights those integers stand for."""
     float_dir = save_tiny(LlamaConfig(**TINY), tmp_path / "float")
     state = load_file(float_dir / "model.safetensors")
-    group, bits = 32, 4
     quantized, dequantized = {}, {}
     for name, weight in state.items():
-        linear = name.endswith("_proj.weight")
-        if not linear:
+        if not name.endswith("_proj.weight"):
             quantized[name] = dequantized[name] = weight
             continue
-        # Round-to-nearest GPTQ with per-group asymmetric scales (the integers are what matter here).
-        w = weight.t()  # [in, out]
-        groups = w.shape[0] // group
-        wg = w.reshape(groups, group, -1)
-        lo, hi = wg.amin(1), wg.amax(1)  # [groups, out]
-        scales = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-4).half()
-        zeros = torch.round(-lo / scales.float()).clamp(1, 2 ** bits - 1).to(torch.int64)
-        q = torch.round(wg / scales.float()[:, None] + zeros[:, None]).clamp(0, 2 ** bits - 1).to(torch.int64)
-        q = q.reshape(w.shape)
+        q, zeros, scales = integers(weight.t())
         prefix = name.removesuffix(".weight")
         quantized[f"{prefix}.qweight"], quantized[f"{prefix}.qzeros"] = pack_gptq(q.numpy(), zeros.numpy(), bits)
         quantized[f"{prefix}.scales"] = scales
-        quantized[f"{prefix}.g_idx"] = (torch.arange(w.shape[0]) // group).to(torch.int32)
-        g = torch.arange(w.shape[0]) // group
+        quantized[f"{prefix}.g_idx"] = (torch.arange(q.shape[0]) // group).to(torch.int32)
+        g = torch.arange(q.shape[0]) // group
         dequantized[name] = (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
     gptq_dir, twin_dir = tmp_path / "gptq", tmp_path / "twin"
-    for folder, tensors, extra in ((gptq_dir, quantized, {"quantization_config": {**GPTQ, "sym": False}}),
-                                   (twin_dir, dequantized, {})):
+    for folder, tensors, extra in ((gptq_dir, quantized, {"quantization_config": {
+            **GPTQ, "bits": bits, "group_size": group, "sym": False}}), (twin_dir, dequantized, {})):
         folder.mkdir()
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
         config = json.loads((float_dir / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, **extra}))
+    return gptq_dir, twin_dir
+
+
+def test_a_gptq_model_generates_exactly_as_its_dequantized_float_twin(tmp_path: Path) -> None:
+    gptq_dir, twin_dir = _gptq_and_twin(tmp_path, lambda w: _rtn_integers(w, 32, 4))
     prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + i)] for i in range(4)]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
     got = LLM(str(gptq_dir), device="cpu").generate(prompts, params)
@@ -198,3 +209,69 @@ def test_a_gptq_model_generates_exactly_as_its_dequantized_float_twin(tmp_path: 
         (gptq_dir / "config.json").write_text(json.dumps({**json.loads((gptq_dir / "config.json").read_text()),
                                                           "quantization_config": {**GPTQ, "bits": 5}}))
         LLM(str(gptq_dir), device="cpu")
+
+
+def test_quantize_int4_keeps_a_4_bit_checkpoints_own_grid(tmp_path: Path) -> None:
+    # Integers 2..13 with zeros 4..11: no group spans its grid from end to end, so rounding the decoded
+    # weights anew (on the grid from each group's minimum to its maximum) would move them; the checkpoint's
+    # own grid keeps them.
+    def integers(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(w.numel())
+        groups = w.shape[0] // 32
+        q = torch.randint(2, 14, w.shape, generator=g)
+        zeros = torch.randint(4, 12, (groups, w.shape[1]), generator=g)
+        scales = (torch.rand(groups, w.shape[1], generator=g) / 20 + 0.01).half()
+        return q, zeros, scales
+
+    gptq_dir, twin_dir = _gptq_and_twin(tmp_path, integers)
+    twin = LLM(str(twin_dir), device="cpu")
+    llm = LLM(str(gptq_dir), device="cpu", quantize="int4")
+    want = dict(twin.engine.runner.model.named_modules())
+    checked = 0
+    for name, module in llm.engine.runner.model.named_modules():
+        if isinstance(module, PackedLinear) and name != "lm_head":
+            assert isinstance(module.quantized, Int4Weight) and module.quantized.group == 32, name
+            weight = want[name].dense_t()  # [in, out], the float twin's shards side by side
+            assert (module.quantized.dense_t() - weight).abs().max() <= 1e-6 * weight.abs().max(), name
+            rounded_anew = quantize_int4(weight).dense_t()
+            assert (rounded_anew - weight).abs().max() > 1e-3 * weight.abs().max(), name  # what it avoids
+            checked += 1
+    assert checked == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + i)] for i in range(4)]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    for got, ref in zip(llm.generate(prompts, params), twin.generate(prompts, params), strict=True):
+        assert got.token_ids == ref.token_ids
+        assert [lp.logprob for lp in got.logprobs or []] == pytest.approx([lp.logprob for lp in ref.logprobs or []],
+                                                                          abs=1e-4)
+    # Where the checkpoint's grid is not one Int4Weight holds (groups of 16), int4 rounds the decoded weights.
+    grouped_16, _ = _gptq_and_twin(tmp_path / "g16", lambda w: _rtn_integers(w, 16, 4), group=16)
+    model = LLM(str(grouped_16), device="cpu", quantize="int4").engine.runner.model
+    assert all(m.quantized.group == 32 for n, m in model.named_modules()  # type: ignore[union-attr]
+               if isinstance(m, PackedLinear) and n != "lm_head")
+
+
+def test_only_4_bit_groups_of_32_inputs_in_order_are_kept_as_int4() -> None:
+    in_f, out_f = 64, 96
+    q, zeros = _ints((in_f, out_f), 4, 1), _ints((2, out_f), 4, 2).clamp(min=1)
+    scales = (torch.rand(2, out_f, generator=torch.Generator().manual_seed(3)) / 10 + 0.01).half()
+    qweight, qzeros = pack_gptq(q.numpy(), zeros.numpy(), 4)
+    tensors = {"l.qweight": qweight, "l.qzeros": qzeros, "l.scales": scales,
+               "l.g_idx": (torch.arange(in_f) // 32).to(torch.int32)}
+
+    def kept(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Int4Weight]:
+        fmt = checkpoint_format(type("Config", (), {"quantization_config": config})())
+        assert fmt is not None
+        int4: dict[str, Int4Weight] = {}
+        out = dict(dequantizing(iter(tensors.items()), fmt, int4))
+        for name, weight in int4.items():  # each the decoded float weight, on its own grid
+            assert (weight.dense() - out[name]).abs().max() <= 1e-6 * out[name].abs().max()
+        return int4
+
+    assert set(kept({**GPTQ, "sym": False}, tensors)) == {"l.weight"}
+    shuffled = (torch.arange(in_f) // 32)[torch.randperm(in_f, generator=torch.Generator().manual_seed(4))]
+    assert kept({**GPTQ, "desc_act": True}, {**tensors, "l.g_idx": shuffled.to(torch.int32)}) == {}  # act-order
+    q8, z8 = pack_gptq(_ints((in_f, out_f), 8, 1).numpy(), zeros.numpy(), 8)
+    assert kept({**GPTQ, "bits": 8}, {**tensors, "l.qweight": q8, "l.qzeros": z8}) == {}
+    awq_q, awq_z = pack_awq(q, zeros)
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    assert set(kept(awq, {"l.qweight": awq_q, "l.qzeros": awq_z, "l.scales": scales})) == {"l.weight"}
