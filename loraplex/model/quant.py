@@ -7,9 +7,10 @@ with fp8 tensor cores.
     int4   weights only: 4 bits in groups of 32 inputs, each group of each output channel on the 16-level grid
            from its minimum to its maximum (GGUF's Q4_1 grid; a weight already on it comes back exactly), the
            LM head left in float as GPTQ and AWQ leave it; each product decodes the weight to the activations'
-           dtype (on the CPU a C kernel into a reused buffer, then oneDNN) and multiplies in float. A memory
-           saving, not a speed-up: no CPU kernel measured here multiplies 4-bit weights faster than oneDNN
-           multiplies float32 ones at decode batch sizes (docs/benchmarks.md)
+           dtype and multiplies in float (on the CPU up to 8 rows in one C kernel, decoding in registers;
+           above that a C decoder into a reused buffer, then oneDNN). A memory saving more than a speed-up:
+           on the 2-core CPU one request alone runs 1.2× float32, 32 at once 0.6× (docs/benchmarks.md). A
+           pre-quantized GPTQ / AWQ 4-bit checkpoint keeps its own grid (loraplex/model/prequantized.py)
     fp8    weights float8 e4m3 per output channel, activations float8 e4m3 per token (dynamic), the product
            in fp8 with float32 accumulation (`torch._scaled_mm`, row-wise scales; CUDA compute capability
            8.9+: L4, L40S, H100, H200). e4m3's exponent covers outliers: no smoothing, no calibration
@@ -207,7 +208,8 @@ _local = threading.local()
 
 
 def _scratch(size: int) -> torch.Tensor:
-    """A float32 buffer of at least `size` elements, this thread's own, kept for the next call."""
+    """A float32 buffer of at least `size` elements, this thread's own, kept for the next call (so each thread
+    that multiplies int4 layers of more than INT4_FUSED_ROWS rows holds the largest one's float32 size)."""
     buffer: torch.Tensor | None = getattr(_local, "buffer", None)
     if buffer is None or buffer.numel() < size:
         buffer = _local.buffer = torch.empty(size, dtype=torch.float32)
