@@ -56,7 +56,8 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weightᵀ + bias` for `x` `[tokens, in]` and a weight from `prepack`."""
+    """`x @ weightᵀ + bias` for `x` `[tokens, in]` and a weight from `prepack` (or a plain `[out, in]` float32
+    one, which oneDNN reorders per call: int4 layers' decoded weights, loraplex/model/quant.py)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

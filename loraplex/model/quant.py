@@ -41,9 +41,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+
+from loraplex.model import gemm
 
 if TYPE_CHECKING:
     from loraplex.model.decoder import CausalLM
@@ -187,20 +189,18 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> to
     if x.shape[0] <= INT4_FUSED_ROWS:
         xe, xo = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
         out = torch.empty(x.shape[0], rows, dtype=torch.float32)
-        kernels[3](w.packed.data_ptr(), rows, cols, w.scale.data_ptr(), w.offset.data_ptr(), w.group, xe.data_ptr(),
+        kernels.int4_rows(w.packed.data_ptr(), rows, cols, w.scale.data_ptr(), w.offset.data_ptr(), w.group, xe.data_ptr(),
                    xo.data_ptr(), x.shape[0], None if bias is None else bias.data_ptr(), out.data_ptr())
         return out
     weight = _scratch(rows * cols)[:rows * cols].view(rows, cols)
-    kernels[2](w.packed.data_ptr(), rows, cols, w.scale.data_ptr(), w.offset.data_ptr(), w.group, weight.data_ptr())
+    kernels.int4_decode(w.packed.data_ptr(), rows, cols, w.scale.data_ptr(), w.offset.data_ptr(), w.group, weight.data_ptr())
     if _onednn():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return gemm.linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
 @functools.cache
 def _onednn() -> bool:
-    from loraplex.model import gemm
-
     return gemm.onednn_supported(torch.device("cpu"), torch.float32)
 
 
@@ -258,7 +258,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> to
     kernels = _kernels()
     if kernels is None or x.stride(1) != 1 or not x.is_cpu or x.dtype != torch.float32:
         return int8_linear_torch(x, w, bias)
-    quantize, dequantize = kernels[:2]
+    quantize, dequantize = kernels.quantize_rows, kernels.dequantize_rows
     rows, cols = x.shape
     n = w.outliers.numel()
     xq = torch.empty(rows, cols, dtype=torch.int8)
@@ -292,10 +292,18 @@ KERNEL_SOURCE = Path(__file__).with_name("quant_cpu.c")
 KERNEL_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off")
 
 
+class Kernels(NamedTuple):
+    """quant_cpu.c's functions (each documented there)."""
+
+    quantize_rows: Callable[..., None]
+    dequantize_rows: Callable[..., None]
+    int4_decode: Callable[..., None]
+    int4_rows: Callable[..., None]
+
+
 @functools.cache
-def _kernels() -> tuple[Callable[..., None], ...] | None:
-    """quant_cpu.c's (quantize rows, dequantize rows, int4 decode, int4 rows), built on first use; None where
-    it cannot build."""
+def _kernels() -> Kernels | None:
+    """quant_cpu.c's kernels, built on first use; None where it cannot build."""
     from loraplex.cbuild import NativeUnavailable, load_library
 
     try:
@@ -316,7 +324,7 @@ def _kernels() -> tuple[Callable[..., None], ...] | None:
     rows = library.loraplex_int4_linear_rows
     rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr]
     rows.restype = None
-    return quantize, dequantize, decode, rows
+    return Kernels(quantize, dequantize, decode, rows)
 
 
 def calibration_ids(tokenizer: Any, vocab_size: int) -> list[int]:

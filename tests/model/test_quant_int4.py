@@ -66,7 +66,7 @@ def test_int4_layers_multiply_the_decoded_weight(rows: int, k: int, n: int) -> N
     if _kernels() is None:
         pytest.skip("no C compiler: the layer decodes with Int4Weight.dense itself")
     decoded = torch.empty(n, k)
-    _kernels()[2](q.packed.data_ptr(), n, k, q.scale.data_ptr(), q.offset.data_ptr(), q.group, decoded.data_ptr())
+    _kernels().int4_decode(q.packed.data_ptr(), n, k, q.scale.data_ptr(), q.offset.data_ptr(), q.group, decoded.data_ptr())
     assert torch.equal(decoded, q.dense())
 
 
