@@ -258,13 +258,13 @@ def _awq_format(config: dict[str, Any]) -> Format:
 
 
 def int4_grid(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> Int4Weight | None:
-    """The Int4Weight of a layer whose weight is scales[g] · (q - zeros[g]), g = g_idx[input] (q [in, out] and
-    zeros [groups, out] in 0..15, scales [groups, out]): its own grid, offset −zeros · scales; None unless the
+    """The Int4Weight of a layer whose weight is scales[g] · (q - zeros[g]), g = g_idx[input] (q [in, out] 4-bit,
+    zeros [groups, out], scales [groups, out]): its own grid, offset −zeros · scales; None unless the
     groups are runs of a multiple of 32 inputs in order (act-order permutes them; Int4Weight decodes 32 at once)."""
     in_features, groups = q.shape[0], scales.shape[0]
     group = in_features // groups
     if (in_features % groups or group % 32 or not torch.equal(g_idx, torch.arange(in_features) // group)
-            or int(q.min()) < 0 or int(q.max()) > 15 or int(zeros.min()) < 0 or int(zeros.max()) > 15):
+            or int(zeros.min()) < 0 or int(zeros.max()) > 15):  # AutoGPTQ's stored zero 15 means 16
         return None
     q8 = q.t().to(torch.uint8)  # [out, in]
     scale = scales.t().contiguous()

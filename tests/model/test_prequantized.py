@@ -270,6 +270,10 @@ def test_only_4_bit_groups_of_32_inputs_in_order_are_kept_as_int4() -> None:
     assert set(kept({**GPTQ, "sym": False}, tensors)) == {"l.weight"}
     shuffled = (torch.arange(in_f) // 32)[torch.randperm(in_f, generator=torch.Generator().manual_seed(4))]
     assert kept({**GPTQ, "desc_act": True}, {**tensors, "l.g_idx": shuffled.to(torch.int32)}) == {}  # act-order
+    wrapped = zeros.clone()
+    wrapped[0, 0] = 0  # AutoGPTQ's v1 format stores zero - 1: a zero of 0 wraps to 15 and decodes as 16
+    _, wrapped_z = pack_gptq(q.numpy(), wrapped.numpy(), 4)
+    assert kept({**GPTQ, "sym": False}, {**tensors, "l.qzeros": wrapped_z}) == {}
     q8, z8 = pack_gptq(_ints((in_f, out_f), 8, 1).numpy(), zeros.numpy(), 8)
     assert kept({**GPTQ, "bits": 8}, {**tensors, "l.qweight": q8, "l.qzeros": z8}) == {}
     awq_q, awq_z = pack_awq(q, zeros)
