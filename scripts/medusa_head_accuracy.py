@@ -36,7 +36,7 @@ from loraplex.examples import example_adapters  # noqa: E402
 from loraplex.lora.medusa import load_medusa  # noqa: E402
 from loraplex.model.decoder import DecoderConfig  # noqa: E402
 from loraplex.paths import resolve_model  # noqa: E402
-from scripts.train_medusa_heads import answers, varied_invoices  # noqa: E402
+from scripts.train_medusa_heads import answers, prompt_ids, varied_invoices  # noqa: E402
 
 HISTORY = 16
 
@@ -56,9 +56,7 @@ def main() -> None:
     else:
         sentences = invoice_sentences(args.n, seed=11)
     outputs = answers(sentences, lora)  # as the heads' training script makes them
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True,
-                                                       tokenize=False), add_special_tokens=False).input_ids
-               for s in sentences]
+    prompts = [prompt_ids(tokenizer, s) for s in sentences]
     hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     heads = load_medusa(Path(lookahead), DecoderConfig.from_hf(hf.config))
     inner = PeftModel.from_pretrained(hf, str(lora)).eval().get_base_model().model  # output after the final norm

@@ -136,6 +136,13 @@ def answers(sentences: list[str], adapter: Path) -> list[list[int]]:
     return [o.token_ids for o in outs]
 
 
+def prompt_ids(tokenizer: Any, sentence: str) -> list[int]:
+    """The chat-templated user turn `sentence` with the generation prompt, as the engine reads it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentence}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[no-any-return]
+
+
 def hidden_states(base_path: Path, adapter: Path, prompts: list[list[int]], outputs: list[list[int]],
                   heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t for every position t from each prompt's last token to its answer's second-to-last token, and the
@@ -202,9 +209,7 @@ def main() -> None:
     sentences = varied_invoices(random.Random(f"{SEED}-medusa"), args.sentences, tokenizer)
     start = time.perf_counter()
     outputs = answers(sentences, lora)
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True,
-                                                       tokenize=False), add_special_tokens=False).input_ids
-               for s in sentences]
+    prompts = [prompt_ids(tokenizer, s) for s in sentences]
     print(f"{len(sentences)} answers ({time.perf_counter() - start:.0f} s), e.g. {sentences[0]!r} -> "
           f"{tokenizer.decode(outputs[0])!r}", flush=True)
     x, y = hidden_states(base_path, lora, prompts, outputs, args.heads)
