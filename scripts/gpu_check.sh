@@ -17,7 +17,7 @@ if [[ ${1:-} == --wheels ]]; then
         --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 \
         -d .whl platformdirs==4.14.9 boto3==1.44.5 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 \
-        llguidance==1.9.1
+        llguidance==1.9.1 gguf==0.19.0
     exit
 fi
 
@@ -38,7 +38,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 # 1. CUDA-only tests and the Triton kernel tests, compiled for the GPU (-p no:cacheprovider: a read-only tree is fine).
 timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not slow" \
     tests/gpu tests/lora/test_triton_ops.py tests/model/test_triton_attention.py tests/model/test_triton_decoder.py \
-    tests/model/test_cuda_graphs.py \
+    tests/model/test_cuda_graphs.py tests/model/test_triton_quant.py \
     2>&1 | tee "$OUT/pytest-gpu.txt"
 # 2. The benchmark (model and adapters built by the script; about 5 minutes on an H200).
 timeout 320 python3 -m loraplex.bench.gpu 2>&1 | tee "$OUT/bench-gpu.txt"

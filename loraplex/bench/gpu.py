@@ -12,6 +12,7 @@ prompt tokens, greedy, ignoring EOS. Prints generated tokens per second of
     loraplex distinct              request i on adapter i % N
     loraplex base, eager           the base model again with --enforce-eager (no CUDA graphs)
     loraplex base, fp8             the base model with --quantize fp8 (GPUs of compute capability 8.9+)
+    loraplex base, int4            the base model with --quantize int4 (4-bit weights, the Triton kernel)
     hf generate base               HF transformers `generate`, one batch
     hf+peft distinct               PEFT's mixed batch (`adapter_names=`), on --peft-requests requests
                                    of --peft-new-tokens tokens (it is ~20x slower; the rate is comparable)
@@ -305,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         fp8, _, _ = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name,
                                    args.repeats, cases=("base",), quantize="fp8")
         free_memory()
+    int4, _, _ = loraplex_rates(model_dir, adapters, prompts, args.new_tokens, args.device, dtype_name, args.repeats,
+                                cases=("base",), quantize="int4")
+    free_memory()
     theirs = hf_rates(model_dir, adapters, prompts, args.new_tokens, prompts[:args.peft_requests],
                       args.peft_new_tokens, args.device, dtype, args.repeats)
     rows = ({f"loraplex {k}": v for k, v in ours.items()} | {"loraplex base, eager": eager["base"]}
-            | ({"loraplex base, fp8": fp8["base"]} if fp8 else {}) | theirs)
+            | ({"loraplex base, fp8": fp8["base"]} if fp8 else {}) | {"loraplex base, int4": int4["base"]} | theirs)
     for label, rate in rows.items():
         print(f"{label:<26} {rate:>10.1f} tokens/s", flush=True)
     ratios = {"distinct / base": ours["distinct"] / ours["base"], "one adapter / base": ours["one adapter"] / ours["base"],
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
               "base: graphs / eager": ours["base"] / eager["base"]}
     if fp8:
         ratios["base: fp8 / bf16"] = fp8["base"] / ours["base"]
+    ratios["base: int4 / bf16"] = int4["base"] / ours["base"]
     for label, ratio in ratios.items():
         target = f"   (target >= {TARGETS[label]:g})" if label in TARGETS else ""
         print(f"ratio {label:<24} {ratio:>7.2f}x{target}")

@@ -7,8 +7,9 @@ with fp8 tensor cores.
     int4   weights only: 4 bits in groups of 32 inputs, each group of each output channel on the 16-level grid
            from its minimum to its maximum (GGUF's Q4_1 grid; a weight already on it comes back exactly), the
            LM head left in float as GPTQ and AWQ leave it; each product decodes the weight to the activations'
-           dtype and multiplies in float (on the CPU up to 8 rows in one C kernel, decoding in registers;
-           above that a C decoder into a reused buffer, then oneDNN). A memory saving more than a speed-up:
+           dtype and multiplies in float (on CUDA in one Triton kernel, the weight read at 4 bits; on the CPU
+           up to 8 rows in one C kernel, decoding in registers; above that a C decoder into a reused buffer,
+           then oneDNN). A memory saving more than a speed-up:
            on the 2-core CPU one request alone runs 1.2× float32, 32 at once 0.6× (docs/benchmarks.md). A
            pre-quantized GPTQ / AWQ 4-bit checkpoint keeps its own grid (loraplex/model/prequantized.py)
     fp8    weights float8 e4m3 per output channel, activations float8 e4m3 per token (dynamic), the product
@@ -178,10 +179,15 @@ about the same as float32, at 1 row the fused kernel reads 4 bits a weight and i
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weight + bias`: the weight decoded to `x`'s dtype, then multiplied. On the CPU in float32, a few
+    """`x @ weight + bias`: the weight decoded to `x`'s dtype, then multiplied. On CUDA a Triton kernel decodes
+    the weight as it multiplies (loraplex/model/triton_quant.py). On the CPU in float32, a few
     rows run a C kernel that decodes and multiplies at once; more rows have the weight decoded by a C kernel
     into a buffer reused from call to call and multiplied by oneDNN where torch has it (3× faster than ATen's
     matmul of a plain weight on the CPUs measured, docs/benchmarks.md)."""
+    if x.is_cuda and w.group % 32 == 0 and x.shape[0]:
+        op = _triton_int4()
+        if op is not None:
+            return op(x, w.packed, w.scale, w.offset, w.group, bias)
     kernels = _kernels()
     if kernels is None or not x.is_cpu or x.dtype != torch.float32 or w.group % 32:  # the C decoder's unit: 32
         return torch.nn.functional.linear(x, w.dense().to(x.dtype), bias)
@@ -197,6 +203,19 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> to
     if _onednn():
         return gemm.linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+@functools.cache
+def _triton_int4() -> Callable[..., torch.Tensor] | None:
+    """loraplex/model/triton_quant.py's matmul (imported on first use: importing triton costs seconds); None,
+    with a warning, where triton does not import."""
+    try:
+        from loraplex.model.triton_quant import int4_linear_triton
+    except ImportError as e:
+        log.warning("triton does not import (%s); int4 layers on this GPU decode their weight for every product "
+                    "(slower)", e)
+        return None
+    return int4_linear_triton
 
 
 @functools.cache

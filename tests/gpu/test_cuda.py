@@ -182,6 +182,23 @@ def test_fp8_quantized_model_generates_near_the_bfloat16_one(tmp_path: Path) -> 
     assert diff.abs().mean() < 0.3
 
 
+def test_int4_model_with_adapters_on_cuda_computes_as_its_dequantized_float_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplex.model import quant
+    from loraplex.model.triton_quant import int4_linear_triton
+    from tests.model.test_quant_int4 import check_int4_model_against_its_dequantized_twin
+
+    calls = []
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return int4_linear_triton(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quant, "_triton_int4", lambda: spy)
+    check_int4_model_against_its_dequantized_twin(tmp_path, "cuda", kv_cache_bytes=KV)
+    assert calls  # the layers ran the Triton kernel (in eager steps and in the CUDA graphs' capture)
+
+
 def test_speculative_decoding_on_cuda_gives_the_outputs_of_plain_decoding(tmp_path: Path) -> None:
     """Drafts verified through the Triton prefill attention and LoRA kernels, beside graph-replayed plain
     decode steps (speculation on at small batches only): greedy float32 outputs identical, every KV block

@@ -91,11 +91,17 @@ def test_int4_is_a_setting_for_every_device() -> None:
 
 
 def test_an_int4_model_with_adapters_in_a_mixed_batch_computes_as_its_dequantized_float_model(tmp_path: Path) -> None:
+    check_int4_model_against_its_dequantized_twin(tmp_path, "cpu")
+
+
+def check_int4_model_against_its_dequantized_twin(tmp_path: Path, device: str, **options: object) -> None:
+    """An int4 model with adapters in a mixed batch on `device` (float32) computes as the same model with each
+    int4 layer's decoded weight in float (tests/gpu/test_cuda.py runs it on CUDA, through the Triton kernel)."""
     # intermediate 80: the down projections' input is no multiple of 32, so they stay in float, as the LM head does.
     base = save_tiny(LlamaConfig(**{**TINY, "intermediate_size": 80}), tmp_path / "base")
     logprobs = mixed_batch(base, tmp_path, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
                            ["q_proj", "up_proj"])
-    options = dict(device="cpu", max_loras=2, max_lora_rank=8)
+    options = dict(device=device, dtype="float32", max_loras=2, max_lora_rank=8, **options)
     float_model = logprobs(LLM(str(base), **options))
     llm = LLM(str(base), quantize="int4", **options)
     model = llm.engine.runner.model

@@ -1,0 +1,112 @@
+"""Triton int4 weight-only matmul (the GPU path of `--quantize int4` and of GPTQ / AWQ 4-bit checkpoints).
+
+Same contract as `Int4Weight.dense` followed by a matmul (loraplex/model/quant.py, the reference):
+
+    out[m, n] = Σ_k x[m, k] · w[n, k] (+ bias[n]),   w[n, k] = q[n, k] · scale[n, k // group] + offset[n, k // group]
+
+with `q[n, k]` the low nibble of `packed[n, k // 2]` for an even `k`, the high one for an odd `k`. Each weight
+is decoded in float32 and rounded to `x`'s dtype, as the reference rounds the decoded weight before its
+matmul; products accumulate in float32. The weight is read at 4 bits (plus a scale and offset per 32 or more
+inputs) and never written out decoded: at decode batch sizes the matmul is bound by reading the weight, so
+that is the saving over a 16-bit weight.
+
+One program per (row tile, output tile, slice of the inputs). A step over the inputs is one group or a part
+of it, so a step reads one scale and one offset per output column; the even and odd inputs of a step are
+two products (`x[:, 0::2] · low nibblesᵀ + x[:, 1::2] · high nibblesᵀ`), so no nibble is interleaved in
+registers. A decode-sized batch has few row and output tiles, too few programs to keep a GPU's memory busy,
+so the inputs are split into slices whose float32 partial sums are added afterwards (in a fixed order: the
+result does not depend on scheduling).
+
+On a GPU the products run at `x`'s 16-bit precision on tensor cores. Triton 3.9's interpreter gets 16-bit
+`tl.dot` wrong (loraplex/lora/ops/triton_ops.py), so under it (the CPU tests, `TRITON_INTERPRET=1`) the
+operands, already rounded to `x`'s dtype, are upcast to float32 and multiplied in tf32, where 16-bit values
+are exact; float32 inputs multiply with an IEEE dot everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TARGET_PROGRAMS = 512
+"""Programs a launch aims for (an H200 has 132 SMs): fewer row and output tiles than this split the inputs."""
+MAX_SPLIT = 16
+
+
+@triton.jit
+def _int4_linear_kernel(
+    x_ptr, packed_ptr, scale_ptr, offset_ptr, out_ptr, M, N, steps_per_split,
+    stride_xm, stride_xk, stride_pn, stride_pk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out[split, rows, cols] = x[rows, inputs of the split] · w[cols, the same inputs]ᵀ (float32)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, BLOCK_K // 2)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_first = split * steps_per_split * BLOCK_K
+    for step in range(0, steps_per_split):
+        k0 = k_first + step * BLOCK_K
+        # BLOCK_K divides the group: one scale and one offset per output column for this step.
+        g = k0 // GROUP
+        scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)  # [BLOCK_N]
+        offset = tl.load(offset_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
+        p = tl.load(packed_ptr + offs_n[None, :] * stride_pn + (k0 // 2 + half)[:, None] * stride_pk,
+                    mask=n_mask[None, :], other=0)  # [BLOCK_K / 2, BLOCK_N] uint8
+        low = (p & 15).to(tl.float32) * scale[None, :] + offset[None, :]
+        high = (p >> 4).to(tl.float32) * scale[None, :] + offset[None, :]
+        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * half)[None, :] * stride_xk,
+                         mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 2]
+        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * half + 1)[None, :] * stride_xk,
+                        mask=m_mask[:, None], other=0.0)
+        low = low.to(x_ptr.dtype.element_ty)  # the decoded weight rounded to x's dtype, as the reference
+        high = high.to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            acc += tl.dot(x_even.to(tl.float32), low.to(tl.float32), input_precision=PRECISION)
+            acc += tl.dot(x_odd.to(tl.float32), high.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x_even, low, input_precision=PRECISION)
+            acc += tl.dot(x_odd, high, input_precision=PRECISION)
+    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+def int4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ w.T + bias` for `x` `[rows, in]` and the 4-bit weight `packed` `[out, in / 2]` uint8 with float32
+    `scale` and `offset` `[out, in / group]` (`group` a multiple of 32); the result in `x`'s dtype."""
+    rows, cols = x.shape
+    out_features = packed.shape[0]
+    assert packed.shape[1] * 2 == cols and group % 32 == 0 and cols % group == 0, (x.shape, packed.shape, group)
+    assert scale.shape == offset.shape == (out_features, cols // group), (scale.shape, offset.shape)
+    block_m, block_n = _block_m(rows), 64
+    block_k = 64 if group % 64 == 0 else 32
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
+    steps = cols // block_k
+    split = 1
+    while split * 2 <= MAX_SPLIT and tiles * split * 2 <= TARGET_PROGRAMS and steps % (split * 2) == 0:
+        split *= 2
+    partial = torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device)  # [split, rows, out]
+    upcast = triton.knobs.runtime.interpret and x.dtype != torch.float32
+    _int4_linear_kernel[(triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split)](
+        x, packed, scale, offset, partial, rows, out_features, steps // split,
+        x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        UPCAST=upcast, PRECISION="tf32" if upcast else "ieee",
+    )
+    out = partial[0] if split == 1 else partial.sum(dim=0)  # [rows, out] float32
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
