@@ -19,6 +19,10 @@ checkpoint has its `weight_scale`: in a float-quantized checkpoint a float layer
 quantized one's share their name. Static activation scales (`input_scale`, `input_zero_point`) are read
 and dropped: loraplex multiplies in float (or requantizes with `--quantize int8`). A quantized KV cache,
 other formats (sparse, nvfp4, mxfp4, marlin-24) and block strategies are refused at load.
+
+With `--quantize int4`, a pack-quantized 4-bit layer whose groups are runs of a multiple of 32 inputs in order
+(group strategy without `weight_g_idx`, or channel and tensor strategies over such an input size) keeps its own
+integers, scales and zero points (`Format.int4`); other layers are rounded anew.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from typing import Any
 import torch
 
 from loraplex.model.errors import CheckpointError
-from loraplex.model.prequantized import Format, expect, unpack_int32
+from loraplex.model.prequantized import Format, expect, int4_grid, unpack_int32
+from loraplex.model.quant import Int4Weight
 
 SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 STRATEGIES = ("tensor", "channel", "group")
@@ -89,7 +94,9 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
             raise CheckpointError(f"{prefix}: no quantization_config group targets this layer")
         return found[0]
 
-    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def integers(prefix: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(q [out, in] (pack-quantized: the signed integers; else the stored values), zero [out, groups] or
+        an empty tensor (symmetric), scale [out, groups] float32, each input's group [in]), checked."""
         name, _, fmt, bits, strategy, group_size, symmetric = scheme_of(prefix)
         if fmt == "pack-quantized":
             for part in ("weight_packed", "weight_shape"):
@@ -123,7 +130,7 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
             scale = scale.reshape(1, 1).expand(out_f, 1)
         else:
             expect(prefix, "weight_scale", scale, (out_f, groups))
-        zero = None
+        zero = torch.empty(0)
         if not symmetric:
             if "weight_zero_point" not in parts:
                 raise CheckpointError(f"{prefix}: the asymmetric layer (config_groups.{name}) lacks weight_zero_point")
@@ -150,12 +157,27 @@ def compressed_tensors_format(config: dict[str, Any]) -> Format:
             g = torch.arange(in_f) // group_size
         else:
             g = torch.zeros(in_f, dtype=torch.int64)
-        if zero is not None:
+        return q, zero, scale, g
+
+    def decode(prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, zero, scale, g = integers(prefix, parts)
+        if zero.numel():
             q = q - zero[:, g]
         return (q.to(torch.float32) * scale[:, g]).contiguous()
 
+    def int4(prefix: str, parts: dict[str, torch.Tensor]) -> Int4Weight | None:
+        _, _, fmt, bits, *_ = scheme_of(prefix)
+        if fmt != "pack-quantized" or bits != 4:
+            return None
+        q, zero, scale, g = integers(prefix, parts)
+        if zero.numel() and not torch.equal(zero, zero.round()):  # a zero point off the integers: decoded, rounded anew
+            return None
+        # Signed integers q - zero on [-8, 7]: the same products as unsigned q + 8 less zeros zero + 8.
+        zeros = (zero if zero.numel() else torch.zeros_like(scale)).to(torch.int64) + 8  # [out, groups]
+        return int4_grid((q + 8).t(), zeros.t(), scale.t(), g)
+
     return Format("compressed-tensors", PARTS, frozenset({"weight_scale"}), decode,
-                  is_part=lambda part, tensor: part != "weight" or tensor.dtype in QUANTIZED_DTYPES)
+                  is_part=lambda part, tensor: part != "weight" or tensor.dtype in QUANTIZED_DTYPES, int4=int4)
 
 
 def _matches(prefix: str, target: str) -> bool:

@@ -17,7 +17,7 @@ stream and yields each layer's float `weight` `[out, in]` in their place, so the
                         [groups, out]; w[i, o] = (q[i, o] - z[g, o]) · scales[g, o], g = i // group_size.
     compressed-tensors  see loraplex/model/compressed_tensors.py (llm-compressor's formats).
 
-With `--quantize int4` the loader also asks for each 4-bit GPTQ / AWQ layer as an Int4Weight (`Format.int4`,
+With `--quantize int4` the loader also asks for each 4-bit GPTQ / AWQ / compressed-tensors layer as an Int4Weight (`Format.int4`,
 `dequantizing(int4=...)`): its own integers, scales and zeros, where its groups are runs of a multiple of 32
 inputs in order; the model then serves those instead of rounding the decoded weight anew.
 

@@ -93,8 +93,8 @@ def _quantization_config(scheme: str) -> QuantizationConfig:
 
 
 @torch.no_grad()
-def _calibrate_weight(module: torch.nn.Module) -> None:
-    """Min/max weight observer + the library's ``calculate_qparams``."""
+def _calibrate_weight(module: torch.nn.Module, widen: float) -> None:
+    """Min/max weight observer (the range times ``widen``) + the library's ``calculate_qparams``."""
     args: QuantizationArgs = getattr(module, "quantization_scheme").weights  # noqa: B009
     weight = module.get_parameter("weight")
     if args.strategy == QuantizationStrategy.CHANNEL:
@@ -109,7 +109,7 @@ def _calibrate_weight(module: torch.nn.Module) -> None:
     else:  # pragma: no cover - not used by CT_SCHEMES
         raise NotImplementedError(args.strategy)
 
-    scale, zero_point = calculate_qparams(min_vals, max_vals, args)
+    scale, zero_point = calculate_qparams(min_vals * widen, max_vals * widen, args)
     update_offload_parameter(module, "weight_scale", scale.to(module.get_parameter("weight_scale").dtype))
     if hasattr(module, "weight_zero_point"):
         zp_dtype = module.get_parameter("weight_zero_point").dtype
@@ -123,12 +123,14 @@ def write_compressed_checkpoint(
     scheme: str,
     *,
     dtype: torch.dtype = torch.float32,
+    widen: float = 1.0,
 ) -> Path:
     """Quantize + compress the checkpoint in ``model_dir`` with compressed-tensors.
 
     ``scheme`` is one of :data:`CT_SCHEMES`. ``dtype`` is the dtype the model is
     loaded in before quantizing; the library stores ``weight_scale`` in that dtype
-    (float32 by default; pass ``torch.bfloat16`` to mimic real bf16 checkpoints).
+    (float32 by default; pass ``torch.bfloat16`` to mimic real bf16 checkpoints). ``widen`` > 1 calibrates on
+    a range wider than the weights', so no group's integers span its grid from end to end.
 
     Writes ``model.safetensors`` (compressed tensors), ``config.json`` with the
     library-written ``quantization_config`` and ``generation_config.json`` to
@@ -152,7 +154,7 @@ def write_compressed_checkpoint(
     if not quantized:  # pragma: no cover - sanity
         raise RuntimeError("no module was quantized")
     for module in quantized:
-        _calibrate_weight(module)
+        _calibrate_weight(module, widen)
 
     # 3. compress in memory and save exactly like llm-compressor's save wrapper
     compressor = ModelCompressor.from_pretrained_model(model)

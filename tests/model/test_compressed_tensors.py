@@ -16,7 +16,9 @@ from transformers import LlamaConfig
 
 from loraplex import LLM, SamplingParams
 from loraplex.model.errors import CheckpointError
+from loraplex.model.layers import PackedLinear
 from loraplex.model.loader import open_checkpoint
+from loraplex.model.quant import Int4Weight, quantize_int4
 from tests.helpers import TINY, save_tiny
 from tests.lora.peft_fixtures import make_adapter
 
@@ -74,6 +76,45 @@ def test_a_compressed_model_with_an_adapter_generates_as_its_float_twin(float_mo
         # Same weights; the two engines' kernels may still sum in another order (a few float32 ulps).
         assert [lp.logprob for lp in g.logprobs or []] == pytest.approx([lp.logprob for lp in w.logprobs or []],
                                                                         abs=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16-group", "w4a16-asym", "w4a16-tensor-asym"])
+def test_quantize_int4_keeps_a_w4a16_checkpoints_own_grid(float_model: Path, tmp_path: Path, scheme: str) -> None:
+    # Calibrated on ranges 1.4x the weights': no group's integers span its grid, so rounding the decoded weights
+    # anew (each group on the grid from its minimum to its maximum) would move them; the checkpoint's grid keeps them.
+    folder = write_compressed_checkpoint(float_model, tmp_path / scheme, scheme, widen=1.4)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    tensors = load_file(float_model / "model.safetensors") | library_dequantized_weights(folder)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, twin / "model.safetensors")
+    (twin / "config.json").write_text((float_model / "config.json").read_text())
+    want = LLM(str(twin), device="cpu")
+    llm = LLM(str(folder), device="cpu", quantize="int4")
+    twin_modules = dict(want.engine.runner.model.named_modules())
+    checked = 0
+    for name, module in llm.engine.runner.model.named_modules():
+        if isinstance(module, PackedLinear) and name != "lm_head":
+            assert isinstance(module.quantized, Int4Weight), name
+            assert module.quantized.group == (32 if scheme != "w4a16-tensor-asym" else module.in_features), name
+            weight = twin_modules[name].dense_t()  # [in, out]: the library's decoded weights, shards side by side
+            assert (module.quantized.dense_t() - weight).abs().max() <= 1e-6 * weight.abs().max(), name
+            if scheme != "w4a16-tensor-asym":  # (one grid per tensor: groups of 32 rounded anew differ anyway)
+                assert (quantize_int4(weight).dense_t() - weight).abs().max() > 1e-3 * weight.abs().max(), name
+            checked += 1
+    assert checked == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + i)] for i in range(4)]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    for got, ref in zip(llm.generate(prompts, params), want.generate(prompts, params), strict=True):
+        assert got.token_ids == ref.token_ids
+        assert [lp.logprob for lp in got.logprobs or []] == pytest.approx([lp.logprob for lp in ref.logprobs or []],
+                                                                          abs=1e-4)
+
+
+def test_quantize_int4_rounds_8_bit_layers_anew(float_model: Path, tmp_path: Path) -> None:
+    folder = write_compressed_checkpoint(float_model, tmp_path / "w8", "w8a16-channel")
+    model = LLM(str(folder), device="cpu", quantize="int4").engine.runner.model
+    layers = [m for n, m in model.named_modules() if isinstance(m, PackedLinear) and n != "lm_head"]
+    assert layers and all(isinstance(m.quantized, Int4Weight) and m.quantized.group == 32 for m in layers)
 
 
 def _broken(folder: Path, config_change: dict | None = None, drop: str | None = None,
