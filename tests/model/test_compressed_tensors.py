@@ -21,6 +21,7 @@ from loraplex.model.loader import open_checkpoint
 from loraplex.model.quant import Int4Weight, quantize_int4
 from tests.helpers import TINY, save_tiny
 from tests.lora.peft_fixtures import make_adapter
+from tests.model.test_prequantized import assert_generates_as
 
 pytest.importorskip("compressed_tensors")
 from tests.model.ct_fixtures import CT_SCHEMES, library_dequantized_weights, write_compressed_checkpoint  # noqa: E402
@@ -102,12 +103,7 @@ def test_quantize_int4_keeps_a_w4a16_checkpoints_own_grid(float_model: Path, tmp
                 assert (quantize_int4(weight).dense_t() - weight).abs().max() > 1e-3 * weight.abs().max(), name
             checked += 1
     assert checked == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
-    prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + i)] for i in range(4)]
-    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
-    for got, ref in zip(llm.generate(prompts, params), want.generate(prompts, params), strict=True):
-        assert got.token_ids == ref.token_ids
-        assert [lp.logprob for lp in got.logprobs or []] == pytest.approx([lp.logprob for lp in ref.logprobs or []],
-                                                                          abs=1e-4)
+    assert_generates_as(llm, want)
 
 
 def test_quantize_int4_rounds_8_bit_layers_anew(float_model: Path, tmp_path: Path) -> None:

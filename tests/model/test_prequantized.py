@@ -237,17 +237,22 @@ def test_quantize_int4_keeps_a_4_bit_checkpoints_own_grid(tmp_path: Path) -> Non
             assert (rounded_anew - weight).abs().max() > 1e-3 * weight.abs().max(), name  # what it avoids
             checked += 1
     assert checked == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
+    assert_generates_as(llm, twin)
+    # Where the checkpoint's grid is not one Int4Weight holds (groups of 16), int4 rounds the decoded weights.
+    grouped_16, _ = _gptq_and_twin(tmp_path / "g16", lambda w: _rtn_integers(w, 16, 4), group=16)
+    model = LLM(str(grouped_16), device="cpu", quantize="int4").engine.runner.model
+    assert all(m.quantized.group == 32 for n, m in model.named_modules()  # type: ignore[union-attr]
+               if isinstance(m, PackedLinear) and n != "lm_head")
+
+
+def assert_generates_as(llm: LLM, twin: LLM) -> None:
+    """Greedy tokens equal, and their logprobs within float rounding (another GEMM's summation order)."""
     prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + i)] for i in range(4)]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
     for got, ref in zip(llm.generate(prompts, params), twin.generate(prompts, params), strict=True):
         assert got.token_ids == ref.token_ids
         assert [lp.logprob for lp in got.logprobs or []] == pytest.approx([lp.logprob for lp in ref.logprobs or []],
                                                                           abs=1e-4)
-    # Where the checkpoint's grid is not one Int4Weight holds (groups of 16), int4 rounds the decoded weights.
-    grouped_16, _ = _gptq_and_twin(tmp_path / "g16", lambda w: _rtn_integers(w, 16, 4), group=16)
-    model = LLM(str(grouped_16), device="cpu", quantize="int4").engine.runner.model
-    assert all(m.quantized.group == 32 for n, m in model.named_modules()  # type: ignore[union-attr]
-               if isinstance(m, PackedLinear) and n != "lm_head")
 
 
 def test_only_4_bit_groups_of_32_inputs_in_order_are_kept_as_int4() -> None:
