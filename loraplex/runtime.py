@@ -26,6 +26,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,6 +67,33 @@ def use_one_torch_thread() -> None:
         fn(1)
 
 
+def _glibc(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+    """The C library's function `name` (returning an int) on Linux with glibc; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except AttributeError:
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[..., int] | None:
+    return _glibc("malloc_trim", [ctypes.c_size_t])
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS now (glibc's `malloc_trim`; elsewhere nothing). For loads that
+    free large buffers one after another: glibc keeps them (the thresholds above, and its own), and the next
+    ones do not always land in them, so without this a quantizing load's resident memory grew by every layer's
+    float weight (docs/benchmarks.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def keep_freed_memory(device: torch.device) -> bool:
     """For an engine on `device`: tune glibc malloc (once per process) so per-step buffers are reused,
     not unmapped and faulted back in. Call it before starting the thread that will run the model: a
@@ -76,13 +104,9 @@ def keep_freed_memory(device: torch.device) -> bool:
 
 @functools.cache
 def _tune_malloc() -> bool:
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = all(mallopt(option, value) for option, value in (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES), (_M_ARENA_MAX, 1)))
     if not ok:

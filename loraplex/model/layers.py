@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,6 +36,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self._effective, self.eps).to(x.dtype)
 
 
+_deferred = contextvars.ContextVar("deferred_linear_weights", default=False)
+
+
+@contextlib.contextmanager
+def deferred_weights() -> Iterator[None]:
+    """PackedLinears built inside hold no float weight until a checkpoint tensor first arrives for them
+    (`load_shard`): a loader that quantizes each layer as soon as it is complete then never holds the whole
+    model in float (a 4-bit model loads into a fourth of the float model's memory)."""
+    token = _deferred.set(True)
+    try:
+        yield
+    finally:
+        _deferred.reset(token)
+
+
 class PackedLinear(nn.Module):
     """A linear layer whose output concatenates several checkpoint projections (q|k|v or gate|up).
 
@@ -49,13 +67,17 @@ class PackedLinear(nn.Module):
         self.shard_sizes = shard_sizes
         self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
         out = sum(shard_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.deferred = _deferred.get()  # the float weight allocated by the first load_shard
+        self.weight = nn.Parameter(torch.empty(0 if self.deferred else (out, in_features)), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
         self.weight_t: torch.Tensor | None = None  # [in, out], aten backend
         self.packed: torch.Tensor | None = None  # the weight prepacked, onednn backend
         self.quantized: QuantizedWeight | None = None  # the weight quantized (loraplex.model.quant), replacing the others
 
     def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        if self.deferred and param is self.weight:
+            self.deferred = False
+            param.data = torch.empty(sum(self.shard_sizes), self.in_features, dtype=param.dtype, device=param.device)
         if shard is None:
             target = param.data
         else:

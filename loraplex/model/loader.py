@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +15,10 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 
 from loraplex.model.decoder import CausalLM, DecoderConfig
 from loraplex.model.errors import CheckpointError
-from loraplex.model.layers import Linear, PackedLinear, RMSNorm
+from loraplex.model.layers import Linear, PackedLinear, RMSNorm, deferred_weights
 from loraplex.model.prequantized import checkpoint_format, dequantizing
-from loraplex.model.quant import Int4Weight, quantize_model
+from loraplex.model.quant import Int4Weight, log_quantized, quantize_linear, quantize_model
+from loraplex.runtime import release_freed_memory
 
 # Checkpoint projection name → (our packed module, shard index).
 PACKED_MODULES = {
@@ -99,18 +102,37 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
                 linear_backend: str = "aten", quantize: str = "none") -> CausalLM:
     """Construct the decoder for `ckpt` and fill every parameter from its tensors (strictly: a missing
     or unexpected tensor is an error naming it), its linear layers stored for `linear_backend` (`aten`
-    or `onednn`, as `loraplex.model.gemm.resolve` decides), or quantized (`quantize`, loraplex.model.quant)."""
+    or `onednn`, as `loraplex.model.gemm.resolve` decides), or quantized (`quantize`, loraplex.model.quant).
+
+    `int4` and `fp8` need no calibration: each linear layer is quantized as soon as its last tensor arrives
+    and its float weight dropped, so the load never holds the whole model's linears in float (a layer's float
+    weight is allocated by its first tensor, `deferred_weights`). `int8` calibrates on the float model first."""
     cfg = DecoderConfig.from_hf(ckpt.hf_config)
+    streamed = quantize in ("int4", "fp8")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), deferred_weights() if streamed else contextlib.nullcontext():
             model = CausalLM(cfg, ckpt.hf_config, max_positions)
     finally:
         torch.set_default_dtype(previous)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     loaded: dict[str, set[int]] = {name: set() for name in params}
+    start, kept, own = time.perf_counter(), [], 0
+
+    def complete(module: PackedLinear, target: str) -> None:
+        """Quantize a layer whose tensors have all arrived (`streamed`)."""
+        nonlocal own
+        module.finalize("aten")
+        grid = _own_int4(ckpt.int4, target, module, device) if quantize == "int4" else None
+        why = quantize_linear(module, quantize, grid, head=module is model.lm_head)
+        own += grid is not None and why is None
+        if why is not None:
+            kept.append(why)
+        if device.type == "cpu":
+            release_freed_memory()
+
     for name, tensor in ckpt.tensors:
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings):
             continue
@@ -121,11 +143,16 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
         param = params[target]
         tensor = tensor.to(device=device, dtype=param.dtype)
         if isinstance(module, PackedLinear):
+            if module.quantized is not None or module.weight_t is not None:
+                raise CheckpointError(f"{name} appears twice in checkpoint {ckpt.name}")
             try:
                 module.load_shard(param, tensor, shard)
             except ValueError as e:
                 raise CheckpointError(f"{name}: {e}") from None
             loaded[target] |= set(range(len(module.shard_sizes))) if shard is None else {shard}
+            if streamed and len(loaded[f"{target.rpartition('.')[0]}.weight"]) == len(module.shard_sizes) and (
+                    module.bias is None or len(loaded[f"{target.rpartition('.')[0]}.bias"]) == len(module.shard_sizes)):
+                complete(module, target.rpartition(".")[0])
         else:
             if param.shape != tensor.shape:
                 raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
@@ -140,35 +167,39 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
         # embedding keeps its plain table for lookups): vocab × hidden more memory, for a ~3x faster head on CPU.
         model.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False)
         model.lm_head.weight.data = model.model.embed_tokens.weight.data
+        if streamed:
+            complete(model.lm_head, "lm_head")
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, PackedLinear) and not streamed:
             # Layers to quantize keep a plain float copy until then (the calibration runs on it).
             module.finalize(linear_backend if quantize == "none" else "aten")
         elif isinstance(module, RMSNorm):
             module.finalize()
-    quantize_model(model, quantize, ckpt.tokenizer, _int4_layers(ckpt.int4, modules, device))
+    if streamed:
+        log_quantized(quantize, time.perf_counter() - start, own, kept)
+    else:
+        quantize_model(model, quantize, ckpt.tokenizer)
     return model.eval()
 
 
-def _int4_layers(int4: dict[str, Int4Weight], modules: dict[str, Any],
-                 device: torch.device) -> dict[PackedLinear, Int4Weight]:
-    """The checkpoint's own 4-bit layers (by weight name) as the model's linears: a packed linear's shards
-    (q, k and v; gate and up) stacked along the output, where every shard has one and their groups agree."""
-    shards: dict[PackedLinear, dict[int, Int4Weight]] = {}
-    for name, weight in int4.items():
-        target, shard = _map_name(name)
-        module = modules.get(target.rpartition(".")[0])
-        if isinstance(module, PackedLinear):
-            shards.setdefault(module, {})[shard or 0] = weight
-    layers = {}
-    for module, parts in shards.items():
-        ordered = [parts[i] for i in range(len(module.shard_sizes)) if i in parts]
-        group = ordered[0].group
-        if len(ordered) == len(module.shard_sizes) and all(p.group == group for p in ordered):
-            layers[module] = Int4Weight(torch.cat([p.packed for p in ordered]).to(device),
-                                        torch.cat([p.scale for p in ordered]).to(device),
-                                        torch.cat([p.offset for p in ordered]).to(device), group)
-    return layers
+def _own_int4(int4: dict[str, Int4Weight], layer: str, module: PackedLinear, device: torch.device) -> Int4Weight | None:
+    """The checkpoint's own 4-bit grid for the linear `layer` (its checkpoint weights taken out of `int4`): a
+    packed linear's shards (q, k and v; gate and up) stacked along the output, where every shard has one and
+    their groups agree; None where the layer has none."""
+    leaf = layer.rpartition(".")[2]
+    shard_names = [f"{layer.rpartition('.')[0]}.{name}.weight" for name, (packed, _) in
+                   sorted(PACKED_MODULES.items(), key=lambda item: item[1][1]) if packed == leaf]
+    parts = [int4.pop(name) for name in shard_names if name in int4] if shard_names else []
+    whole = int4.pop(f"{layer}.weight", None)  # a fused checkpoint's packed layer, or a plain linear
+    if whole is not None:
+        parts = [whole]
+    if not parts or (whole is None and len(parts) != len(module.shard_sizes)):
+        return None
+    group = parts[0].group
+    if any(p.group != group for p in parts):
+        return None
+    return Int4Weight(torch.cat([p.packed for p in parts]).to(device), torch.cat([p.scale for p in parts]).to(device),
+                      torch.cat([p.offset for p in parts]).to(device), group)
 
 
 def _num_shards(module: Any) -> int:

@@ -33,6 +33,7 @@ PEFT adds it to a base layer: adapters need no change. DoRA reads the dequantize
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import logging
@@ -392,28 +393,10 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any,
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {method!r}")
     start = time.perf_counter()
     if method in ("fp8", "int4"):
-        layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-        quantize: Callable[[torch.Tensor], QuantizedWeight]
-        if method == "fp8":
-            # CUDA's fp8 matmul needs both dimensions of the weight to be multiples of 16 (a vocabulary of
-            # 32,001 tokens is not): such a layer stays in float.
-            kept = [m for m in layers if m.in_features % 16 or sum(m.shard_sizes) % 16]
-            why, quantize = "a dimension not a multiple of 16", quantize_fp8
-        else:
-            # The LM head stays in float, as GPTQ and AWQ leave it (llama.cpp's Q4_K files keep it in 6 bits):
-            # the demo model's, 8-bit in its GGUF file, costs +4.5 % perplexity on 4 bits (docs/benchmarks.md).
-            layers = [m for m in layers if m is not model.lm_head]
-            kept = [m for m in layers if m.in_features % INT4_GROUP]
-            why, quantize = f"an input size not a multiple of {INT4_GROUP}", quantize_int4
         own = int4 if method == "int4" and int4 else {}
-        for layer in layers:
-            if layer in own:
-                layer.use_quantized(own[layer])
-            elif layer not in kept:
-                layer.use_quantized(quantize(layer.dense_t()))
-        log.info("quantized %d linear layers to %s in %.1f s%s%s", len(layers) - len(kept), method,
-                 time.perf_counter() - start, f" ({len(own)} on the checkpoint's own 4-bit grid)" if own else "",
-                 f"; {len(kept)} left in float ({why})" if kept else "")
+        kept = [why for layer in model.modules() if isinstance(layer, PackedLinear)
+                if (why := quantize_linear(layer, method, own.get(layer), head=layer is model.lm_head)) is not None]
+        log_quantized(method, time.perf_counter() - start, len(own), kept)
         return
     peaks = input_absmax(model, calibration_ids(tokenizer, model.config.vocab_size))
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
@@ -426,6 +409,38 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any,
         layer.use_quantized(quantize_int8(weight_t, smooth, outliers))
     log.info("quantized %d linear layers to int8 (SmoothQuant, calibrated on %d tokens) in %.1f s", len(layers),
              CALIBRATION_TOKENS, time.perf_counter() - start)
+
+
+def quantize_linear(layer: PackedLinear, method: str, own: Int4Weight | None = None, head: bool = False) -> str | None:
+    """Quantize one finalized linear layer in place by a method without calibration (`int4`, `fp8`), to `own`
+    where given (a pre-quantized checkpoint's 4-bit grid); None when done, else why the layer stays in float."""
+    if method == "fp8":
+        # CUDA's fp8 matmul needs both dimensions of the weight to be multiples of 16 (a vocabulary of 32,001
+        # tokens is not).
+        if layer.in_features % 16 or sum(layer.shard_sizes) % 16:
+            return "a dimension not a multiple of 16"
+        layer.use_quantized(quantize_fp8(layer.dense_t()))
+        return None
+    assert method == "int4", method
+    if head:
+        # The LM head stays in float, as GPTQ and AWQ leave it (llama.cpp's Q4_K files keep it in 6 bits): the
+        # demo model's, 8-bit in its GGUF file, costs +4.5 % perplexity on 4 bits (docs/benchmarks.md).
+        return "the LM head"
+    if own is not None:
+        layer.use_quantized(own)
+    elif layer.in_features % INT4_GROUP:
+        return f"an input size not a multiple of {INT4_GROUP}"
+    else:
+        layer.use_quantized(quantize_int4(layer.dense_t()))
+    return None
+
+
+def log_quantized(method: str, seconds: float, own: int, kept: list[str]) -> None:
+    """The load's line about its quantized layers (`kept`: why each layer left in float stayed so)."""
+    reasons = ", ".join(f"{n}: {why}" for why, n in collections.Counter(kept).items())
+    log.info("quantized the linear layers to %s in %.1f s%s%s", method, seconds,
+             f" ({own} on the checkpoint's own 4-bit grid)" if own else "",
+             f"; {len(kept)} left in float ({reasons})" if kept else "")
 
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:

@@ -199,6 +199,31 @@ def test_int4_model_with_adapters_on_cuda_computes_as_its_dequantized_float_mode
     assert calls  # the layers ran the Triton kernel (in eager steps and in the CUDA graphs' capture)
 
 
+def test_an_int4_load_on_cuda_never_holds_the_float_linears(tmp_path: Path) -> None:
+    """Each layer is quantized as its tensors arrive: the device's peak while loading is the 4-bit model and a
+    layer or two in float, not the bfloat16 model (tests/model/test_loader.py checks the host's on CPU)."""
+    from transformers import LlamaConfig
+
+    from loraplex.model.loader import build_model, open_checkpoint
+    from tests.helpers import TINY, save_tiny
+
+    config = dict(TINY, hidden_size=512, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                  num_key_value_heads=2, initializer_range=0.02)
+    base = save_tiny(LlamaConfig(**config), tmp_path / "m")
+    peak = {}
+    for quantize in ("none", "int4"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model = build_model(open_checkpoint(base, keep_int4=True), torch.bfloat16, torch.device("cuda"), 512, "aten",
+                            quantize)
+        peak[quantize] = torch.cuda.max_memory_allocated() - before
+        del model
+    linear_bytes = 2 * 16 * (512 * (512 + 2 * 128) + 512 * 512 + 3 * 512 * 2048)
+    assert peak["none"] >= linear_bytes
+    assert peak["int4"] < 0.5 * linear_bytes, (peak, linear_bytes)
+
+
 def test_speculative_decoding_on_cuda_gives_the_outputs_of_plain_decoding(tmp_path: Path) -> None:
     """Drafts verified through the Triton prefill attention and LoRA kernels, beside graph-replayed plain
     decode steps (speculation on at small batches only): greedy float32 outputs identical, every KV block
