@@ -63,7 +63,8 @@ class Engine:
         model.use_attention(attention_op(self.attention_backend, device))
         cfg = model.config
         # The adapter slots first: their buffers are device memory the KV cache's size must leave room for.
-        self.lora = LoRAManager(model, config.lora) if config.lora.max_loras > 0 else None
+        self.lora = (LoRAManager(model, config.lora, config.lora.resolved_dtype(dtype))
+                     if config.lora.max_loras > 0 else None)
         block_size = config.cache.block_size
         kv_bytes, kv_detail = config.cache.kv_cache_bytes, "--kv-cache-bytes"
         if config.cache.num_blocks is None and kv_bytes is None:

@@ -59,7 +59,7 @@ def _held_bytes(t: torch.Tensor) -> int:
 
 class LoRAPackedLinear(nn.Module):
     def __init__(self, base: PackedLinear, shard_targets: tuple[str, ...], num_slots: int, max_rank: int,
-                 op: AddLoRA) -> None:
+                 op: AddLoRA, weight_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         assert base.weight_t is not None or base.packed is not None or base.quantized is not None, \
             "wrap a PackedLinear after its weights are loaded"
@@ -70,8 +70,9 @@ class LoRAPackedLinear(nn.Module):
         packed_rank = len(shard_targets) * max_rank
         out_features = sum(base.shard_sizes)
         dtype, device = base.dtype, base.device
-        self.a = torch.zeros(num_slots, packed_rank, base.in_features, dtype=dtype, device=device)  # [slots, shards·r, in]
-        self.b = torch.zeros(num_slots, packed_rank, out_features, dtype=dtype, device=device)      # [slots, shards·r, out]
+        wdtype = weight_dtype or dtype  # the adapters' A and B (`--lora-dtype`); the products run in `dtype`
+        self.a = torch.zeros(num_slots, packed_rank, base.in_features, dtype=wdtype, device=device)  # [slots, shards·r, in]
+        self.b = torch.zeros(num_slots, packed_rank, out_features, dtype=wdtype, device=device)      # [slots, shards·r, out]
         # Per slot and shard: rank row start, rank rows, output column start, output columns of its
         # block of B; an absent shard has zero rank rows.
         self.blocks = torch.zeros(num_slots, len(shard_targets), 4, dtype=torch.long)  # [slots, shards, 4]
@@ -184,7 +185,7 @@ WRAPPED_MODULES = {
 
 
 def wrap_decoder_layers(layers: nn.ModuleList, num_slots: int, max_rank: int,
-                        op: AddLoRA) -> list[list[LoRAPackedLinear]]:
+                        op: AddLoRA, weight_dtype: torch.dtype | None = None) -> list[list[LoRAPackedLinear]]:
     """Replace each layer's packed linears by LoRA wrappers; returns the wrappers layer by layer."""
     wrapped = []
     for layer in layers:
@@ -192,7 +193,7 @@ def wrap_decoder_layers(layers: nn.ModuleList, num_slots: int, max_rank: int,
         for path, targets in WRAPPED_MODULES.items():
             parent_name, _, child = path.partition(".")
             parent = getattr(layer, parent_name)
-            wrapper = LoRAPackedLinear(getattr(parent, child), targets, num_slots, max_rank, op)
+            wrapper = LoRAPackedLinear(getattr(parent, child), targets, num_slots, max_rank, op, weight_dtype)
             setattr(parent, child, wrapper)
             per_layer.append(wrapper)
         wrapped.append(per_layer)

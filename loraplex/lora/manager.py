@@ -30,14 +30,16 @@ class NoFreeSlot(Exception):
 
 
 class LoRAManager:
-    def __init__(self, model: CausalLM, config: LoRAConfig) -> None:
+    def __init__(self, model: CausalLM, config: LoRAConfig, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: of the adapters' weights in the decoder layers' slots (`LoRAConfig.resolved_dtype`; default
+        the model's)."""
         self.config = config
         self.base_config = model.config
         self._model = model
         self.backend = resolve_lora_backend(config.lora_backend, model.model.embed_tokens.weight.device)
         """The LoRA op backend that runs (`auto` decided for the model's device)."""
         self._op = get_lora_op(self.backend)
-        self._wrapped = wrap_decoder_layers(model.model.layers, config.max_loras, config.max_lora_rank, self._op)
+        self._wrapped = wrap_decoder_layers(model.model.layers, config.max_loras, config.max_lora_rank, self._op, dtype)
         self._head: LoRAHead | None = None
         self._slot_owner: list[AdapterIdentity | None] = [None] * config.max_loras
         self._slot_refs = [0] * config.max_loras

@@ -101,6 +101,40 @@ def test_fast_op_matches_reference(op_name: str, case: str, dtype: torch.dtype, 
         assert not torch.allclose(result[~empty], out[~empty], atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("features", list(FEATURES))
+@pytest.mark.parametrize("case", list(SLOT_CASES))
+@pytest.mark.parametrize("op_name", list(FAST_OPS))
+def test_bfloat16_weights_with_float32_activations(op_name: str, case: str, features: str) -> None:
+    """`--lora-dtype bfloat16` on a float32 model: each weight is widened exactly, so the float32 products and
+    sums match the reference's on the same weights, to float32 rounding."""
+    slots, dims = SLOT_CASES[case], FEATURES[features]
+    a, b, ranks, scales = make_buffers(RANKS, torch.float32, features=dims)
+    a, b = a.bfloat16(), b.bfloat16()
+    x, out = make_inputs(len(slots), torch.float32, features=dims)
+    batch = LoRABatch.from_token_slots(slots, "cpu")
+    expected = add_lora_reference(out.clone(), x, a, b, ranks, scales, batch)
+    assert expected.dtype == torch.float32 and torch.isfinite(expected).all()
+    torch.testing.assert_close(expected, add_lora_reference(out.clone(), x, a.float(), b.float(), ranks, scales, batch))
+    result = FAST_OPS[op_name](out.clone(), x, a, b, ranks, scales, batch)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(native_available() is not None, reason="no C compiler here")
+def test_native_takes_bfloat16_weights_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplex.lora.ops import native
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the native op handed bfloat16 weights to the torch path")
+
+    monkeypatch.setattr(native, "add_lora", refuse)
+    a, b, ranks, scales = make_buffers(RANKS, torch.float32, features=FEATURES["vector"])
+    x, out = make_inputs(6, torch.float32, features=FEATURES["vector"])
+    batch = LoRABatch.from_token_slots([0, 1, 2, 3, 4, 5], "cpu")
+    result = add_lora_native(out.clone(), x, a.bfloat16(), b.bfloat16(), ranks, scales, batch)
+    torch.testing.assert_close(result, add_lora_reference(out.clone(), x, a.bfloat16(), b.bfloat16(), ranks, scales,
+                                                          batch), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("op_name", list(FAST_OPS))
 def test_zero_scale_slot_adds_nothing(op_name: str) -> None:
     slots = [1, 1, 3, 3, 1, -1, 3]

@@ -120,6 +120,8 @@ def test_config_errors_name_the_value(tiny):
         LLM(str(tiny), blocksize=16)
     with pytest.raises(ValueError, match="unknown LoRA op backend 'cuda-magic'"):
         LLM(str(tiny), lora_backend="cuda-magic")
+    with pytest.raises(ValueError, match="lora_dtype must be 'auto' or one of .*, got 'int8'"):
+        LLM(str(tiny), lora_dtype="int8")
 
 
 def test_per_prompt_lists_must_match_the_prompts(tiny):

@@ -81,8 +81,9 @@ def add_segment(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     # A zero delta leaves out unchanged, so its two matmuls are skipped.
     if rank == 0 or scale == 0.0:
         return
-    hidden = x @ a[slot, :rank].T  # [rows, rank]
-    out.addmm_(hidden, b[slot, :rank], alpha=scale)
+    # Weights stored in another dtype (`--lora-dtype`) are widened to the activations' for the products.
+    hidden = x @ a[slot, :rank].to(x.dtype).T  # [rows, rank]
+    out.addmm_(hidden, b[slot, :rank].to(out.dtype), alpha=scale)
 
 
 def _tokens_per_active_slot(batch: LoRABatch) -> list[int]:

@@ -21,6 +21,23 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+
+/* The adapters' weights (A and B) are float32, or bfloat16 when built with LORAPLEX_BF16_WEIGHTS (the
+ * `--lora-dtype bfloat16` build: half the bytes to read, each widened to float32 exactly as it is loaded;
+ * x, h, out and every product and sum stay float32). */
+#ifdef LORAPLEX_BF16_WEIGHTS
+typedef uint16_t weight_t;
+static inline float wload(const weight_t *p) {
+    uint32_t bits = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#else
+typedef float weight_t;
+static inline float wload(const weight_t *p) { return *p; }
+#endif
 
 #define TB 4       /* tokens per block */
 #define RB 32      /* A rows per shrink unit */
@@ -35,15 +52,24 @@ typedef struct { int64_t seg, block, lo, hi; } unit_t;
 #define PF_AHEAD 512  /* floats: A is read this far ahead of use (software prefetch, ~2 KB) */
 #define PF_ROWS 8     /* B rows ahead: a column strip strides by a whole row, past the hardware prefetchers */
 
+/* 16 weights as float32. */
+static inline __m512 wload16(const weight_t *p) {
+#ifdef LORAPLEX_BF16_WEIGHTS
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+#else
+    return _mm512_loadu_ps(p);
+#endif
+}
+
 /* h[0], h[hs], h[2hs], h[3hs] = a . x0..x3 over `in` (a multiple of 32) floats: 8 accumulators. */
-static inline void dot4_avx512(float *restrict h, int64_t hs, const float *restrict a, const float *restrict x0,
+static inline void dot4_avx512(float *restrict h, int64_t hs, const weight_t *restrict a, const float *restrict x0,
                                const float *restrict x1, const float *restrict x2, const float *restrict x3,
                                int64_t in) {
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0;
     for (int64_t i = 0; i < in; i += 32) {
         _mm_prefetch((const char *)(a + i + PF_AHEAD), _MM_HINT_T0);
         _mm_prefetch((const char *)(a + i + PF_AHEAD + 16), _MM_HINT_T0);
-        __m512 a0 = _mm512_loadu_ps(a + i), a1 = _mm512_loadu_ps(a + i + 16);
+        __m512 a0 = wload16(a + i), a1 = wload16(a + i + 16);
         c0 = _mm512_fmadd_ps(a0, _mm512_loadu_ps(x0 + i), c0);
         d0 = _mm512_fmadd_ps(a1, _mm512_loadu_ps(x0 + i + 16), d0);
         c1 = _mm512_fmadd_ps(a0, _mm512_loadu_ps(x1 + i), c1);
@@ -61,7 +87,7 @@ static inline void dot4_avx512(float *restrict h, int64_t hs, const float *restr
 
 /* Rows r0..r1 of a 64-column strip of b into L2, all at once: the strip's rows are a B row apart, so
  * only software keeps enough of them in flight (the expand of the 8-adapter decode step: -13 %). */
-static inline void prefetch_strip_l2(const float *b, int64_t brs, int64_t r0, int64_t r1) {
+static inline void prefetch_strip_l2(const weight_t *b, int64_t brs, int64_t r0, int64_t r1) {
     for (int64_t k = r0; k < r1; k++) {
         const char *p = (const char *)(b + k * brs);
         _mm_prefetch(p, _MM_HINT_T1);
@@ -73,12 +99,12 @@ static inline void prefetch_strip_l2(const float *b, int64_t brs, int64_t r0, in
 
 /* out[4 tokens, 64 columns] += scale * h[4 tokens, r0:r1] . b[r0:r1, 64 columns]: 16 accumulators. */
 static inline void expand4x64_avx512(float *restrict out, int64_t os, const float *restrict h, int64_t hs,
-                                     const float *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale) {
+                                     const weight_t *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale) {
     __m512 acc[4][4];
     for (int u = 0; u < 4; u++)
         for (int v = 0; v < 4; v++) acc[u][v] = _mm512_setzero_ps();
     for (int64_t k = r0; k < r1; k++) {
-        const float *br = b + k * brs;
+        const weight_t *br = b + k * brs;
         if (k + PF_ROWS < r1) {
             const char *p = (const char *)(br + PF_ROWS * brs);
             _mm_prefetch(p, _MM_HINT_T0);
@@ -86,8 +112,7 @@ static inline void expand4x64_avx512(float *restrict out, int64_t os, const floa
             _mm_prefetch(p + 128, _MM_HINT_T0);
             _mm_prefetch(p + 192, _MM_HINT_T0);
         }
-        __m512 b0 = _mm512_loadu_ps(br), b1 = _mm512_loadu_ps(br + 16), b2 = _mm512_loadu_ps(br + 32),
-               b3 = _mm512_loadu_ps(br + 48);
+        __m512 b0 = wload16(br), b1 = wload16(br + 16), b2 = wload16(br + 32), b3 = wload16(br + 48);
         for (int u = 0; u < 4; u++) {
             __m512 hv = _mm512_set1_ps(h[u * hs + k]);
             acc[u][0] = _mm512_fmadd_ps(hv, b0, acc[u][0]);
@@ -107,12 +132,12 @@ static inline void expand4x64_avx512(float *restrict out, int64_t os, const floa
 
 
 static void shrink_rows(float *restrict h, int64_t hs, const float *restrict x, int64_t xs,
-                        const float *restrict a, int64_t ars, int64_t in, int64_t start, int64_t len,
+                        const weight_t *restrict a, int64_t ars, int64_t in, int64_t start, int64_t len,
                         int64_t k0, int64_t k1) {
     for (int64_t t0 = 0; t0 < len; t0 += TT) {
         int64_t t1 = t0 + TT < len ? t0 + TT : len;
         for (int64_t k = k0; k < k1; k++) {
-            const float *ar = a + k * ars;
+            const weight_t *ar = a + k * ars;
             int64_t t = t0;
             for (; t + TB <= t1; t += TB) {
                 const float *x0 = x + (start + t) * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
@@ -125,7 +150,7 @@ static void shrink_rows(float *restrict h, int64_t hs, const float *restrict x, 
                 float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
                 for (int64_t i = 0; i < in; i++) {
-                    float av = ar[i];
+                    float av = wload(ar + i);
                     s0 += x0[i] * av;
                     s1 += x1[i] * av;
                     s2 += x2[i] * av;
@@ -141,7 +166,7 @@ static void shrink_rows(float *restrict h, int64_t hs, const float *restrict x, 
                 const float *x0 = x + (start + t) * xs;
                 float s0 = 0.f;
 #pragma omp simd reduction(+ : s0)
-                for (int64_t i = 0; i < in; i++) s0 += x0[i] * ar[i];
+                for (int64_t i = 0; i < in; i++) s0 += x0[i] * wload(ar + i);
                 h[(start + t) * hs + k] = s0;
             }
         }
@@ -153,18 +178,18 @@ static void shrink_rows(float *restrict h, int64_t hs, const float *restrict x, 
  * prefetchers stream it (a column strip down the rows strides by a whole B row, past their reach);
  * the accumulators (TB x NU floats, 4 KB) stay in L1. Each column sums over k in order. */
 static void expand_block(float *restrict out, int64_t os, const float *restrict h, int64_t hs,
-                         const float *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale,
+                         const weight_t *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale,
                          int64_t nt, int64_t nj) {
     float acc[TB][NU] __attribute__((aligned(64)));
     for (int64_t u = 0; u < nt; u++)
         for (int64_t c = 0; c < nj; c++) acc[u][c] = 0.f;
     if (nt == TB) {  /* each B row loaded once for the 4 tokens: 15 % faster than the general loop (AVX2) */
         for (int64_t k = r0; k < r1; k++) {
-            const float *br = b + k * brs;
+            const weight_t *br = b + k * brs;
             float h0 = h[k], h1 = h[hs + k], h2 = h[2 * hs + k], h3 = h[3 * hs + k];
 #pragma omp simd
             for (int64_t c = 0; c < nj; c++) {
-                float bv = br[c];
+                float bv = wload(br + c);
                 acc[0][c] += h0 * bv;
                 acc[1][c] += h1 * bv;
                 acc[2][c] += h2 * bv;
@@ -173,11 +198,11 @@ static void expand_block(float *restrict out, int64_t os, const float *restrict 
         }
     } else {
         for (int64_t k = r0; k < r1; k++) {
-            const float *br = b + k * brs;
+            const weight_t *br = b + k * brs;
             for (int64_t u = 0; u < nt; u++) {
                 float hv = h[u * hs + k];
 #pragma omp simd
-                for (int64_t c = 0; c < nj; c++) acc[u][c] += hv * br[c];
+                for (int64_t c = 0; c < nj; c++) acc[u][c] += hv * wload(br + c);
             }
         }
     }
@@ -189,7 +214,7 @@ static void expand_block(float *restrict out, int64_t os, const float *restrict 
 }
 
 static void expand_cols(float *restrict out, int64_t os, const float *restrict h, int64_t hs,
-                        const float *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale,
+                        const weight_t *restrict b, int64_t brs, int64_t r0, int64_t r1, float scale,
                         int64_t start, int64_t len, int64_t j0, int64_t j1) {
     for (int64_t t = 0; t < len; t += TB) {
         int64_t nt = len - t < TB ? len - t : TB;
@@ -214,8 +239,8 @@ static void expand_cols(float *restrict out, int64_t os, const float *restrict h
 /* Returns 0, or -1 when scratch memory could not be allocated (out is then untouched). */
 int loraplex_add_lora_f32(
     float *out, int64_t out_stride, const float *x, int64_t x_stride,
-    const float *a, int64_t a_slot_stride, int64_t a_row_stride,
-    const float *b, int64_t b_slot_stride, int64_t b_row_stride,
+    const weight_t *a, int64_t a_slot_stride, int64_t a_row_stride,
+    const weight_t *b, int64_t b_slot_stride, int64_t b_row_stride,
     const int64_t *ranks, const float *scales, int64_t in_features, int64_t out_features,
     const int64_t *blocks, int64_t num_blocks, /* [slots, num_blocks, 4] or NULL */
     const int64_t *seg_starts, const int64_t *seg_lens, const int64_t *seg_slots, int64_t num_segments,

@@ -47,10 +47,15 @@ def _build_key(cc: str) -> str:
 _kernel_dir = cbuild.kernel_dir
 
 
+BF16_WEIGHTS = ("-DLORAPLEX_BF16_WEIGHTS",)
+"""The build for bfloat16 adapter weights (`--lora-dtype bfloat16`): x and the sums stay float32."""
+
+
 @functools.cache
-def load_kernel() -> Callable[..., int]:
-    """The compiled `loraplex_add_lora_f32`, built on first use; raises NativeUnavailable."""
-    library = cbuild.load_library(SOURCE, FLAGS, "the native LoRA kernel")
+def load_kernel(bf16_weights: bool = False) -> Callable[..., int]:
+    """The compiled `loraplex_add_lora_f32` (for float32 adapter weights, or bfloat16 ones), built on first use;
+    raises NativeUnavailable."""
+    library = cbuild.load_library(SOURCE, FLAGS + (BF16_WEIGHTS if bf16_weights else ()), "the native LoRA kernel")
     fn = library.loraplex_add_lora_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, ptr, i64,  # out, x
@@ -101,11 +106,14 @@ def _runs(batch: LoRABatch) -> _Runs:
     return runs
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _fits(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
           scales: torch.Tensor) -> bool:
     """Whether the C kernel can take these operands (checked every call, so kept to cheap attributes)."""
     f32 = torch.float32
-    return (out.dtype is f32 and x.dtype is f32 and a.dtype is f32 and b.dtype is f32 and scales.dtype is f32
+    return (out.dtype is f32 and x.dtype is f32 and a.dtype in WEIGHT_DTYPES and b.dtype is a.dtype and scales.dtype is f32
             and ranks.dtype is torch.long and out.is_cpu and x.is_cpu and a.is_cpu and b.is_cpu
             and ranks.is_cpu and scales.is_cpu and out.stride(1) == 1 and x.stride(1) == 1
             and a.stride(2) == 1 and b.stride(2) == 1 and ranks.is_contiguous() and scales.is_contiguous())
@@ -132,7 +140,7 @@ def add_lora_native(
         block_table, num_blocks = None, 0
         if blocks is not None and blocks.dtype is torch.long and blocks.is_cpu and blocks.is_contiguous():
             block_table, num_blocks = blocks.data_ptr(), blocks.shape[1]
-        rc = load_kernel()(
+        rc = load_kernel(a.dtype is torch.bfloat16)(
             out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0),
             a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1),
             ranks.data_ptr(), scales.data_ptr(), x.shape[1], out.shape[1],

@@ -27,6 +27,7 @@ def add_lora_reference(
                 r = ranks[s]
                 out[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :r]
 
+    A and B may be stored in another dtype than x (`--lora-dtype`): they are widened to x's for the products.
     Rows of tokens with slot EMPTY_SLOT are left untouched, and a slot's A and B rows beyond its
     rank are never read (they may hold anything).
 
@@ -39,5 +40,5 @@ def add_lora_reference(
         if s == EMPTY_SLOT:
             continue
         r = int(ranks[s])
-        out[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :r]
+        out[t] += scales[s] * (x[t] @ a[s, :r].to(x.dtype).T) @ b[s, :r].to(x.dtype)
     return out
