@@ -150,9 +150,9 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
             except ValueError as e:
                 raise CheckpointError(f"{name}: {e}") from None
             loaded[target] |= set(range(len(module.shard_sizes))) if shard is None else {shard}
-            if streamed and len(loaded[f"{target.rpartition('.')[0]}.weight"]) == len(module.shard_sizes) and (
-                    module.bias is None or len(loaded[f"{target.rpartition('.')[0]}.bias"]) == len(module.shard_sizes)):
-                complete(module, target.rpartition(".")[0])
+            layer = target.rpartition(".")[0]
+            if streamed and _all_loaded(loaded, layer, module):
+                complete(module, layer)
         else:
             if param.shape != tensor.shape:
                 raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
@@ -180,6 +180,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
     else:
         quantize_model(model, quantize, ckpt.tokenizer)
     return model.eval()
+
+
+def _all_loaded(loaded: dict[str, set[int]], layer: str, module: PackedLinear) -> bool:
+    """Whether every shard of the linear `layer`'s weight (and bias) has arrived."""
+    shards = len(module.shard_sizes)
+    return len(loaded[f"{layer}.weight"]) == shards and (module.bias is None or len(loaded[f"{layer}.bias"]) == shards)
 
 
 def _own_int4(int4: dict[str, Int4Weight], layer: str, module: PackedLinear, device: torch.device) -> Int4Weight | None:
