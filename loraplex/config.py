@@ -36,8 +36,9 @@ class ModelConfig:
     Triton kernels, CUDA only (CPU under TRITON_INTERPRET=1); `torch`: a gather of the cached blocks, then
     SDPA). See loraplex/model/attention.py."""
     quantize: str = "none"
-    """Quantize the base model's linear layers at load: `none`; `int8` (CPU, float32: int8 weights per channel,
-    int8 activations per token, SmoothQuant calibrated at load); `int4` (any device: 4-bit weights in groups
+    """Quantize the base model's linear layers at load: `none`; `int8` (on the CPU, float32: int8 weights per
+    channel, int8 activations per token, SmoothQuant calibrated at load; on a GPU: int8 weights per channel,
+    weight-only); `int4` (any device: 4-bit weights in groups
     of 32 inputs, decoded for each product; the LM head stays in float); `fp8` (CUDA, compute capability
     8.9+: fp8 e4m3 weights and activations); loraplex/model/quant.py. Adapters apply on top unchanged."""
     enforce_eager: bool = False
@@ -85,9 +86,8 @@ class ModelConfig:
     def resolved_quantize(self) -> str:
         """`quantize`, checked against this device and dtype (ValueError if it cannot run there)."""
         device = self.torch_device()
-        if self.quantize == "int8" and (device.type != "cpu" or self.torch_dtype() != torch.float32):
-            raise ValueError(f"quantize 'int8' runs on the CPU in float32 (this model: {self.torch_dtype()} on "
-                             f"{device}); on CUDA use 'fp8' where the GPU has it")
+        if self.quantize == "int8" and device.type == "cpu" and self.torch_dtype() != torch.float32:
+            raise ValueError(f"quantize 'int8' on the CPU runs in float32 (this model: {self.torch_dtype()})")
         if self.quantize == "fp8":
             if device.type != "cuda":
                 raise ValueError(f"quantize 'fp8' runs on CUDA GPUs with fp8 tensor cores (this model is on {device}: "

@@ -104,11 +104,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
     or unexpected tensor is an error naming it), its linear layers stored for `linear_backend` (`aten`
     or `onednn`, as `loraplex.model.gemm.resolve` decides), or quantized (`quantize`, loraplex.model.quant).
 
-    `int4` and `fp8` need no calibration: each linear layer is quantized as soon as its last tensor arrives
-    and its float weight dropped, so the load never holds the whole model's linears in float (a layer's float
-    weight is allocated by its first tensor, `deferred_weights`). `int8` calibrates on the float model first."""
+    `int4`, `fp8` and `int8` off the CPU (weight-only) need no calibration: each linear layer is quantized as
+    soon as its last tensor arrives and its float weight dropped, so the load never holds the whole model's
+    linears in float (a layer's float weight is allocated by its first tensor, `deferred_weights`). `int8` on
+    the CPU calibrates on the float model first."""
     cfg = DecoderConfig.from_hf(ckpt.hf_config)
-    streamed = quantize in ("int4", "fp8")
+    streamed = quantize in ("int4", "fp8") or (quantize == "int8" and device.type != "cpu")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -1,9 +1,10 @@
 """Quantized base weights: `--quantize int8` on the CPU, `--quantize int4` anywhere, `--quantize fp8` on GPUs
 with fp8 tensor cores.
 
-    int8   weights int8 per output channel, activations int8 per token (dynamic), the product in int8
-           (`torch._int_mm`, oneDNN's VNNI kernels); SmoothQuant smoothing and four float32 outlier
-           channels per layer, calibrated at load
+    int8   on the CPU: weights int8 per output channel, activations int8 per token (dynamic), the product in
+           int8 (`torch._int_mm`, oneDNN's VNNI kernels); SmoothQuant smoothing and four float32 outlier
+           channels per layer, calibrated at load. On a GPU: weights only, int8 per output channel (symmetric),
+           each product decoding them in a Triton kernel (loraplex/model/triton_quant.py); the LM head too
     int4   weights only: 4 bits in groups of 32 inputs, each group of each output channel on the 16-level grid
            from its minimum to its maximum (GGUF's Q4_1 grid; a weight already on it comes back exactly), the
            LM head left in float as GPTQ and AWQ leave it; each product decodes the weight to the activations'
@@ -112,6 +113,39 @@ class Int8Weight(QuantizedWeight):
 
 
 @dataclass
+class Int8ChannelWeight(QuantizedWeight):
+    """A linear layer's weight as int8 with a float32 scale per output row, symmetric: weight-only int8 (the GPU
+    path of `--quantize int8`); the activations stay in their dtype."""
+
+    weight: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out] float32
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.scale
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ops = _triton_ops()
+        if x.is_cuda and ops is not None and x.shape[0] and x.shape[1] % 32 == 0:
+            return ops.int8_linear_triton(x, self.weight, self.scale, bias)  # type: ignore[no-any-return]
+        return torch.nn.functional.linear(x, self.dense().to(x.dtype), bias)
+
+    def dense(self) -> torch.Tensor:
+        """The float weight `[out, in]`."""
+        return self.weight.float() * self.scale[:, None]
+
+    def dense_t(self) -> torch.Tensor:
+        return self.dense().t()
+
+
+def quantize_int8_channel(weight_t: torch.Tensor) -> Int8ChannelWeight:
+    """`weight_t` `[in, out]` as int8 per output channel, its largest magnitude at 127."""
+    w = weight_t.float().t()  # [out, in]
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8ChannelWeight(q.contiguous(), scale.contiguous())
+
+
+@dataclass
 class Fp8Weight(QuantizedWeight):
     """A linear layer's weight as float8 e4m3 with a float32 scale per output row."""
 
@@ -186,9 +220,9 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> to
     into a buffer reused from call to call and multiplied by oneDNN where torch has it (3× faster than ATen's
     matmul of a plain weight on the CPUs measured, docs/benchmarks.md)."""
     if x.is_cuda and w.group % 32 == 0 and x.shape[0]:
-        op = _triton_int4()
-        if op is not None:
-            return op(x, w.packed, w.scale, w.offset, w.group, bias)
+        ops = _triton_ops()
+        if ops is not None:
+            return ops.int4_linear_triton(x, w.packed, w.scale, w.offset, w.group, bias)  # type: ignore[no-any-return]
     kernels = _kernels()
     if kernels is None or not x.is_cpu or x.dtype != torch.float32 or w.group % 32:  # the C decoder's unit: 32
         return torch.nn.functional.linear(x, w.dense().to(x.dtype), bias)
@@ -207,16 +241,16 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> to
 
 
 @functools.cache
-def _triton_int4() -> Callable[..., torch.Tensor] | None:
-    """loraplex/model/triton_quant.py's matmul (imported on first use: importing triton costs seconds); None,
-    with a warning, where triton does not import."""
+def _triton_ops() -> Any:
+    """loraplex/model/triton_quant.py (imported on first use: importing triton costs seconds); None, with a
+    warning, where triton does not import."""
     try:
-        from loraplex.model.triton_quant import int4_linear_triton
+        from loraplex.model import triton_quant
     except ImportError as e:
-        log.warning("triton does not import (%s); int4 layers on this GPU decode their weight for every product "
-                    "(slower)", e)
+        log.warning("triton does not import (%s); int4 and int8 layers on this GPU decode their weight for every "
+                    "product (slower)", e)
         return None
-    return int4_linear_triton
+    return triton_quant
 
 
 @functools.cache
@@ -412,14 +446,20 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any,
 
 
 def quantize_linear(layer: PackedLinear, method: str, own: Int4Weight | None = None, head: bool = False) -> str | None:
-    """Quantize one finalized linear layer in place by a method without calibration (`int4`, `fp8`), to `own`
-    where given (a pre-quantized checkpoint's 4-bit grid); None when done, else why the layer stays in float."""
+    """Quantize one finalized linear layer in place by a method without calibration (`int4`, `fp8`, and `int8`
+    off the CPU: weight-only), to `own` where given (a pre-quantized checkpoint's 4-bit grid); None when done,
+    else why the layer stays in float."""
     if method == "fp8":
         # CUDA's fp8 matmul needs both dimensions of the weight to be multiples of 16 (a vocabulary of 32,001
         # tokens is not).
         if layer.in_features % 16 or sum(layer.shard_sizes) % 16:
             return "a dimension not a multiple of 16"
         layer.use_quantized(quantize_fp8(layer.dense_t()))
+        return None
+    if method == "int8":
+        if layer.in_features % 32:  # the Triton kernel's input step
+            return "an input size not a multiple of 32"
+        layer.use_quantized(quantize_int8_channel(layer.dense_t()))
         return None
     assert method == "int4", method
     if head:

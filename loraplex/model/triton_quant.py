@@ -1,10 +1,12 @@
-"""Triton int4 weight-only matmul (the GPU path of `--quantize int4` and of GPTQ / AWQ 4-bit checkpoints).
+"""Triton weight-only matmuls: int4 (the GPU path of `--quantize int4` and of GPTQ / AWQ / compressed-tensors
+4-bit checkpoints) and int8 per output channel (`--quantize int8` on a GPU).
 
 Same contract as `Int4Weight.dense` followed by a matmul (loraplex/model/quant.py, the reference):
 
     out[m, n] = Σ_k x[m, k] · w[n, k] (+ bias[n]),   w[n, k] = q[n, k] · scale[n, k // group] + offset[n, k // group]
 
-with `q[n, k]` the low nibble of `packed[n, k // 2]` for an even `k`, the high one for an odd `k`. Each weight
+with `q[n, k]` the low nibble of `packed[n, k // 2]` for an even `k`, the high one for an odd `k`; for int8,
+`w[n, k] = q[n, k] · scale[n]` (`Int8ChannelWeight.dense`). Each weight
 is decoded in float32 and rounded to `x`'s dtype, as the reference rounds the decoded weight before its
 matmul; products accumulate in float32. The weight is read at 4 bits (plus a scale and offset per 32 or more
 inputs) and never written out decoded: at decode batch sizes the matmul is bound by reading the weight, so
@@ -24,6 +26,8 @@ are exact; float32 inputs multiply with an IEEE dot everywhere.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -78,8 +82,65 @@ def _int4_linear_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _block_m(rows: int) -> int:
-    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+@triton.jit
+def _int8_linear_kernel(
+    x_ptr, q_ptr, scale_ptr, out_ptr, M, N, steps_per_split,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_os, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[split, rows, cols] = x[rows, inputs of the split] · w[cols, the same inputs]ᵀ (float32)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)  # [BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_first = split * steps_per_split * BLOCK_K
+    for step in range(0, steps_per_split):
+        k = k_first + step * BLOCK_K + offs_k
+        q = tl.load(q_ptr + offs_n[None, :] * stride_qn + k[:, None] * stride_qk, mask=n_mask[None, :],
+                    other=0)  # [BLOCK_K, BLOCK_N] int8
+        w = (q.to(tl.float32) * scale[None, :]).to(x_ptr.dtype.element_ty)  # rounded to x's dtype, as the reference
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+        if UPCAST:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, w, input_precision=PRECISION)
+    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+BLOCK_N = 64
+
+
+@dataclass
+class _Launch:
+    """What both kernels' launches share: the grid, the float32 partial sums, the steps of BLOCK_K inputs per
+    program, the row tile, and whether the interpreter needs 16-bit operands upcast."""
+
+    grid: tuple[int, int, int]
+    partial: torch.Tensor  # [split, rows, out] float32
+    steps_per_split: int
+    block_m: int
+    upcast: bool
+
+
+def _launch(x: torch.Tensor, out_features: int, block_k: int) -> _Launch:
+    rows, cols = x.shape
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, BLOCK_N)
+    steps = cols // block_k
+    split = 1  # slices of the inputs: a power of two dividing `steps`, up to TARGET_PROGRAMS programs in all
+    while split * 2 <= MAX_SPLIT and tiles * split * 2 <= TARGET_PROGRAMS and steps % (split * 2) == 0:
+        split *= 2
+    partial = torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device)
+    return _Launch((triton.cdiv(rows, block_m), triton.cdiv(out_features, BLOCK_N), split), partial, steps // split,
+                   block_m, bool(triton.knobs.runtime.interpret) and x.dtype != torch.float32)
 
 
 def int4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
@@ -90,23 +151,38 @@ def int4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     out_features = packed.shape[0]
     assert packed.shape[1] * 2 == cols and group % 32 == 0 and cols % group == 0, (x.shape, packed.shape, group)
     assert scale.shape == offset.shape == (out_features, cols // group), (scale.shape, offset.shape)
-    block_m, block_n = _block_m(rows), 64
     block_k = 64 if group % 64 == 0 else 32
-    tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
-    steps = cols // block_k
-    split = 1
-    while split * 2 <= MAX_SPLIT and tiles * split * 2 <= TARGET_PROGRAMS and steps % (split * 2) == 0:
-        split *= 2
-    partial = torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device)  # [split, rows, out]
-    upcast = triton.knobs.runtime.interpret and x.dtype != torch.float32
-    _int4_linear_kernel[(triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split)](
-        x, packed, scale, offset, partial, rows, out_features, steps // split,
+    run = _launch(x, out_features, block_k)
+    p = run.partial
+    _int4_linear_kernel[run.grid](
+        x, packed, scale, offset, p, rows, out_features, run.steps_per_split,
         x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=upcast, PRECISION="tf32" if upcast else "ieee",
+        p.stride(0), p.stride(1), p.stride(2), GROUP=group, BLOCK_M=run.block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        UPCAST=run.upcast, PRECISION="tf32" if run.upcast else "ieee",
     )
-    out = partial[0] if split == 1 else partial.sum(dim=0)  # [rows, out] float32
+    return _finish(p, bias, x.dtype)
+
+
+def int8_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ w.T + bias` for `x` `[rows, in]` and the int8 weight `q` `[out, in]` with a float32 `scale` `[out]`
+    per output channel (`in` a multiple of 32); the result in `x`'s dtype."""
+    rows, cols = x.shape
+    out_features = q.shape[0]
+    assert q.shape[1] == cols and cols % 32 == 0 and scale.shape == (out_features,), (x.shape, q.shape, scale.shape)
+    block_k = 64 if cols % 64 == 0 else 32
+    run = _launch(x, out_features, block_k)
+    p = run.partial
+    _int8_linear_kernel[run.grid](
+        x, q, scale, p, rows, out_features, run.steps_per_split, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+        p.stride(0), p.stride(1), p.stride(2), BLOCK_M=run.block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        UPCAST=run.upcast, PRECISION="tf32" if run.upcast else "ieee",
+    )
+    return _finish(p, bias, x.dtype)
+
+
+def _finish(partial: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The slices' float32 partial sums added in order, the bias, then `dtype`."""
+    out = partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)  # [rows, out] float32
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return out.to(dtype)

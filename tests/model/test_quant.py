@@ -26,6 +26,7 @@ from loraplex.model.quant import (
     int8_linear_torch,
     quantize_fp8,
     quantize_int8,
+    quantize_int8_channel,
     quantize_model,
     weight_bytes,
 )
@@ -83,14 +84,27 @@ def test_quantized_weights_dequantize_within_their_rounding() -> None:
     assert q.weight.dtype == torch.int8 and (q.weight[q.outliers] == 0).all()
 
 
-def test_int8_needs_the_cpu_in_float32() -> None:
+def test_int8_on_the_cpu_needs_float32_and_runs_anywhere_else() -> None:
     assert ModelConfig(quantize="int8", device="cpu").resolved_quantize() == "int8"
     with pytest.raises(ValueError, match="quantize must be one of none, int8, int4, fp8, got 'int3'"):
         ModelConfig(quantize="int3")
-    with pytest.raises(ValueError, match="runs on the CPU in float32"):
+    with pytest.raises(ValueError, match="quantize 'int8' on the CPU runs in float32"):
         ModelConfig(quantize="int8", device="cpu", dtype="bfloat16").resolved_quantize()
-    with pytest.raises(ValueError, match="runs on the CPU in float32"):
-        ModelConfig(quantize="int8", device="cuda").resolved_quantize()
+    assert ModelConfig(quantize="int8", device="cuda").resolved_quantize() == "int8"  # weight-only there
+
+
+def test_weight_only_int8_rounds_each_output_channel_to_its_own_scale() -> None:
+    # The GPU scheme of `--quantize int8` (its Triton kernel: tests/model/test_triton_quant.py); the torch path
+    # here is its reference and what other devices run.
+    gen = torch.Generator().manual_seed(0)
+    weight_t = torch.randn(96, 40, generator=gen) * torch.linspace(0.1, 3, 40)  # [in, out]: channels of any size
+    w = quantize_int8_channel(weight_t)
+    assert w.weight.dtype == torch.int8 and w.weight.shape == (40, 96) and w.scale.shape == (40,)
+    assert torch.equal(w.weight.abs().amax(dim=1), torch.full((40,), 127, dtype=torch.int8))
+    error = (w.dense_t() - weight_t).abs()
+    assert (error <= w.scale / 2 * (1 + 1e-6)).all()  # to nearest on each channel's grid
+    x = torch.randn(5, 96, generator=gen)
+    torch.testing.assert_close(w.linear(x, None), x @ w.dense_t())
 
 
 def _dequantized(llm: LLM) -> None:

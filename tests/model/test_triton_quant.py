@@ -1,10 +1,12 @@
-"""Triton int4 matmul against its torch reference (the weight decoded by `Int4Weight.dense`, then a matmul): on
-CPU through Triton's interpreter, on CUDA when present."""
+"""Triton int4 and int8 weight-only matmuls against their torch reference (the weight decoded by
+`Int4Weight.dense` / `Int8ChannelWeight.dense`, then a matmul): on CPU through Triton's interpreter, on CUDA
+when present."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +18,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 pytest.importorskip("triton")
 
 from loraplex.model import quant  # noqa: E402
-from loraplex.model.quant import Int4Weight, quantize_int4  # noqa: E402
-from loraplex.model.triton_quant import int4_linear_triton  # noqa: E402
+from loraplex.model.quant import Int4Weight, Int8ChannelWeight, quantize_int4, quantize_int8_channel  # noqa: E402
+from loraplex.model.triton_quant import int4_linear_triton, int8_linear_triton  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 from tests.triton_compile import compile_for_cuda  # noqa: E402
 from tests.triton_interpreter import SKIP_REASON, kernels_runnable, run_in_fresh_process  # noqa: E402
@@ -89,6 +91,22 @@ def test_split_inputs_add_in_a_fixed_order() -> None:
     assert_close(first, reference(x, w, None))
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("rows", "cols", "out"), [(1, 64, 72), (7, 1024, 64), (17, 96, 40), (70, 128, 130)])
+def test_int8_matmul_matches_torch(dtype: torch.dtype, rows: int, cols: int, out: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w = quantize_int8_channel(torch.randn(cols, out, generator=gen) / cols**0.5)
+    w = Int8ChannelWeight(w.weight.to(DEVICE), w.scale.to(DEVICE))
+    wide = torch.randn(rows, cols + 8, generator=gen).to(dtype).to(DEVICE)
+    x = wide[:, 4:4 + cols]  # a strided view, as the layers pass
+    bias = torch.randn(out, generator=gen).to(dtype).to(DEVICE)
+    for b in (None, bias):
+        got = int8_linear_triton(x, w.weight, w.scale, b)
+        assert got.dtype == dtype and got.shape == (rows, out)
+        assert_close(got, torch.nn.functional.linear(x, w.dense().to(dtype), b))
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="dispatch to the Triton kernel is for CUDA tensors")
 def test_int4_linear_dispatches_to_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
@@ -97,7 +115,7 @@ def test_int4_linear_dispatches_to_triton_on_cuda(monkeypatch: pytest.MonkeyPatc
         calls.append(args)
         return int4_linear_triton(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(quant, "_triton_int4", lambda: spy)
+    monkeypatch.setattr(quant, "_triton_ops", lambda: SimpleNamespace(int4_linear_triton=spy))
     w = make_weight(64, 32, 32)
     x = torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16)
     assert_close(quant.int4_linear(x, w, None), reference(x, w, None))
@@ -115,6 +133,10 @@ def test_kernel_compiles_for_cuda(tmp_path: Path) -> None:
             specs.append(("_int4_linear_kernel", ptrs, {},
                           {"GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k, "UPCAST": False,
                            "PRECISION": "ieee"}))
+            specs.append(("_int8_linear_kernel", {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "scale_ptr": "*fp32",
+                                                  "out_ptr": "*fp32"}, {},
+                          {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k, "UPCAST": False,
+                           "PRECISION": "ieee"}))
     output = compile_for_cuda("loraplex.model.triton_quant", specs, tmp_path)
     assert output.count("compiled") == len(specs)
 
@@ -122,4 +144,4 @@ def test_kernel_compiles_for_cuda(tmp_path: Path) -> None:
 @pytest.mark.skipif(kernels_runnable(), reason="the kernels run in this process")
 def test_in_fresh_process() -> None:
     """The kernel tests, in a process that imports triton after setting TRITON_INTERPRET=1."""
-    run_in_fresh_process(__file__, "matches_torch or strided or split_inputs")
+    run_in_fresh_process(__file__, "matches_torch or strided or split_inputs")  # int4's and int8's
