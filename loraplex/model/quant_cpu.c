@@ -20,18 +20,27 @@ void loraplex_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t 
         const float *row = x + r * stride_x;
         int8_t *out = q + r * cols;
         for (int64_t k = 0; k < n_out; k++) x_out[r * n_out + k] = row[outliers[k]];
+        // Written for the vectorizer: a select for the mask, a plain maximum and a separate NaN flag (a NaN
+        // in a row makes its scale NaN, as torch's amax does).
         float peak = 0.0f;
+        int nan = 0;
+#pragma omp simd reduction(max : peak) reduction(| : nan)
         for (int64_t j = 0; j < cols; j++) {
-            float v = mask[j] ? 0.0f : fabsf(row[j] * inv_smooth[j]);
-            peak = (v > peak || v != v) ? v : peak;  // a NaN stays, as in torch's amax
+            const float v = mask[j] ? 0.0f : fabsf(row[j] * inv_smooth[j]);
+            peak = v > peak ? v : peak;
+            nan |= v != v;
         }
-        float s = (peak != peak || peak > 1e-12f ? peak : 1e-12f) / 127.0f;
+        float s = (nan ? NAN : (peak > 1e-12f ? peak : 1e-12f)) / 127.0f;
         scale[r] = s;
         if (s != s) {  // the row's output is NaN whatever its integers (rounding NaN to int8 is undefined)
             for (int64_t j = 0; j < cols; j++) out[j] = 0;
             continue;
         }
-        for (int64_t j = 0; j < cols; j++) out[j] = mask[j] ? 0 : (int8_t)nearbyintf((row[j] * inv_smooth[j]) / s);
+#pragma omp simd
+        for (int64_t j = 0; j < cols; j++) {
+            const float v = mask[j] ? 0.0f : nearbyintf((row[j] * inv_smooth[j]) / s);
+            out[j] = (int8_t)(int32_t)v;
+        }
     }
 }
 
