@@ -1,5 +1,5 @@
-"""Quantized base weights: `--quantize int8` on the CPU, `--quantize int4` anywhere, `--quantize fp8` on GPUs
-with fp8 tensor cores.
+"""Quantized base weights: `--quantize int8` (calibrated W8A8 on the CPU, weight-only on a GPU), `--quantize int4`
+anywhere, `--quantize fp8` on GPUs with fp8 tensor cores.
 
     int8   on the CPU: weights int8 per output channel, activations int8 per token (dynamic), the product in
            int8 (`torch._int_mm`, oneDNN's VNNI kernels); SmoothQuant smoothing and four float32 outlier
@@ -10,9 +10,9 @@ with fp8 tensor cores.
            LM head left in float as GPTQ and AWQ leave it; each product decodes the weight to the activations'
            dtype and multiplies in float (on CUDA in one Triton kernel, the weight read at 4 bits; on the CPU
            up to 8 rows in one C kernel, decoding in registers; above that a C decoder into a reused buffer,
-           then oneDNN). A memory saving more than a speed-up:
-           on the 2-core CPU one request alone runs 1.2× float32, 32 at once 0.6× (docs/benchmarks.md). A
-           pre-quantized GPTQ / AWQ 4-bit checkpoint keeps its own grid (loraplex/model/prequantized.py)
+           then oneDNN). A memory saving more than a speed-up on the 2-core CPU: one request alone runs 1.2×
+           float32, 32 at once 0.6× (docs/benchmarks.md). A pre-quantized GPTQ / AWQ / compressed-tensors
+           4-bit checkpoint keeps its own grid (loraplex/model/prequantized.py)
     fp8    weights float8 e4m3 per output channel, activations float8 e4m3 per token (dynamic), the product
            in fp8 with float32 accumulation (`torch._scaled_mm`, row-wise scales; CUDA compute capability
            8.9+: L4, L40S, H100, H200). e4m3's exponent covers outliers: no smoothing, no calibration

@@ -10,8 +10,9 @@ blocked GEMMs beat the C loops.
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) for this machine
 (`-march=native`) into `$LORAPLEX_HOME/kernels/`, keyed by the source, the flags, the compiler and
 the CPU, so a changed kernel or another machine never loads a stale build. Without a compiler the
-backend is unavailable and `auto` uses the torch backend. float32 CPU tensors only; anything else
-(bfloat16, CUDA) takes the torch path.
+backend is unavailable and `auto` uses the torch backend. float32 CPU activations, with float32 adapter
+weights or bfloat16 ones (`--lora-dtype bfloat16`: a second build that widens each weight as it loads it);
+anything else (bfloat16 activations, CUDA) takes the torch path.
 """
 
 from __future__ import annotations
