@@ -104,7 +104,8 @@ def add_config_flags(parser: argparse.ArgumentParser, classes: tuple[type, ...],
                     raise SystemExit(f"error: ${env_name(f.name)}: {e}") from None
             flags = (f"--{f.name.replace('_', '-')}", *FLAG_ALIASES.get(f.name, ()))
             shown = ",".join(default) if isinstance(default, tuple) else default
-            text = f"{docs.get(f.name, '')} [env {env_name(f.name)}] (default: {shown})"
+            # argparse formats help with %: a docstring's "15 %" must not read as a format.
+            text = f"{docs.get(f.name, '')} [env {env_name(f.name)}] (default: {shown})".replace("%", "%%")
             # A boolean flag alone means true (`--enforce-eager`); it also takes a value (`--enforce-eager false`).
             if parse in (_parse_bool, _parse_optional_bool):
                 group.add_argument(*flags, dest=f.name, type=parse, default=default, nargs="?", const=True, help=text)

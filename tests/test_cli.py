@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _loraplex(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "loraplex.cli", *args], capture_output=True, text=True, timeout=300)
@@ -37,3 +39,19 @@ def test_a_boolean_flag_alone_means_true_and_takes_a_value(monkeypatch) -> None:
     assert engine_options(parse(["serve", "--enforce-eager", "false", "--model", "demo"]))["enforce_eager"] is False
     options = engine_options(parse(["serve", "--enable-prefix-caching", "--cuda-graph-max-batch", "64"]))
     assert options["enable_prefix_caching"] is True and options["cuda_graph_max_batch"] == 64
+
+
+def test_every_command_prints_its_help(capsys) -> None:
+    # Each flag's help is its config field's docstring, which may hold "%" (argparse formats help with %).
+    from loraplex.cli import build_parser
+
+    parser = build_parser()
+    for command in ("serve", "generate", "ray-serve", "download"):
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([command, "--help"])
+        assert done.value.code == 0
+        assert "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--lora-dtype" in shown and "its share of the step fell by 15-30 %," in shown
