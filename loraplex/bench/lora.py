@@ -1,7 +1,7 @@
 """Multi-LoRA offline throughput, side by side in one run: loraplex vs HF transformers + PEFT.
 
     python -m loraplex.bench.lora [--model demo] [--adapters 8] [--requests 32] [--new-tokens 64]
-                                  [--repeats 3] [--skip-hf]
+                                  [--repeats 3] [--skip-hf] [--lora-dtype float32 [bfloat16]]
 
 On the reference workload (shared/BENCHMARKS.md; float32, greedy, ignore EOS) with the benchmark
 adapters of `loraplex.bench.adapters`, prints generated tokens per second (median of the repeats) of:
@@ -10,6 +10,8 @@ adapters of `loraplex.bench.adapters`, prints generated tokens per second (media
     loraplex distinct           request i uses adapter i % N
     loraplex one adapter        every request uses adapter 0
     hf+peft distinct            PEFT's mixed batch, `generate(..., adapter_names=[...])`, same assignment
+    loraplex distinct, bfloat16 with `--lora-dtype float32 bfloat16`: an engine storing the adapters' weights
+                                in bfloat16 (products in float32), same assignment
 
 and the ratios distinct / base only, distinct / hf+peft and one adapter / base only. One `LLM` with
 `max_loras=N` serves all three loraplex rows, so every adapter stays resident in a slot; each system is
@@ -25,6 +27,7 @@ this measures, not output quality. Timings on shared machines drift: only ratios
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     add_workload_arguments(ap)
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters N; request i uses adapter i %% N")
     ap.add_argument("--skip-hf", action="store_true", help="time loraplex only (HF+PEFT is the slow part)")
+    ap.add_argument("--lora-dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="adapters' weight dtype; each one after the first adds a `distinct` run of an engine "
+                         "storing them so, side by side")
     args = ap.parse_args(argv)
     if args.adapters < 1:
         ap.error(f"--adapters must be at least 1, got {args.adapters}")
@@ -99,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"adapters: {args.adapters} under {adapters[0].parent}")
     load_before = os.getloadavg()[0]
 
-    llm = LLM(path, dtype="float32", device="cpu", max_loras=args.adapters, max_lora_rank=MAX_LORA_RANK)
+    def engine(lora_dtype: str) -> LLM:
+        return LLM(path, dtype="float32", device="cpu", max_loras=args.adapters, max_lora_rank=MAX_LORA_RANK,
+                   lora_dtype=lora_dtype)
+
+    llm = engine(args.lora_dtype[0])
     systems: list[tuple[str, Callable[[], Callable[[], int]]]] = [
         ("loraplex base only", lambda: run_loraplex(llm, prompts, args.new_tokens, [None] * args.requests)),
         ("loraplex distinct", lambda: run_loraplex(llm, prompts, args.new_tokens,
@@ -107,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         ("loraplex one adapter", lambda: run_loraplex(llm, prompts, args.new_tokens,
                                                       [str(adapters[0])] * args.requests)),
     ]
+    for lora_dtype in args.lora_dtype[1:]:
+        other = engine(lora_dtype)
+        systems.append((f"loraplex distinct, {lora_dtype}", functools.partial(
+            run_loraplex, other, prompts, args.new_tokens, [str(adapters[i]) for i in index])))
     if not args.skip_hf:
         systems.append(("hf+peft distinct", lambda: run_hf_peft(path, adapters, prompts, args.new_tokens, index)))
     # Every system is set up (and warmed up) first, then the repeats go round-robin over them, so a
@@ -122,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
 
     ratios = {"distinct / base only": results["loraplex distinct"] / results["loraplex base only"],
               "one adapter / base only": results["loraplex one adapter"] / results["loraplex base only"]}
+    for lora_dtype in args.lora_dtype[1:]:
+        ratios[f"distinct, {lora_dtype} / base only"] = results[f"loraplex distinct, {lora_dtype}"] / results[
+            "loraplex base only"]
     if "hf+peft distinct" in results:
         ratios["distinct / hf+peft"] = results["loraplex distinct"] / results["hf+peft distinct"]
     for name, value in ratios.items():
