@@ -39,13 +39,24 @@ MAX_SPLIT = 16
 
 
 @triton.jit
+def _store(out_ptr, bias_ptr, acc, split, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on,
+           HAS_BIAS: tl.constexpr):
+    """A program's float32 tile into `out` at `split`, plus the bias where HAS_BIAS, in `out`'s dtype: a launch
+    of one slice writes the layer's output itself; one of several writes float32 partial sums (`_finish`)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _int4_linear_kernel(
-    x_ptr, packed_ptr, scale_ptr, offset_ptr, out_ptr, M, N, steps_per_split,
+    x_ptr, packed_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, M, N, steps_per_split,
     stride_xm, stride_xk, stride_pn, stride_pk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out[split, rows, cols] = x[rows, inputs of the split] · w[cols, the same inputs]ᵀ (float32)."""
+    """out[split, rows, cols] = x[rows, inputs of the split] · w[cols, the same inputs]ᵀ (`_store`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -78,18 +89,17 @@ def _int4_linear_kernel(
         else:
             acc += tl.dot(x_even, low, input_precision=PRECISION)
             acc += tl.dot(x_odd, high, input_precision=PRECISION)
-    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
-             mask=m_mask[:, None] & n_mask[None, :])
+    _store(out_ptr, bias_ptr, acc, split, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on, HAS_BIAS)
 
 
 @triton.jit
 def _int8_linear_kernel(
-    x_ptr, q_ptr, scale_ptr, out_ptr, M, N, steps_per_split,
+    x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, steps_per_split,
     stride_xm, stride_xk, stride_qn, stride_qk, stride_os, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out[split, rows, cols] = x[rows, inputs of the split] · w[cols, the same inputs]ᵀ (float32)."""
+    """out[split, rows, cols] = x[rows, inputs of the split] · w[cols, the same inputs]ᵀ (`_store`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -111,8 +121,7 @@ def _int8_linear_kernel(
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
         else:
             acc += tl.dot(x, w, input_precision=PRECISION)
-    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
-             mask=m_mask[:, None] & n_mask[None, :])
+    _store(out_ptr, bias_ptr, acc, split, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on, HAS_BIAS)
 
 
 BLOCK_N = 64
@@ -120,14 +129,23 @@ BLOCK_N = 64
 
 @dataclass
 class _Launch:
-    """What both kernels' launches share: the grid, the float32 partial sums, the steps of BLOCK_K inputs per
+    """What both kernels' launches share: the grid, where the programs write (the output itself for one slice of
+    the inputs, else float32 partial sums, `[split, rows, out]` either way), the steps of BLOCK_K inputs per
     program, the row tile, and whether the interpreter needs 16-bit operands upcast."""
 
     grid: tuple[int, int, int]
-    partial: torch.Tensor  # [split, rows, out] float32
+    out: torch.Tensor  # [split, rows, out]
     steps_per_split: int
     block_m: int
     upcast: bool
+
+    def args(self, bias: torch.Tensor | None) -> tuple[object, ...]:
+        """The kernels' (bias, out, ..., strides of out) arguments; the bias is added in the kernel for one slice."""
+        o = self.out
+        return bias if bias is not None else o, o, o.stride(0), o.stride(1), o.stride(2)
+
+    def has_bias(self, bias: torch.Tensor | None) -> bool:
+        return bias is not None and self.out.shape[0] == 1
 
 
 def _launch(x: torch.Tensor, out_features: int, block_k: int) -> _Launch:
@@ -138,8 +156,8 @@ def _launch(x: torch.Tensor, out_features: int, block_k: int) -> _Launch:
     split = 1  # slices of the inputs: a power of two dividing `steps`, up to TARGET_PROGRAMS programs in all
     while split * 2 <= MAX_SPLIT and tiles * split * 2 <= TARGET_PROGRAMS and steps % (split * 2) == 0:
         split *= 2
-    partial = torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device)
-    return _Launch((triton.cdiv(rows, block_m), triton.cdiv(out_features, BLOCK_N), split), partial, steps // split,
+    out = torch.empty(split, rows, out_features, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    return _Launch((triton.cdiv(rows, block_m), triton.cdiv(out_features, BLOCK_N), split), out, steps // split,
                    block_m, bool(triton.knobs.runtime.interpret) and x.dtype != torch.float32)
 
 
@@ -153,14 +171,14 @@ def int4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     assert scale.shape == offset.shape == (out_features, cols // group), (scale.shape, offset.shape)
     block_k = 64 if group % 64 == 0 else 32
     run = _launch(x, out_features, block_k)
-    p = run.partial
+    bias_arg, out, stride_os, stride_om, stride_on = run.args(bias)
     _int4_linear_kernel[run.grid](
-        x, packed, scale, offset, p, rows, out_features, run.steps_per_split,
+        x, packed, scale, offset, bias_arg, out, rows, out_features, run.steps_per_split,
         x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1),
-        p.stride(0), p.stride(1), p.stride(2), GROUP=group, BLOCK_M=run.block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
-        UPCAST=run.upcast, PRECISION="tf32" if run.upcast else "ieee",
+        stride_os, stride_om, stride_on, GROUP=group, BLOCK_M=run.block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        HAS_BIAS=run.has_bias(bias), UPCAST=run.upcast, PRECISION="tf32" if run.upcast else "ieee",
     )
-    return _finish(p, bias, x.dtype)
+    return _finish(run.out, bias, x.dtype)
 
 
 def int8_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -171,18 +189,21 @@ def int8_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bi
     assert q.shape[1] == cols and cols % 32 == 0 and scale.shape == (out_features,), (x.shape, q.shape, scale.shape)
     block_k = 64 if cols % 64 == 0 else 32
     run = _launch(x, out_features, block_k)
-    p = run.partial
+    bias_arg, out, stride_os, stride_om, stride_on = run.args(bias)
     _int8_linear_kernel[run.grid](
-        x, q, scale, p, rows, out_features, run.steps_per_split, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        p.stride(0), p.stride(1), p.stride(2), BLOCK_M=run.block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
-        UPCAST=run.upcast, PRECISION="tf32" if run.upcast else "ieee",
+        x, q, scale, bias_arg, out, rows, out_features, run.steps_per_split, x.stride(0), x.stride(1), q.stride(0),
+        q.stride(1), stride_os, stride_om, stride_on, BLOCK_M=run.block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        HAS_BIAS=run.has_bias(bias), UPCAST=run.upcast, PRECISION="tf32" if run.upcast else "ieee",
     )
-    return _finish(p, bias, x.dtype)
+    return _finish(run.out, bias, x.dtype)
 
 
-def _finish(partial: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The slices' float32 partial sums added in order, the bias, then `dtype`."""
-    out = partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)  # [rows, out] float32
+def _finish(out: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's output `[rows, out]` in `dtype`: the kernels wrote it whole for one slice; for several, their
+    float32 partial sums added in order, then the bias (in place), then `dtype`."""
+    if out.shape[0] == 1:
+        return out[0]
+    summed = out.sum(dim=0)  # [rows, out] float32
     if bias is not None:
-        out = out + bias.float()
-    return out.to(dtype)
+        summed.add_(bias)
+    return summed.to(dtype)

@@ -122,21 +122,19 @@ def test_int4_linear_dispatches_to_triton_on_cuda(monkeypatch: pytest.MonkeyPatc
     assert len(calls) == 1
 
 
-def test_kernel_compiles_for_cuda(tmp_path: Path) -> None:
-    """The kernel goes through Triton's GPU compiler (to an sm_90 cubin), which the interpreter skips: 16-bit
-    products on tensor cores, float32 ones as IEEE dots."""
+def test_kernels_compile_for_cuda(tmp_path: Path) -> None:
+    """The kernels go through Triton's GPU compiler (to an sm_90 cubin), which the interpreter skips: 16-bit
+    products on tensor cores, float32 ones as IEEE dots; one slice writing the output with its bias, several
+    writing float32 partial sums."""
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
-        ptrs = {"x_ptr": f"*{dtype}", "packed_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32",
-                "out_ptr": "*fp32"}
-        for block_m, block_k in ((16, 32), (64, 64)):
-            specs.append(("_int4_linear_kernel", ptrs, {},
-                          {"GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k, "UPCAST": False,
-                           "PRECISION": "ieee"}))
-            specs.append(("_int8_linear_kernel", {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "scale_ptr": "*fp32",
-                                                  "out_ptr": "*fp32"}, {},
-                          {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k, "UPCAST": False,
-                           "PRECISION": "ieee"}))
+        for block_m, block_k, has_bias, out in ((16, 32, False, "fp32"), (64, 64, True, dtype)):
+            common = {"x_ptr": f"*{dtype}", "scale_ptr": "*fp32", "bias_ptr": f"*{dtype}", "out_ptr": f"*{out}"}
+            tiles = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k, "HAS_BIAS": has_bias, "UPCAST": False,
+                     "PRECISION": "ieee"}
+            specs.append(("_int4_linear_kernel", common | {"packed_ptr": "*u8", "offset_ptr": "*fp32"}, {},
+                          tiles | {"GROUP": 128}))
+            specs.append(("_int8_linear_kernel", common | {"q_ptr": "*i8"}, {}, tiles))
     output = compile_for_cuda("loraplex.model.triton_quant", specs, tmp_path)
     assert output.count("compiled") == len(specs)
 
