@@ -17,7 +17,7 @@ from loraplex.model.decoder import CausalLM, DecoderConfig
 from loraplex.model.errors import CheckpointError
 from loraplex.model.layers import Linear, PackedLinear, RMSNorm, deferred_weights
 from loraplex.model.prequantized import checkpoint_format, dequantizing
-from loraplex.model.quant import Int4Weight, log_quantized, quantize_linear, quantize_model
+from loraplex.model.quant import Int4Weight, calibrated, log_quantized, quantize_linear, quantize_model
 from loraplex.runtime import release_freed_memory
 
 # Checkpoint projection name → (our packed module, shard index).
@@ -109,7 +109,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
     linears in float (a layer's float weight is allocated by its first tensor, `deferred_weights`). `int8` on
     the CPU calibrates on the float model first."""
     cfg = DecoderConfig.from_hf(ckpt.hf_config)
-    streamed = quantize in ("int4", "fp8") or (quantize == "int8" and device.type != "cpu")
+    streamed = quantize != "none" and not calibrated(quantize, device)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

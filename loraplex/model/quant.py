@@ -40,7 +40,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -414,11 +414,14 @@ def input_absmax(model: CausalLM, token_ids: list[int]) -> dict[torch.nn.Module,
     return seen
 
 
-def quantize_model(model: CausalLM, method: str, tokenizer: Any,
-                   int4: Mapping[PackedLinear, Int4Weight] | None = None) -> None:
-    """Quantize every linear layer of a loaded, finalized model in place (`method` of QUANTIZE). For `int4`,
-    the layers of `int4` take those weights (a pre-quantized checkpoint's own 4-bit grid) instead of their
-    float weight rounded anew."""
+def calibrated(method: str, device: torch.device) -> bool:
+    """Whether `method` calibrates on the whole float model (int8 on the CPU); every other method quantizes each
+    layer alone (`quantize_linear`), so a load can quantize layers as they arrive."""
+    return method == "int8" and device.type == "cpu"
+
+
+def quantize_model(model: CausalLM, method: str, tokenizer: Any) -> None:
+    """Quantize every linear layer of a loaded, finalized model in place (`method` of QUANTIZE)."""
     from loraplex.model.layers import PackedLinear
 
     if method == "none":
@@ -426,11 +429,10 @@ def quantize_model(model: CausalLM, method: str, tokenizer: Any,
     if method not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {method!r}")
     start = time.perf_counter()
-    if method in ("fp8", "int4"):
-        own = int4 if method == "int4" and int4 else {}
+    if not calibrated(method, model.model.embed_tokens.weight.device):
         kept = [why for layer in model.modules() if isinstance(layer, PackedLinear)
-                if (why := quantize_linear(layer, method, own.get(layer), head=layer is model.lm_head)) is not None]
-        log_quantized(method, time.perf_counter() - start, len(own), kept)
+                if (why := quantize_linear(layer, method, head=layer is model.lm_head)) is not None]
+        log_quantized(method, time.perf_counter() - start, 0, kept)
         return
     peaks = input_absmax(model, calibration_ids(tokenizer, model.config.vocab_size))
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
