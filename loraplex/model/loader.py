@@ -28,6 +28,9 @@ PACKED_MODULES = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+# Our packed module → its checkpoint projections, in shard order.
+SHARD_NAMES = {packed: tuple(name for name, (p, _) in sorted(PACKED_MODULES.items(), key=lambda kv: kv[1][1])
+                             if p == packed) for packed, _ in PACKED_MODULES.values()}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -126,7 +129,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
         """Quantize a layer whose tensors have all arrived (`streamed`)."""
         nonlocal own
         module.finalize("aten")
-        grid = _own_int4(ckpt.int4, target, module, device) if quantize == "int4" else None
+        grid = _own_int4(ckpt.int4, target, device) if quantize == "int4" else None
         why = quantize_linear(module, quantize, grid, head=module is model.lm_head)
         own += grid is not None and why is None
         if why is not None:
@@ -189,24 +192,19 @@ def _all_loaded(loaded: dict[str, set[int]], layer: str, module: PackedLinear) -
     return len(loaded[f"{layer}.weight"]) == shards and (module.bias is None or len(loaded[f"{layer}.bias"]) == shards)
 
 
-def _own_int4(int4: dict[str, Int4Weight], layer: str, module: PackedLinear, device: torch.device) -> Int4Weight | None:
+def _own_int4(int4: dict[str, Int4Weight], layer: str, device: torch.device) -> Int4Weight | None:
     """The checkpoint's own 4-bit grid for the linear `layer` (its checkpoint weights taken out of `int4`): a
     packed linear's shards (q, k and v; gate and up) stacked along the output, where every shard has one and
     their groups agree; None where the layer has none."""
-    leaf = layer.rpartition(".")[2]
-    shard_names = [f"{layer.rpartition('.')[0]}.{name}.weight" for name, (packed, _) in
-                   sorted(PACKED_MODULES.items(), key=lambda item: item[1][1]) if packed == leaf]
-    parts = [int4.pop(name) for name in shard_names if name in int4] if shard_names else []
-    whole = int4.pop(f"{layer}.weight", None)  # a fused checkpoint's packed layer, or a plain linear
-    if whole is not None:
-        parts = [whole]
-    if not parts or (whole is None and len(parts) != len(module.shard_sizes)):
+    parent, _, leaf = layer.rpartition(".")
+    whole = int4.pop(f"{layer}.weight", None)  # a plain linear, or a fused checkpoint's packed one
+    shards = [int4.pop(f"{parent}.{name}.weight", None) for name in SHARD_NAMES.get(leaf, ())]
+    found = [g for g in shards if g is not None]
+    grids = [whole] if whole is not None else found if len(found) == len(shards) else []
+    if not grids or len({g.group for g in grids}) != 1:
         return None
-    group = parts[0].group
-    if any(p.group != group for p in parts):
-        return None
-    return Int4Weight(torch.cat([p.packed for p in parts]).to(device), torch.cat([p.scale for p in parts]).to(device),
-                      torch.cat([p.offset for p in parts]).to(device), group)
+    return Int4Weight(torch.cat([p.packed for p in grids]).to(device), torch.cat([p.scale for p in grids]).to(device),
+                      torch.cat([p.offset for p in grids]).to(device), grids[0].group)
 
 
 def _num_shards(module: Any) -> int:

@@ -284,3 +284,24 @@ def test_only_4_bit_groups_of_32_inputs_in_order_are_kept_as_int4() -> None:
     awq_q, awq_z = pack_awq(q, zeros)
     awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
     assert set(kept(awq, {"l.qweight": awq_q, "l.qzeros": awq_z, "l.scales": scales})) == {"l.weight"}
+
+
+def test_a_packed_layer_keeps_its_checkpoint_grid_only_when_every_shard_has_one() -> None:
+    from loraplex.model.loader import _own_int4
+
+    def grid(rows: int, group: int = 32, seed: int = 0) -> Int4Weight:
+        return quantize_int4(torch.randn(64, rows, generator=torch.Generator().manual_seed(seed)), group)
+
+    attn = "model.layers.0.self_attn"
+    q, k, v = grid(16, seed=1), grid(8, seed=2), grid(8, seed=3)
+    int4 = {f"{attn}.q_proj.weight": q, f"{attn}.k_proj.weight": k, f"{attn}.v_proj.weight": v,
+            f"{attn}.o_proj.weight": grid(16, seed=4)}
+    kept = _own_int4(int4, f"{attn}.qkv_proj", torch.device("cpu"))
+    assert kept is not None and torch.equal(kept.dense(), torch.cat([q.dense(), k.dense(), v.dense()]))
+    assert _own_int4(int4, f"{attn}.o_proj", torch.device("cpu")) is not None
+    assert int4 == {}  # taken out as they are used
+    # A shard without a grid of its own (rounded anew), or shards on groups of different sizes: none kept.
+    assert _own_int4({f"{attn}.q_proj.weight": q, f"{attn}.k_proj.weight": k}, f"{attn}.qkv_proj",
+                     torch.device("cpu")) is None
+    assert _own_int4({f"{attn}.q_proj.weight": q, f"{attn}.k_proj.weight": k, f"{attn}.v_proj.weight": grid(8, 64)},
+                     f"{attn}.qkv_proj", torch.device("cpu")) is None
