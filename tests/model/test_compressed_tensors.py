@@ -18,10 +18,10 @@ from loraplex import LLM, SamplingParams
 from loraplex.model.errors import CheckpointError
 from loraplex.model.layers import PackedLinear
 from loraplex.model.loader import open_checkpoint
-from loraplex.model.quant import Int4Weight, quantize_int4
+from loraplex.model.quant import Int4Weight
 from tests.helpers import TINY, save_tiny
 from tests.lora.peft_fixtures import make_adapter
-from tests.model.test_prequantized import assert_generates_as
+from tests.model.test_prequantized import assert_generates_as, assert_keeps_the_checkpoint_grid
 
 pytest.importorskip("compressed_tensors")
 from tests.model.ct_fixtures import CT_SCHEMES, library_dequantized_weights, write_compressed_checkpoint  # noqa: E402
@@ -58,13 +58,18 @@ def test_bfloat16_scales_decode_within_one_bfloat16_rounding(float_model: Path, 
         torch.testing.assert_close(got[name], weight, rtol=2 ** -8, atol=0)
 
 
-def test_a_compressed_model_with_an_adapter_generates_as_its_float_twin(float_model: Path, tmp_path: Path) -> None:
-    folder = write_compressed_checkpoint(float_model, tmp_path / "w4", "w4a16-asym")
-    twin = tmp_path / "twin"
+def float_twin(float_model: Path, folder: Path, twin: Path) -> Path:
+    """`float_model` holding the weights the library decodes from the compressed checkpoint `folder`."""
     twin.mkdir()
     tensors = load_file(float_model / "model.safetensors") | library_dequantized_weights(folder)
     save_file({k: v.contiguous() for k, v in tensors.items()}, twin / "model.safetensors")
     (twin / "config.json").write_text((float_model / "config.json").read_text())
+    return twin
+
+
+def test_a_compressed_model_with_an_adapter_generates_as_its_float_twin(float_model: Path, tmp_path: Path) -> None:
+    folder = write_compressed_checkpoint(float_model, tmp_path / "w4", "w4a16-asym")
+    twin = float_twin(float_model, folder, tmp_path / "twin")
     adapter = str(make_adapter(float_model, tmp_path / "a", LoraConfig(r=4, lora_alpha=8, target_modules=[
         "q_proj", "v_proj", "down_proj"]), seed=3))
     prompts = [[(9 * i + j) % 500 + 1 for j in range(6 + i)] for i in range(4)]
@@ -84,25 +89,12 @@ def test_quantize_int4_keeps_a_w4a16_checkpoints_own_grid(float_model: Path, tmp
     # Calibrated on ranges 1.4x the weights': no group's integers span its grid, so rounding the decoded weights
     # anew (each group on the grid from its minimum to its maximum) would move them; the checkpoint's grid keeps them.
     folder = write_compressed_checkpoint(float_model, tmp_path / scheme, scheme, widen=1.4)
-    twin = tmp_path / "twin"
-    twin.mkdir()
-    tensors = load_file(float_model / "model.safetensors") | library_dequantized_weights(folder)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, twin / "model.safetensors")
-    (twin / "config.json").write_text((float_model / "config.json").read_text())
+    twin = float_twin(float_model, folder, tmp_path / "twin")
     want = LLM(str(twin), device="cpu")
     llm = LLM(str(folder), device="cpu", quantize="int4")
-    twin_modules = dict(want.engine.runner.model.named_modules())
-    checked = 0
-    for name, module in llm.engine.runner.model.named_modules():
-        if isinstance(module, PackedLinear) and name != "lm_head":
-            assert isinstance(module.quantized, Int4Weight), name
-            assert module.quantized.group == (32 if scheme != "w4a16-tensor-asym" else module.in_features), name
-            weight = twin_modules[name].dense_t()  # [in, out]: the library's decoded weights, shards side by side
-            assert (module.quantized.dense_t() - weight).abs().max() <= 1e-6 * weight.abs().max(), name
-            if scheme != "w4a16-tensor-asym":  # (one grid per tensor: groups of 32 rounded anew differ anyway)
-                assert (quantize_int4(weight).dense_t() - weight).abs().max() > 1e-3 * weight.abs().max(), name
-            checked += 1
-    assert checked == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
+    per_tensor = scheme == "w4a16-tensor-asym"  # one grid per tensor: groups of 32 rounded anew differ anyway
+    assert_keeps_the_checkpoint_grid(llm, want, lambda layer: layer.in_features if per_tensor else 32,
+                                     anew_moves=not per_tensor)
     assert_generates_as(llm, want)
 
 

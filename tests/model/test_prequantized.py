@@ -226,23 +226,31 @@ def test_quantize_int4_keeps_a_4_bit_checkpoints_own_grid(tmp_path: Path) -> Non
     gptq_dir, twin_dir = _gptq_and_twin(tmp_path, integers)
     twin = LLM(str(twin_dir), device="cpu")
     llm = LLM(str(gptq_dir), device="cpu", quantize="int4")
-    want = dict(twin.engine.runner.model.named_modules())
-    checked = 0
-    for name, module in llm.engine.runner.model.named_modules():
-        if isinstance(module, PackedLinear) and name != "lm_head":
-            assert isinstance(module.quantized, Int4Weight) and module.quantized.group == 32, name
-            weight = want[name].dense_t()  # [in, out], the float twin's shards side by side
-            assert (module.quantized.dense_t() - weight).abs().max() <= 1e-6 * weight.abs().max(), name
-            rounded_anew = quantize_int4(weight).dense_t()
-            assert (rounded_anew - weight).abs().max() > 1e-3 * weight.abs().max(), name  # what it avoids
-            checked += 1
-    assert checked == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
+    assert_keeps_the_checkpoint_grid(llm, twin, lambda layer: 32)
     assert_generates_as(llm, twin)
     # Where the checkpoint's grid is not one Int4Weight holds (groups of 16), int4 rounds the decoded weights.
     grouped_16, _ = _gptq_and_twin(tmp_path / "g16", lambda w: _rtn_integers(w, 16, 4), group=16)
     model = LLM(str(grouped_16), device="cpu", quantize="int4").engine.runner.model
     assert all(m.quantized.group == 32 for n, m in model.named_modules()  # type: ignore[union-attr]
                if isinstance(m, PackedLinear) and n != "lm_head")
+
+
+def assert_keeps_the_checkpoint_grid(llm: LLM, twin: LLM, group: Callable[[PackedLinear], int],
+                                     anew_moves: bool = True) -> None:
+    """Every linear of `llm` but the LM head holds an Int4Weight on groups of `group(layer)` inputs that decodes
+    to `twin`'s float weights within 1e-6; with `anew_moves`, rounding those weights anew would have moved them
+    by more than 1e-3 (what keeping the grid avoids)."""
+    want = dict(twin.engine.runner.model.named_modules())
+    checked = 0
+    for name, module in llm.engine.runner.model.named_modules():
+        if isinstance(module, PackedLinear) and name != "lm_head":
+            assert isinstance(module.quantized, Int4Weight) and module.quantized.group == group(module), name
+            weight = want[name].dense_t()  # [in, out], the float twin's shards side by side
+            assert (module.quantized.dense_t() - weight).abs().max() <= 1e-6 * weight.abs().max(), name
+            if anew_moves:
+                assert (quantize_int4(weight).dense_t() - weight).abs().max() > 1e-3 * weight.abs().max(), name
+            checked += 1
+    assert checked == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
 
 
 def assert_generates_as(llm: LLM, twin: LLM) -> None:
