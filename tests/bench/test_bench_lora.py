@@ -22,5 +22,6 @@ def test_it_prints_every_row_and_ratio(demo_model_path: Path, capsys: pytest.Cap
 
 
 def test_an_unknown_lora_dtype_is_refused() -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         lora.main(["--lora-dtype", "int8"])
+    assert refused.value.code == 2  # argparse's usage error, before any model loads
