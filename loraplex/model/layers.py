@@ -43,7 +43,7 @@ _deferred = contextvars.ContextVar("deferred_linear_weights", default=False)
 def deferred_weights() -> Iterator[None]:
     """PackedLinears built inside hold no float weight until a checkpoint tensor first arrives for them
     (`load_shard`): a loader that quantizes each layer as soon as it is complete then never holds the whole
-    model in float (a 4-bit model loads into a fourth of the float model's memory)."""
+    model in float (the load's peak is the quantized model plus a layer or two in float)."""
     token = _deferred.set(True)
     try:
         yield
