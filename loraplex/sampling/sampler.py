@@ -109,32 +109,57 @@ class Sampler:
                 token_ids[i] = token
         if table.sampled:
             drawn = self._draw(_rows(choice, table.sampled), [rows[i] for i in table.sampled], table)
-            for i, token in zip(table.sampled, drawn, strict=True):
+            for i, token in zip(table.sampled, drawn.tolist(), strict=True):
                 token_ids[i] = token
         return SamplerOutput(token_ids, _logprobs(scaled, token_ids, params) if table.logprobs else [None] * batch)
 
+    def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """Each row's token, as `__call__` picks it, as a long tensor [batch] on the logits' device that the
+        host has not waited for: the next step's inputs read it there (async scheduling). Only for rows whose
+        parameters do not `reads_outputs` (no penalty, watermark, grammar or logprobs); ValueError otherwise."""
+        batch, vocab = logits.shape
+        if len(rows) != batch:
+            raise ValueError(f"sampler inputs disagree on batch size: logits {batch}, rows {len(rows)}")
+        params = [r.params for r in rows]
+        if any(p.reads_outputs for p in params):
+            raise ValueError("a row's sampling reads its earlier tokens or reports logprobs: use __call__")
+        table = self._table_for(params, vocab, logits.device)
+        if table.plain_greedy:
+            return argmax_tensor(logits)
+        scaled = logits.float() if table.temperature is None else logits.float() / table.temperature
+        if not table.greedy:
+            return self._draw(scaled, rows, table)
+        token_ids = argmax_tensor(scaled)  # greedy rows are divided by 1, which is exact (as in __call__)
+        if table.sampled:
+            drawn = self._draw(_rows(scaled, table.sampled), [rows[i] for i in table.sampled], table)
+            token_ids.index_copy_(0, vector(table.sampled, torch.long, logits.device), drawn)
+        return token_ids
+
     @staticmethod
-    def _draw(logits: torch.Tensor, rows: Sequence[SampleRow], table: _BatchTable) -> list[int]:
+    def _draw(logits: torch.Tensor, rows: Sequence[SampleRow], table: _BatchTable) -> torch.Tensor:
         """A seeded draw for each (sampled) row of temperature-scaled `logits` [n, vocab] from its filtered
-        softmax."""
-        n = len(rows)
+        softmax: the tokens, long [n] on the logits' device."""
         u = uniforms([r.seed for r in rows], [len(r.output_token_ids) for r in rows]).to(logits.device)  # [n]
-        token_ids = [0] * n
         ranked, in_order = table.ranked, table.in_order
+        picked = drawn = None
         if ranked:
             x, u_ranked = _rows(logits, ranked), _rows(u, ranked)
             first, wider = candidate_tiers(x, table.ranked_params, table.filters)
             picked = _draw_ranked(first, u_ranked)
             for index, c in wider:
                 picked = picked.index_copy(0, index, _draw_ranked(c, u_ranked.index_select(0, index)))
-            for i, token in zip(ranked, picked.tolist(), strict=True):
-                token_ids[i] = token
+            if not in_order:
+                return picked
         if in_order:
             x = apply_filters(_rows(logits, in_order), table.in_order_params)  # typical-p, or nothing
             weights = (x - x.amax(dim=-1, keepdim=True)).exp()  # [m, vocab] the softmax, unnormalized
-            for i, token in zip(in_order, draw(weights, _rows(u, in_order)).tolist(), strict=True):
-                token_ids[i] = token
-        return token_ids
+            drawn = draw(weights, _rows(u, in_order))
+            if not ranked:
+                return drawn
+        assert picked is not None and drawn is not None
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        token_ids.index_copy_(0, vector(ranked, torch.long, logits.device), picked)
+        return token_ids.index_copy_(0, vector(in_order, torch.long, logits.device), drawn)
 
 
 class _BatchTable:
@@ -174,6 +199,13 @@ def argmax(logits: torch.Tensor) -> list[int]:
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return logits.numpy().argmax(axis=1).tolist()  # type: ignore[no-any-return]
     return logits.max(dim=-1).indices.tolist()  # type: ignore[no-any-return]
+
+
+def argmax_tensor(logits: torch.Tensor) -> torch.Tensor:
+    """`argmax` as a long tensor [rows] on the logits' device, not read by the host."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(axis=1).astype(np.int64))
+    return logits.max(dim=-1).indices
 
 
 def _draw_ranked(c: Candidates, u: torch.Tensor) -> torch.Tensor:

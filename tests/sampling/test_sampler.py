@@ -540,3 +540,35 @@ def test_parameters_that_overflow_the_logits_still_draw_a_likely_token() -> None
         out = _run(Sampler(), logits, [params], outputs=[seen])
         assert out.token_ids in ([0], [3])  # the overflowed (or sharpest) tokens, never out of range
     assert out.logprobs[0] is not None and math.isfinite(out.logprobs[0].logprob)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kinds", ["greedy", "sampled", "mixed"])
+def test_tokens_on_the_device_are_the_tokens_call_picks(kinds: str, dtype: torch.dtype) -> None:
+    """`Sampler.tokens` (async scheduling) gives every row the token `__call__` gives it, over batches of
+    greedy rows, sampled rows whose candidates settle them (top-k / top-p, through the wider tiers) and ones
+    drawn in vocabulary order (typical-p, no filter), at several steps."""
+    greedy = [SamplingParams(temperature=0)]
+    sampled = [SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=1.0, top_p=0.99),
+               SamplingParams(temperature=0.6, typical_p=0.5), SamplingParams(temperature=1.3),
+               SamplingParams(temperature=0.9, top_k=40, top_p=0.9)]
+    choices = {"greedy": greedy, "sampled": sampled, "mixed": greedy + sampled}[kinds]
+    rng = random.Random(kinds)
+    for trial in range(6):
+        batch = rng.randrange(1, 24)
+        params = [rng.choice(choices) for _ in range(batch)]
+        logits = _logits(batch, seed=trial, scale=rng.choice([0.5, 3.0])).to(dtype)
+        batch_rows = rows(params, seeds=[rng.randrange(1 << 40) for _ in range(batch)],
+                          outputs=[[7] * rng.randrange(5) for _ in range(batch)])
+        sampler = Sampler()
+        tokens = sampler.tokens(logits, batch_rows)
+        assert tokens.dtype == torch.long and tokens.shape == (batch,)
+        assert tokens.tolist() == Sampler()(logits, batch_rows).token_ids, (kinds, trial)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, logprobs=1), SamplingParams(repetition_penalty=1.2),
+                                    SamplingParams(temperature=0.7, watermark=True),
+                                    SamplingParams(temperature=0, json_schema='{"type": "object"}')])
+def test_tokens_refuses_rows_that_read_their_outputs(params: SamplingParams) -> None:
+    with pytest.raises(ValueError, match="reads its earlier tokens"):
+        Sampler().tokens(_logits(2), rows([SamplingParams(temperature=0), params]))
