@@ -155,6 +155,14 @@ class SchedulerConfig:
     """Make a step's outputs (text, stop strings) while the next step's forward runs: `on`, `off`, or `auto`
     (on for CUDA, whose kernels run while the host works; off on a CPU, where it needs a thread beside the
     forward's and measured no faster on 2 cores: docs/benchmarks.md). Outputs then come one step later."""
+    async_scheduling: str = "auto"
+    """Queue each decode step's forward before the last step's tokens are read back: the step's inputs take
+    those tokens where they were sampled, on the device, and the host reads a step's tokens (and makes their
+    outputs) while the next one runs. `on`, `off`, or `auto` (on for CUDA, off on a CPU, whose kernels run
+    as the host calls them: docs/benchmarks.md). Outputs come one step later; a request that ended at a
+    token has then run one step more, whose token is dropped. Steps with a request whose sampling reads its
+    earlier tokens (penalties, the watermark, a grammar) or that wants logprobs wait for the last step's
+    tokens; speculative decoding turns it off."""
     speculative_tokens: int = 0
     """Speculative decoding: draft tokens a decoding request may propose per step, verified in that step
     (0: off). Output is token for token what decoding without it gives (loraplex/engine/speculative.py)."""
@@ -192,8 +200,12 @@ class SchedulerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.async_output not in ASYNC_OUTPUT:
-            raise ValueError(f"async_output must be one of {', '.join(ASYNC_OUTPUT)}, got {self.async_output!r}")
+        for name in ("async_output", "async_scheduling"):
+            if getattr(self, name) not in ASYNC_OUTPUT:
+                raise ValueError(f"{name} must be one of {', '.join(ASYNC_OUTPUT)}, got {getattr(self, name)!r}")
+        if self.async_scheduling == "on" and self.speculative_tokens > 0:
+            raise ValueError("async_scheduling on does not go with speculative decoding (speculative_tokens > 0): "
+                             "drafts are proposed from the tokens the host has read")
         if not self.adapter_cycle_time_s > 0:
             raise ValueError(f"adapter_cycle_time_s must be > 0, got {self.adapter_cycle_time_s}")
         if (self.max_input_length is not None and self.max_total_tokens is not None
@@ -208,6 +220,12 @@ class SchedulerConfig:
     def resolved_async_output(self, device: torch.device) -> bool:
         """`async_output` decided for `device`."""
         return device.type == "cuda" if self.async_output == "auto" else self.async_output == "on"
+
+    def resolved_async_scheduling(self, device: torch.device) -> bool:
+        """`async_scheduling` decided for `device` (never with speculative decoding)."""
+        if self.async_scheduling == "auto":
+            return device.type == "cuda" and self.speculative_tokens == 0
+        return self.async_scheduling == "on"
 
     @property
     def prefill_token_budget(self) -> int:

@@ -15,17 +15,22 @@ from tests.helpers import TINY, save_tiny
 
 
 @pytest.fixture(scope="session", autouse=True)
-def async_output_from_environment() -> Iterator[None]:
-    """`LORAPLEX_TEST_ASYNC_OUTPUT=on` (or `off`) runs every in-process engine with that `async_output`
-    whatever its configuration says, so the suite can be run in both modes (docs/testing.md)."""
-    setting = os.environ.get("LORAPLEX_TEST_ASYNC_OUTPUT")
-    if setting is None:
-        yield
-        return
-    if setting not in ("on", "off"):
-        raise pytest.UsageError(f"LORAPLEX_TEST_ASYNC_OUTPUT must be on or off, got {setting!r}")
+def async_modes_from_environment() -> Iterator[None]:
+    """`LORAPLEX_TEST_ASYNC_OUTPUT=on` (or `off`) and `LORAPLEX_TEST_ASYNC_SCHEDULING=on` (or `off`) run every
+    in-process engine with that `async_output` / `async_scheduling` whatever its configuration says (async
+    scheduling never with speculative decoding, which turns it off), so the suite can be run in every mode
+    (docs/testing.md)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SchedulerConfig, "resolved_async_output", lambda self, device: setting == "on")
+        for name in ("output", "scheduling"):
+            variable = f"LORAPLEX_TEST_ASYNC_{name.upper()}"
+            setting = os.environ.get(variable)
+            if setting is None:
+                continue
+            if setting not in ("on", "off"):
+                raise pytest.UsageError(f"{variable} must be on or off, got {setting!r}")
+            on, speculation_too = setting == "on", name == "output"
+            mp.setattr(SchedulerConfig, f"resolved_async_{name}",
+                       lambda self, device, on=on, any_=speculation_too: on and (any_ or self.speculative_tokens == 0))
         yield
 
 

@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--async-output", nargs="+", choices=["off", "on"], default=None,
-                    help="modes to run each case in (default: the engine's own for this device)")
+                    help="async output modes to run each case in (default: the engine's own for this device)")
+    ap.add_argument("--async-scheduling", nargs="+", choices=["off", "on"], default=None,
+                    help="async scheduling modes to run each case in, with each async output mode (default: the "
+                         "engine's own for this device)")
     args = ap.parse_args(argv)
 
     from loraplex import LLM
@@ -191,24 +194,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"host cost per decode step: 1-layer 64-wide Llama, vocab {VOCAB}, {args.adapters} adapters of rank "
           f"{ADAPTER_RANK}, device {llm.engine.runner.device}, torch threads {torch.get_num_threads()}; "
           f"median of {args.steps} decode steps, ms")
-    default_mode = "on" if llm.engine.async_output else "off"
-    modes = args.async_output or [default_mode]
+    engine = llm.engine
+    default_mode = ("on" if engine.async_output else "off", "on" if engine.async_scheduling else "off")
+    modes = [(o, s) for o in args.async_output or [default_mode[0]] for s in args.async_scheduling or [default_mode[1]]]
+    print("async: async output / async scheduling")
     header = ["case", "seqs", "async", "wall", "forward", "host", *[p for p in PHASES if p != "forward"]]
     print("  ".join(f"{h:>14}" if i == 0 else f"{h:>11}" for i, h in enumerate(header)))
-    worst: dict[tuple[int, str], float] = {}
+    worst: dict[tuple[int, tuple[str, str]], float] = {}
     for seqs in args.seqs:
         for name, use_adapters, sampled in (("base greedy", False, False), ("lora greedy", True, False),
                                             ("base sampled", False, True), ("lora sampled", True, True)):
             for mode in modes:
-                llm.engine.async_output = mode == "on"
+                engine.async_output, engine.async_scheduling = mode[0] == "on", mode[1] == "on"
                 r = run_case(llm, name.replace(" ", "-"), seqs, args.steps, adapters if use_adapters else [], sampled)
                 row = [r.wall, r.forward, r.host, *r.phases.values()]
-                print(f"{name:>14}  {seqs:>11}  {mode:>11}  " + "  ".join(f"{v * 1e3:>11.2f}" for v in row), flush=True)
+                print(f"{name:>14}  {seqs:>11}  {'/'.join(mode):>11}  " + "  ".join(f"{v * 1e3:>11.2f}" for v in row),
+                      flush=True)
                 worst[seqs, mode] = max(worst.get((seqs, mode), 0.0), r.host)
     last = (256, default_mode) if default_mode in modes else (256, modes[-1])
     for (seqs, mode), host in worst.items():
         if (seqs, mode) != last:
-            shown = f" (async output {mode})" if len(modes) > 1 else ""
+            shown = f" (async output {mode[0]}, async scheduling {mode[1]})" if len(modes) > 1 else ""
             print(f"host ms per decode step at {seqs} sequences{shown}: {host * 1e3:.2f}")
     if last in worst:
         print(f"host ms per decode step at 256 sequences: {worst[last] * 1e3:.2f}")

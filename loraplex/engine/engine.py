@@ -13,8 +13,8 @@ from loraplex.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.memory import size_kv_cache
 from loraplex.engine.request import FinishReason, RequestOutput, SamplingParams
-from loraplex.engine.scheduler import ScheduledChunk, Scheduler
-from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from loraplex.engine.sequence import UNREAD, Sequence, SequenceStatus
 from loraplex.engine.speculative import Drafter, MedusaDrafter, NgramDrafter
 from loraplex.engine.step_timer import NO_TIMER, NullTimer
 from loraplex.kv.block_pool import BlockPool, KVCache, blocks_needed
@@ -27,7 +27,7 @@ from loraplex.model.cuda_graphs import build_decode_graphs
 from loraplex.model.decoder import DecoderConfig
 from loraplex.model.loader import build_model, open_checkpoint
 from loraplex.model.quant import weight_bytes
-from loraplex.model.runner import ModelRunner
+from loraplex.model.runner import Launched, ModelRunner, non_finite_logits
 from loraplex.paths import resolve_model
 from loraplex.runtime import keep_freed_memory
 from loraplex.sampling import SamplerOutput
@@ -84,6 +84,13 @@ class Engine:
         self._failed: list[RequestOutput] = []
         self.async_output = config.scheduler.resolved_async_output(device)
         """Whether a step's outputs are made while the next step's forward runs (see `step`)."""
+        self.async_scheduling = config.scheduler.resolved_async_scheduling(device)
+        """Whether a step is queued before the last step's tokens are read (see `step`)."""
+        self._inflight: Launched | None = None
+        """Async scheduling: the queued step whose tokens are not read yet."""
+        self._readers: set[Sequence] = set()
+        """Unfinished requests whose sampling reads their earlier tokens on the host, or that want logprobs
+        (prompt ones too): while there are any, every step waits for the last one's tokens."""
         self._pending: list[tuple[Sequence, int, int]] = []
         """The last step's tokens whose outputs are still to be made (`_emit`): (request, token, its output's
         length with that token)."""
@@ -133,9 +140,9 @@ class Engine:
                         "it pays where several drafts are accepted per step")
         log.info("base weights: %s", ", ".join(f"{b / 2**20:.0f} MiB {name}" for name, b in self.weight_bytes.items()))
         log.info("loaded %s (%s) on %s as %s; backends: %s linears, %s attention, %s LoRA; %d KV blocks of %d "
-                 "tokens; async output %s; CUDA graphs %s", self.model_name, cfg.architecture, device, dtype,
-                 self.linear_backend, self.attention_backend, self.lora.backend if self.lora else "no", num_blocks,
-                 block_size, "on" if self.async_output else "off",
+                 "tokens; async output %s; async scheduling %s; CUDA graphs %s", self.model_name, cfg.architecture,
+                 device, dtype, self.linear_backend, self.attention_backend, self.lora.backend if self.lora else "no",
+                 num_blocks, block_size, "on" if self.async_output else "off", "on" if self.async_scheduling else "off",
                  "on" if self.cuda_graphs["enabled"] else f"off ({self.cuda_graphs['reason']})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -163,6 +170,8 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) if self.tokenizer else None
         seq = Sequence(request_id, list(prompt_token_ids), params, seed, detok, prompt)
         seq.every_token = every_token
+        if params.reads_outputs or params.prompt_logprobs:
+            self._readers.add(seq)
         # A grammar allows EOS only where its JSON is complete, so there EOS ends it even with ignore_eos.
         eos_ends = not params.ignore_eos or params.json_schema is not None
         seq.stop_ids = frozenset(params.stop_token_ids) | (self.eos_token_ids if eos_ends else frozenset())
@@ -232,6 +241,8 @@ class Engine:
             self._pending = [entry for entry in self._pending if entry[0].request_id != request_id]
         seq = self._seqs.pop(request_id, None)
         if self._loading.pop(request_id, None) is not None:
+            if seq is not None:
+                self._readers.discard(seq)
             return  # it holds nothing yet
         if seq is not None and seq.status is not SequenceStatus.FINISHED:
             seq.finish_reason = FinishReason.ABORTED
@@ -255,7 +266,8 @@ class Engine:
         return len(self._loading)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._loading) or bool(self._pending)
+        return (self.scheduler.has_work() or bool(self._loading) or bool(self._pending)
+                or self._inflight is not None)
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token or finished
@@ -271,8 +283,18 @@ class Engine:
         timer.start()
         self.last_step_rows = 0  # an empty step samples nothing: the metric must not repeat the last count
         self._admit_loaded()
-        sched = self.scheduler.schedule()
         outputs, self._failed = self._failed, []
+        launch = self.async_scheduling and not self._readers and self.drafter is None
+        if self._inflight is not None and not launch:
+            outputs += self._land()  # this step waits for the last one's tokens
+        sched = self.scheduler.schedule()
+        if self._inflight is not None and (sched.empty or not self._fed(sched)):
+            # The queued step's tokens are needed first; the requests they end leave this step, and if that
+            # empties it, the requests they made room for are scheduled instead.
+            outputs += self._land()
+            sched.chunks = [c for c in sched.chunks if c.seq.status is not SequenceStatus.FINISHED]
+            if sched.empty:
+                sched = self.scheduler.schedule()
         pending, self._pending = self._pending, []
         if sched.empty:
             outputs += self._emit(pending)
@@ -281,6 +303,8 @@ class Engine:
                 wait([f for _, f, _ in self._loading.values()], timeout=LOAD_POLL_S, return_when=FIRST_COMPLETED)
             return outputs
         timer.lap("schedule")
+        if launch:
+            return outputs + self._launch(sched, pending)
 
         def alongside() -> None:
             outputs.extend(self._emit(pending))
@@ -312,6 +336,80 @@ class Engine:
         timer.stop(sched)
         return outputs
 
+    @staticmethod
+    def _fed(sched: SchedulerOutput) -> bool:
+        """Whether every chunk of a request with an UNREAD token is the decode of that token (its input
+        then comes from the queued step, on the device); one that is not (a request preempted and admitted
+        again in one schedule) needs the token on the host first."""
+        return all(c.num_new_tokens == 1 and c.seq.num_computed_tokens == c.seq.num_tokens - 1
+                   for c in sched.chunks if c.seq.unread)
+
+    def _launch(self, sched: SchedulerOutput, pending: list[tuple[Sequence, int, int]]) -> list[RequestOutput]:
+        """Async scheduling: queue `sched` (its inputs take the queued step's tokens on the device), then read
+        the queued step's tokens and make the outputs while this one runs. Each sampling request gets an
+        UNREAD placeholder token until then, so the next schedule counts it."""
+        timer = self.timer
+        if self.lora is not None:
+            self.lora.ready()
+        previous = self._inflight
+        launched = self.runner.launch(sched, previous, timer)
+        broken = {seq: e for seq, e in launched.broken}
+        for chunk in sched.chunks:
+            if chunk.seq not in broken:
+                chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        for chunk in launched.sampled:
+            chunk.seq.output_token_ids.append(UNREAD)
+            chunk.seq.unread += 1
+        self._inflight = launched
+        self.last_step_rows = len(launched.sampled)
+        timer.lap("sample")
+        outputs = [self._fail(seq, e) for seq, e in broken.items()]
+        outputs += self._emit(pending)  # a last step that ran without the overlap left these
+        if previous is not None:
+            outputs += self._land(previous)
+        else:
+            self._settle()
+        timer.lap("postprocess")
+        timer.stop(sched)
+        return outputs
+
+    def _land(self, launched: Launched | None = None) -> list[RequestOutput]:
+        """Read the queued step's tokens (`launched`, else the one in flight) in place of their requests'
+        UNREAD placeholders, end the requests they end, and make their outputs. A request that ended since
+        the step was queued (aborted, a stop string, a token before) has its row dropped."""
+        if launched is None:
+            launched, self._inflight = self._inflight, None
+        assert launched is not None
+        tokens, finite = launched.read()
+        outputs: list[RequestOutput] = []
+        pending: list[tuple[Sequence, int, int]] = []
+        for chunk, token, ok in zip(launched.sampled, tokens, finite, strict=True):
+            seq = chunk.seq
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            out = seq.output_token_ids
+            n = len(out) - seq.unread + 1  # this token is the n-th output
+            seq.unread -= 1
+            if not ok:
+                # Its placeholder was the input of a step since: that position's KV is no token's.
+                seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.prompt_token_ids) + n - 1)
+                del out[n - 1:]
+                seq.unread = 0
+                outputs.append(self._fail(seq, non_finite_logits(seq)))
+                continue
+            out[n - 1] = token
+            if token in seq.stop_ids:
+                seq.finish_reason = FinishReason.EOS_TOKEN
+            elif n >= seq.max_output:
+                seq.finish_reason = FinishReason.LENGTH
+            if seq.finish_reason is not None:
+                self._finish(seq)  # drops what it sampled after this token
+                self._seqs.pop(seq.request_id, None)
+            pending.append((seq, token, n))
+        outputs += self._emit(pending)
+        self._settle()
+        return outputs
+
     def wait_for_adapter_loads(self, timeout: float | None = None) -> None:
         """Block until every pending adapter load has finished, and admit those requests (tests, warm-up)."""
         wait([f for _, f, _ in self._loading.values()], timeout=timeout)
@@ -327,6 +425,7 @@ class Engine:
                 loaded = future.result()
             except Exception as e:  # whatever a load raised (an OSError on a bad path ...) is this request's
                 self._seqs.pop(request_id, None)
+                self._readers.discard(seq)
                 seq.status = SequenceStatus.FINISHED
                 self._failed.append(self._failed_output(seq, _adapter_error(name, e)))
                 continue
@@ -443,8 +542,9 @@ class Engine:
                     detok.add_token(token)
                     if detok.stop_matched is not None:
                         seq.finish_reason = FinishReason.STOP_SEQUENCE  # over the length or the grammar's end
-                        del seq.output_token_ids[n:]  # tokens verified after it in the same step
+                        del seq.output_token_ids[n:]  # tokens verified after it, or UNREAD ones
                         del seq.logprobs[n:]
+                        seq.unread = 0
                         if seq.status is not SequenceStatus.FINISHED:
                             self._late.append(seq)
                         ended = True
@@ -492,11 +592,16 @@ class Engine:
     @staticmethod
     def _failed_output(seq: Sequence, error: Exception) -> RequestOutput:
         # Built from plain fields only: the detokenizer (or whatever else broke) is not asked again.
+        read = len(seq.output_token_ids) - seq.unread  # UNREAD placeholders are no tokens
         return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-                             token_ids=list(seq.output_token_ids), finished=True, finish_reason=seq.finish_reason,
+                             token_ids=seq.output_token_ids[:read], finished=True, finish_reason=seq.finish_reason,
                              seed=seq.seed, prompt=seq.prompt, error=error)
 
     def _finish(self, seq: Sequence) -> None:
+        if seq.unread:  # tokens of queued steps: never read now, nor reported
+            del seq.output_token_ids[-seq.unread:]
+            seq.unread = 0
+        self._readers.discard(seq)
         self.scheduler.finish(seq)
         if self.drafter is not None and seq.finish_reason is not FinishReason.ABORTED:
             self.drafter.finished(seq)

@@ -291,6 +291,8 @@ class Scheduler:
             if not seq.output_token_ids or computed != len(seq.prompt_token_ids) + len(seq.output_token_ids) - 1:
                 prompts.append(seq)  # not a decode: the prompt pass takes it
                 continue
+            if seq.unread and len(seq.output_token_ids) >= seq.max_output:
+                continue  # its last token is sampled, only not read yet (async scheduling): it ends there
             if budget.tokens <= 0:
                 continue
             if drafter is not None and self._speculate(seq, drafter, out, budget):

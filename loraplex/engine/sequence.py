@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from loraplex.sampling.structured import GrammarMatcher
 
 
+UNREAD = -1
+"""A placeholder in `output_token_ids` for a token sampled on the device and not read yet (`Sequence.unread`)."""
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -72,6 +76,9 @@ class Sequence:
     """Steps that verified drafts of it."""
     medusa_drafts: list[int] = field(default_factory=list)
     """Speculative decoding by Medusa heads: the drafts its heads proposed after its last step."""
+    unread: int = 0
+    """Async scheduling: the last `unread` of `output_token_ids` are placeholders (UNREAD) for tokens a
+    queued step sampled on the device and the host has not read yet."""
 
     @property
     def computes_prompt_logprobs(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from loraplex.model.cuda_graphs import DecodeGraphs, GraphStep
 from loraplex.model.decode_rows import DecodeInputs, DecodeRows
 from loraplex.model.decoder import CausalLM
 from loraplex.sampling import LOGPROB_FLOOR, Sampler, SamplerOutput
+from loraplex.sampling.penalties import vector
 from loraplex.sampling.structured import token_mask
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,34 @@ class StepInputs:
     """Scheduled requests whose inputs could not be built; they are not in the step."""
     graph: GraphStep | None = None
     """A decode step that replays a CUDA graph (its inputs are the graph's static buffers)."""
+
+
+@dataclass
+class Launched:
+    """A step whose forward and sampling are queued (async scheduling): its tokens stay on the device, where
+    the next step's inputs read them, until `read` brings them to the host."""
+
+    sampled: list[ScheduledChunk]
+    """The chunks that sample, in the order of `tokens`' rows."""
+    tokens: torch.Tensor  # [rows] long, on the device
+    host: torch.Tensor  # [2, rows] long: the tokens and whether each row's logits were finite, copied back
+    copied: torch.cuda.Event | None
+    broken: Broken
+    """Requests whose inputs could not be built: not in the step."""
+    _rows: dict[Sequence, int] | None = None
+
+    def row_of(self, seq: Sequence) -> int:
+        """The row of `seq`'s token (it sampled in this step)."""
+        if self._rows is None:
+            self._rows = {c.seq: i for i, c in enumerate(self.sampled)}
+        return self._rows[seq]
+
+    def read(self) -> tuple[list[int], list[int]]:
+        """The tokens, and per row 1 if its logits were all finite, 0 if not; waits for the step."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens, finite = self.host.tolist()
+        return tokens, finite
 
 
 class ModelRunner:
@@ -95,13 +125,19 @@ class ModelRunner:
         timer.lap("forward")
         if logits is None or not inputs.sampled:
             return [], None, broken
-        sampled, logits, kept = self._finite_rows(inputs.sampled, logits, broken)
+        return self._sample_chunks(inputs.sampled, logits, sched.num_drafts > 0, broken)
+
+    def _sample_chunks(self, sampled: list[ScheduledChunk], logits: torch.Tensor, drafts: bool,
+                       broken: Broken) -> tuple[list[ScheduledChunk], SamplerOutput | None, Broken]:
+        """Sample the rows of `logits` whose logits are finite, one request's failure failing it alone (as
+        `execute` returns)."""
+        sampled, logits, kept = self._finite_rows(sampled, logits, broken)
         if kept is not None and self.sample_hidden is not None:
             self.sample_hidden = self.sample_hidden[kept]
         if not sampled:
             return [], None, broken
         # The common step has no drafts: its rows are the sequences, with no per-row work to find out.
-        rows: list[Sequence | DraftRow] = _sample_rows(sampled) if sched.num_drafts else [c.seq for c in sampled]
+        rows: list[Sequence | DraftRow] = _sample_rows(sampled) if drafts else [c.seq for c in sampled]
         try:
             return sampled, self._sample(logits, rows), broken
         except Exception as e:
@@ -128,6 +164,68 @@ class ModelRunner:
         if self.sample_hidden is not None:
             self.sample_hidden = self.sample_hidden[kept_rows]
         return kept_chunks, SamplerOutput(token_ids, logprobs) if kept_chunks else None, broken
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, fed: Launched | None, timer: NullTimer = NO_TIMER) -> Launched:
+        """Queue one step and its sampling without waiting for them (async scheduling). A chunk whose input
+        is its sequence's UNREAD token (`Sequence.unread`) takes the token `fed` sampled for it, on the
+        device. Every sampling row must not `reads_outputs`, and no chunk verifies drafts or scores prompt
+        tokens. Non-finite logits are found when the tokens are read (`Launched.read`), and a failure of the
+        whole step raises."""
+        inputs = self.prepare(sched)
+        if fed is not None:
+            self._feed(inputs, fed)
+        timer.lap("inputs")
+        logits = self.forward(inputs) if inputs.input_ids.numel() else None
+        timer.lap("forward")
+        sampled = inputs.sampled
+        device = self.device
+        host = torch.empty((2, len(sampled)), dtype=torch.long, pin_memory=device.type == "cuda")
+        if logits is None or not sampled:
+            return Launched([], torch.empty(0, dtype=torch.long, device=device), host[:, :0], None, inputs.broken)
+        vocab = logits.shape[-1]
+        try:
+            tokens = self.sampler.tokens(logits, [c.seq for c in sampled])
+        except Exception as e:  # as `execute`, the rows then sampled on the host, and a failing one failed alone
+            log.warning("sampling a batch of %d on the device failed (%r); sampling it on the host", len(sampled), e)
+            broken = list(inputs.broken)
+            kept, result, broken = self._sample_chunks(sampled, logits, False, broken)
+            ids = result.token_ids if result is not None else []
+            host = torch.tensor([ids, [1] * len(ids)], dtype=torch.long).view(2, len(ids))
+            return Launched(kept, host[0].to(device), host, None, broken)
+        # A row of NaN logits samples whatever its draw gives: kept inside the vocabulary, so that the next
+        # step's embedding lookup never reads out of bounds before the row is found and ended (`read`).
+        tokens = tokens.clamp_(0, vocab - 1)
+        finite = logits.sum(dim=-1, dtype=torch.float32).isfinite()  # as `_finite_rows`
+        host[0].copy_(tokens, non_blocking=True)
+        host[1].copy_(finite, non_blocking=True)
+        copied = None
+        if device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        return Launched(list(sampled), tokens, host, copied, inputs.broken)
+
+    @staticmethod
+    def _feed(inputs: StepInputs, fed: Launched) -> None:
+        """Write into `inputs.input_ids` the tokens `fed` sampled for the chunks whose input is still UNREAD."""
+        sampled, input_ids = inputs.sampled, inputs.input_ids
+        if (len(sampled) == len(fed.sampled) == input_ids.shape[0]
+                and all(map(operator.is_, (c.seq for c in sampled), (c.seq for c in fed.sampled)))):
+            # The common step: the same requests decoding in the same order (each has the UNREAD token `fed`
+            # sampled for it), one input row each.
+            input_ids.copy_(fed.tokens)
+            return
+        rows = [(j, fed.row_of(c.seq)) for j, c in enumerate(sampled) if c.seq.unread]
+        if not rows:
+            return
+        device = fed.tokens.device
+        tokens = fed.tokens.index_select(0, vector([i for _, i in rows], torch.long, device))
+        # A chunk that takes an UNREAD token is a decode of that one token, which samples: its input's row
+        # is its sample row.
+        targets = inputs.sample_rows
+        if len(rows) != len(sampled):
+            targets = targets.index_select(0, vector([j for j, _ in rows], torch.long, device))
+        input_ids.index_copy_(0, targets, tokens)
 
     @contextlib.contextmanager
     def _beside(self, work: Callable[[], None] | None) -> Iterator[None]:
@@ -167,7 +265,7 @@ class ModelRunner:
         for chunk, ok in zip(sampled, finite.tolist(), strict=True):
             if not ok:
                 bad[chunk.seq] = None
-        broken += [(seq, _non_finite_logits(seq)) for seq in bad]
+        broken += [(seq, non_finite_logits(seq)) for seq in bad]
         rows = [i for i, chunk in enumerate(sampled) if chunk.seq not in bad]
         return [sampled[i] for i in rows], logits[rows], rows
 
@@ -394,7 +492,8 @@ def _sample_rows(sampled: list[ScheduledChunk]) -> list[Sequence | DraftRow]:
     return rows
 
 
-def _non_finite_logits(seq: Sequence) -> Exception:
+def non_finite_logits(seq: Sequence) -> Exception:
+    """The error of a request whose logits were NaN or infinite."""
     if seq.adapter is not None:
         return AdapterInvalid(f"adapter {shown_id(seq.adapter.id)} produced non-finite logits (NaN or infinity): its weights "
                               "overflow this model's activations")

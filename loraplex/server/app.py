@@ -124,6 +124,7 @@ def create_app(state: ServerState) -> FastAPI:
             "attention_backend": core.attention_backend,
             "lora_backend": core.lora.backend if core.lora is not None else None,
             "async_output": core.async_output,
+            "async_scheduling": core.async_scheduling,
             "cuda_graphs": core.cuda_graphs,
             "quantize": core.quantize,
             "speculative": core.speculation_info(),

@@ -14,18 +14,20 @@ from loraplex.engine.step_timer import PHASES, StepTimer
 def test_benchmark_prints_every_case_and_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
-    overhead.main(["--seqs", "6", "--steps", "3", "--adapters", "2", "--async-output", "off", "on"])
+    overhead.main(["--seqs", "6", "--steps", "3", "--adapters", "2", "--async-output", "off", "on",
+                   "--async-scheduling", "off", "on"])
     out = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in out if line.strip().startswith(("base", "lora"))]
+    modes = ("off/off", "off/on", "on/off", "on/on")
     assert [" ".join(r[:2]) + " " + r[3] for r in rows] == [
-        f"{case} {mode}" for case in ("base greedy", "lora greedy", "base sampled", "lora sampled")
-        for mode in ("off", "on")]
+        f"{case} {mode}" for case in ("base greedy", "lora greedy", "base sampled", "lora sampled") for mode in modes]
     for row in rows:
         wall, forward, host, *phases = map(float, row[4:])
         assert len(phases) == 4 and all(v >= 0 for v in phases)
         assert 0 < forward < wall and 0 < host < wall  # medians over steps, each of its own column
-    assert out[-2].startswith("host ms per decode step at 6 sequences (async output off): ")
-    assert out[-1].startswith("host ms per decode step at 6 sequences (async output on): ")
+    assert [line.split(":")[0] for line in out[-4:]] == [
+        f"host ms per decode step at 6 sequences (async output {o}, async scheduling {s})"
+        for o in ("off", "on") for s in ("off", "on")]
 
 
 def test_step_timer_records_phases_within_the_wall_time(base: Path) -> None:

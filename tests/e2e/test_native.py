@@ -159,7 +159,7 @@ def test_health_info_metrics(server):
     assert info["max_best_of"] == 3 and info["max_total_tokens"] == 8192
     assert info["linear_backend"] == gemm.resolve("auto", torch.device("cpu"), torch.float32)
     assert info["attention_backend"] == "torch" and info["lora_backend"] in ("native", "torch")  # CPU defaults
-    assert isinstance(info["async_output"], bool)
+    assert isinstance(info["async_output"], bool) and isinstance(info["async_scheduling"], bool)
     assert info["cuda_graphs"]["enabled"] is False and "CUDA graphs need CUDA" in info["cuda_graphs"]["reason"]
     assert info["quantize"] == "none" and info["model_weight_bytes"]["float32"] > 500e6  # SmolLM2-135M, fp32
     post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "adapter_id": "all16"}})

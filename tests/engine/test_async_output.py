@@ -19,25 +19,13 @@ from typing import Any
 import pytest
 
 from loraplex import LLM, SamplingParams
-from loraplex.bench.overhead import VOCAB, build_assets
+from loraplex.bench.overhead import VOCAB
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import FinishReason, RequestOutput
 from tests.engine.test_request_failures import BrokenDetokenizer, _assert_idle
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    return build_assets(tmp_path_factory.mktemp("overhead"), 3)
-
-
-@pytest.fixture(scope="module")
-def llm(assets: tuple[Path, list[Path]]) -> LLM:
-    model, _ = assets
-    # A small KV pool and two slots for three adapters: requests get preempted and parked.
-    return LLM(str(model), num_blocks=24, block_size=4, max_loras=2, max_lora_rank=8, max_num_seqs=8,
-               adapter_cycle_steps=4)
 
 
 Snapshot = tuple[Any, ...]
@@ -63,22 +51,31 @@ def _assert_same(got: list[Snapshot], expected: list[Snapshot], request_id: str)
 Request = dict[str, Any]
 
 
-def _workload(seed: int, adapters: list[Path], texts: dict[str, str] | None) -> list[Request]:
+def _workload(seed: int, adapters: list[Path], texts: dict[str, str] | None,
+              tokens: dict[str, list[int]] | None = None, reads: float = 0.5) -> list[Request]:
     """Requests with their arrival step; with `texts` (a run's outputs without stop strings), half of
-    them stop at a piece of their own text, so the stop strings are certain to be met."""
+    them stop at a piece of their own text, so the stop strings are certain to be met; with `tokens` (the
+    same run's token ids), a fifth of them also stop at one of their own tokens (`stop_token_ids`). A
+    `reads` share of the requests want logprobs or a penalty (their steps wait for the last step's tokens
+    under async scheduling)."""
     rng, stop_rng = random.Random(seed), random.Random(~seed)  # the stops do not change the other draws
     requests = []
     for i in range(12):
         request_id = f"r{i}"
         sampled = rng.random() < 0.5
+        reading = rng.random() < reads
         params = SamplingParams(
             max_new_tokens=rng.randrange(3, 20), ignore_eos=rng.random() < 0.7, seed=rng.randrange(1 << 30),
             temperature=0.8 if sampled else 0.0, top_k=20 if sampled else 0,
-            logprobs=rng.choice([None, 2]))
+            logprobs=2 if reading and rng.random() < 0.7 else None,
+            repetition_penalty=1.3 if reading and rng.random() < 0.5 else 1.0)
         text = (texts or {}).get(request_id, "")
         if text and stop_rng.random() < 0.6:
             start = stop_rng.randrange(len(text))
             params = replace(params, stop=[text[start:start + stop_rng.randrange(1, 4)]])
+        own = (tokens or {}).get(request_id, [])
+        if own and stop_rng.random() < 0.2:
+            params = replace(params, stop_token_ids=[stop_rng.choice(own)])
         requests.append(dict(
             request_id=request_id, at=rng.randrange(0, 6), every_token=rng.random() < 0.6,
             prompt=[rng.randrange(1, VOCAB) for _ in range(rng.randrange(2, 14))], params=params,
@@ -87,9 +84,11 @@ def _workload(seed: int, adapters: list[Path], texts: dict[str, str] | None) -> 
     return requests
 
 
-def _run(engine: Engine, requests: list[Request], async_output: bool) -> dict[str, list[Snapshot]]:
+def _run(engine: Engine, requests: list[Request], async_output: bool,
+         async_scheduling: bool = False) -> dict[str, list[Snapshot]]:
     """Every output of every request, in order, as the steps return them."""
     engine.async_output = async_output
+    engine.async_scheduling = async_scheduling
     seen: dict[str, list[Snapshot]] = defaultdict(list)
     step = 0
     while step < 12 or engine.has_unfinished():
@@ -108,9 +107,9 @@ def _run(engine: Engine, requests: list[Request], async_output: bool) -> dict[st
     return seen
 
 
-def test_outputs_equal_those_without_async_output(llm: LLM, assets: tuple[Path, list[Path]]) -> None:
-    engine = llm.engine
-    _, adapters = assets
+def test_outputs_equal_those_without_async_output(overhead_llm: LLM, overhead_assets: tuple[Path, list[Path]]) -> None:
+    engine = overhead_llm.engine
+    _, adapters = overhead_assets
     preempted = parked = stopped = 0
     for seed in range(8):
         plain = _run(engine, _workload(seed, adapters, None), async_output=False)
@@ -121,13 +120,13 @@ def test_outputs_equal_those_without_async_output(llm: LLM, assets: tuple[Path, 
         got = _run(engine, requests, async_output=True)
         preempted += engine.scheduler.num_preemptions - before[0]
         parked += engine.scheduler.num_parks - before[1]
-        assert got.keys() == expected.keys()
         for r in requests:
             rid = f"seed {seed} {r['request_id']}"
             if r["abort_at"] is not None:
                 # An abort lands a step earlier in the request's life with async output (its last token's
-                # output was still to be made): the outputs it got are the first ones of the plain run's.
-                _assert_same(got[r["request_id"]], expected[r["request_id"]][:len(got[r["request_id"]])], rid)
+                # output was still to be made): the outputs it got, maybe none, are the plain run's first.
+                seen = got.get(r["request_id"], [])
+                _assert_same(seen, expected[r["request_id"]][:len(seen)], rid)
             else:
                 _assert_same(got[r["request_id"]], expected[r["request_id"]], rid)
                 stopped += expected[r["request_id"]][-1][3] is FinishReason.STOP_SEQUENCE
@@ -135,33 +134,39 @@ def test_outputs_equal_those_without_async_output(llm: LLM, assets: tuple[Path, 
     assert preempted and parked and stopped >= 8, (preempted, parked, stopped)
 
 
-def test_a_stop_string_found_a_step_late_drops_the_extra_token(llm: LLM) -> None:
-    engine = llm.engine
+def _run_alone(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[RequestOutput], int]:
+    """One request's outputs, run alone to its end, and the rows its steps sampled."""
+    engine.add_request("alone", prompt, params)
+    outputs: list[RequestOutput] = []
+    sampling_steps = 0
+    while engine.has_unfinished():
+        outputs += engine.step()
+        sampling_steps += engine.last_step_rows
+    return outputs, sampling_steps
+
+
+def test_a_stop_string_found_a_step_late_drops_the_extra_token(overhead_llm: LLM) -> None:
+    engine = overhead_llm.engine
     params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
-    text = llm.generate([[5, 6, 7]], params)[0].text
+    text = overhead_llm.generate([[5, 6, 7]], params)[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2]
     engine.async_output = True
     try:
-        engine.add_request("s", [5, 6, 7], replace(params, stop=[stop]))
-        outputs: list[RequestOutput] = []
-        sampling_steps = 0
-        while engine.has_unfinished():
-            outputs += engine.step()
-            sampling_steps += engine.last_step_rows
+        outputs, sampling_steps = _run_alone(engine, [5, 6, 7], replace(params, stop=[stop]))
         final = outputs[-1]
         assert final.finished and final.finish_reason is FinishReason.STOP_SEQUENCE and stop not in final.text
         assert text.startswith(final.text + stop)
         # It was scheduled once more before its stop string was seen, and that token was dropped.
         assert sampling_steps == len(final.token_ids) + 1
         engine.async_output = False
-        assert llm.generate([[5, 6, 7]], replace(params, stop=[stop]))[0].token_ids == final.token_ids
+        assert overhead_llm.generate([[5, 6, 7]], replace(params, stop=[stop]))[0].token_ids == final.token_ids
         _assert_idle(engine)
     finally:
         engine.async_output = False
 
 
-def test_outputs_are_made_beside_the_forward_on_a_helper_thread(llm: LLM) -> None:
-    engine = llm.engine
+def test_outputs_are_made_beside_the_forward_on_a_helper_thread(overhead_llm: LLM) -> None:
+    engine = overhead_llm.engine
     threads: set[str] = set()
     emit = engine._emit
 
@@ -172,9 +177,10 @@ def test_outputs_are_made_beside_the_forward_on_a_helper_thread(llm: LLM) -> Non
 
     engine._emit = recording  # type: ignore[method-assign]
     engine.async_output = True
+    engine.async_scheduling = False  # which makes the outputs as it reads the tokens, beside the next step
     try:
         params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
-        outs = llm.generate([[1, 2, 3], [4, 5]], params)
+        outs = overhead_llm.generate([[1, 2, 3], [4, 5]], params)
     finally:
         engine.async_output = False
         del engine._emit
@@ -185,10 +191,10 @@ def test_outputs_are_made_beside_the_forward_on_a_helper_thread(llm: LLM) -> Non
     assert threading.current_thread().name in threads
 
 
-def test_a_broken_detokenizer_fails_its_request_alone_while_others_run(llm: LLM) -> None:
-    engine = llm.engine
+def test_a_broken_detokenizer_fails_its_request_alone_while_others_run(overhead_llm: LLM) -> None:
+    engine = overhead_llm.engine
     params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
-    expected = llm.generate([[9, 8, 7]], params)[0].token_ids
+    expected = overhead_llm.generate([[9, 8, 7]], params)[0].token_ids
     engine.async_output = True
     try:
         engine.add_request("good", [9, 8, 7], params)

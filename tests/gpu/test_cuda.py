@@ -276,3 +276,33 @@ def test_speculative_decoding_on_cuda_gives_the_outputs_of_plain_decoding(tmp_pa
                     got[out.request_id] = out.token_ids
         assert [got[f"q{i}"] for i in range(len(prompts))] == [w.token_ids for w in want]
     assert spec.engine.accepted_tokens > 0 and spec.engine.pool.num_free == spec.engine.pool.num_blocks
+
+
+def test_async_scheduling_on_cuda_gives_the_outputs_of_waiting_steps(tmp_path: Path) -> None:
+    """Steps queued before the last step's tokens are read (their inputs take the tokens on the device, graph
+    replays and eager steps), greedy and seeded sampled requests, some ending at a stop token found a step
+    late: float32 tokens identical to an engine whose every step waits (async scheduling off, eager)."""
+    from dataclasses import replace
+
+    from loraplex import SamplingParams
+
+    graphed, eager, adapters, _ = _graph_engines(tmp_path, "float32")
+    engine = graphed.engine  # type: ignore[attr-defined]
+    assert engine.async_scheduling  # `auto` on CUDA
+    eager.engine.async_scheduling = False  # type: ignore[attr-defined]
+    launches = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, fed, *a: launches.append(fed is not None) or launch(sched, fed, *a)
+    for prompts, ids in _waves(adapters):
+        params = [SamplingParams(max_new_tokens=3 + (i * 5) % 17, ignore_eos=True, seed=i,
+                                 temperature=0.0 if i % 2 else 0.8, top_k=0 if i % 2 else 40)
+                  for i in range(len(prompts))]
+        want = eager.generate(prompts, params, adapter_id=ids)  # type: ignore[attr-defined]
+        params = [replace(p, stop_token_ids=[w.token_ids[len(w.token_ids) // 2]]) if i % 4 == 0 else p
+                  for i, (p, w) in enumerate(zip(params, want, strict=True))]
+        want = eager.generate(prompts, params, adapter_id=ids)  # type: ignore[attr-defined]
+        got = graphed.generate(prompts, params, adapter_id=ids)  # type: ignore[attr-defined]
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
+    assert sum(launches) > 20  # steps fed by the queued step's tokens
+    assert engine.pool.num_free == engine.pool.num_blocks
