@@ -89,8 +89,8 @@ class Engine:
         self._inflight: Launched | None = None
         """Async scheduling: the queued step whose tokens are not read yet."""
         self._readers: set[Sequence] = set()
-        """Unfinished requests whose sampling reads their earlier tokens on the host, or that want logprobs
-        (prompt ones too): while there are any, every step waits for the last one's tokens."""
+        """Unfinished requests whose sampling reads their earlier tokens on the host (`reads_outputs`), or
+        that want their prompt's logprobs: while there are any, every step waits for the last one's tokens."""
         self._pending: list[tuple[Sequence, int, int]] = []
         """The last step's tokens whose outputs are still to be made (`_emit`): (request, token, its output's
         length with that token)."""
@@ -380,10 +380,10 @@ class Engine:
         if launched is None:
             launched, self._inflight = self._inflight, None
         assert launched is not None
-        tokens, finite = launched.read()
+        tokens, finite, logprobs = launched.read()
         outputs: list[RequestOutput] = []
         pending: list[tuple[Sequence, int, int]] = []
-        for chunk, token, ok in zip(launched.sampled, tokens, finite, strict=True):
+        for chunk, token, ok, logprob in zip(launched.sampled, tokens, finite, logprobs, strict=True):
             seq = chunk.seq
             if seq.status is SequenceStatus.FINISHED:
                 continue
@@ -398,6 +398,8 @@ class Engine:
                 outputs.append(self._fail(seq, non_finite_logits(seq)))
                 continue
             out[n - 1] = token
+            if logprob is not None:
+                seq.logprobs.append(logprob)
             if token in seq.stop_ids:
                 seq.finish_reason = FinishReason.EOS_TOKEN
             elif n >= seq.max_output:

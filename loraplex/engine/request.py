@@ -96,8 +96,7 @@ class SamplingParams:
             check_json_schema(self.json_schema)
         # Not a field: read by the sampler for every row at every step, so computed once.
         object.__setattr__(self, "plain_greedy", self.greedy and self.logprobs is None and not self.penalized)
-        object.__setattr__(self, "reads_outputs",
-                           self.penalized or self.logprobs is not None or self.json_schema is not None)
+        object.__setattr__(self, "reads_outputs", self.penalized or self.json_schema is not None)
 
     @property
     def greedy(self) -> bool:
@@ -112,8 +111,7 @@ class SamplingParams:
     plain_greedy: bool = field(init=False, repr=False, compare=False, default=False)
     reads_outputs: bool = field(init=False, repr=False, compare=False, default=False)
     """Whether picking a token reads the request's earlier tokens on the host (penalties, the watermark, a
-    grammar) or reports more than the token (logprobs): its steps wait for the last step's tokens
-    (`async_scheduling` does not overlap them)."""
+    grammar): its steps wait for the last step's tokens (`async_scheduling` does not overlap them)."""
     """Greedy with no penalty and no logprobs: the token is the argmax of the raw logits."""
 
 

@@ -34,6 +34,7 @@ from loraplex.model.decode_rows import DecodeInputs, DecodeRows
 from loraplex.model.decoder import CausalLM
 from loraplex.sampling import LOGPROB_FLOOR, Sampler, SamplerOutput
 from loraplex.sampling.penalties import vector
+from loraplex.sampling.sampler import LogprobTensors
 from loraplex.sampling.structured import token_mask
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ class Launched:
     copied: torch.cuda.Event | None
     broken: Broken
     """Requests whose inputs could not be built: not in the step."""
+    logprobs: LogprobTensors | None = None
+    """The logprobs of the rows that want them; their values and ids are copied back into `host_logprobs`."""
+    host_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # [m, 1 + k] float (chosen, top), [m, k] long
+    known: list[TokenLogprob | None] | None = None
+    """Each row's logprobs when the host sampled the step (the fallback of `launch`)."""
     _rows: dict[Sequence, int] | None = None
 
     def row_of(self, seq: Sequence) -> int:
@@ -79,12 +85,19 @@ class Launched:
             self._rows = {c.seq: i for i, c in enumerate(self.sampled)}
         return self._rows[seq]
 
-    def read(self) -> tuple[list[int], list[int]]:
-        """The tokens, and per row 1 if its logits were all finite, 0 if not; waits for the step."""
+    def read(self) -> tuple[list[int], list[int], list[TokenLogprob | None]]:
+        """The tokens, per row 1 if its logits were all finite (0 if not), and per row its logprobs (None
+        where not wanted); waits for the step."""
         if self.copied is not None:
             self.copied.synchronize()
         tokens, finite = self.host.tolist()
-        return tokens, finite
+        if self.known is not None:
+            return tokens, finite, self.known
+        if self.logprobs is None or self.host_logprobs is None:
+            return tokens, finite, [None] * len(tokens)
+        values, ids = (t.tolist() for t in self.host_logprobs)
+        return tokens, finite, self.logprobs.build(tokens, [c.seq.params for c in self.sampled],
+                                                   [v[0] for v in values], ids, [v[1:] for v in values])
 
 
 class ModelRunner:
@@ -170,8 +183,8 @@ class ModelRunner:
         """Queue one step and its sampling without waiting for them (async scheduling). A chunk whose input
         is its sequence's UNREAD token (`Sequence.unread`) takes the token `fed` sampled for it, on the
         device. Every sampling row must not `reads_outputs`, and no chunk verifies drafts or scores prompt
-        tokens. Non-finite logits are found when the tokens are read (`Launched.read`), and a failure of the
-        whole step raises."""
+        tokens. Non-finite logits are found when the tokens are read (`Launched.read`); a sampling failure
+        samples the step on the host instead (as `execute`), and a failure of the whole step raises."""
         inputs = self.prepare(sched)
         if fed is not None:
             self._feed(inputs, fed)
@@ -183,27 +196,32 @@ class ModelRunner:
         host = torch.empty((2, len(sampled)), dtype=torch.long, pin_memory=device.type == "cuda")
         if logits is None or not sampled:
             return Launched([], torch.empty(0, dtype=torch.long, device=device), host[:, :0], None, inputs.broken)
-        vocab = logits.shape[-1]
         try:
-            tokens = self.sampler.tokens(logits, [c.seq for c in sampled])
+            tokens, logprobs = self.sampler.tokens(logits, [c.seq for c in sampled])
         except Exception as e:  # as `execute`, the rows then sampled on the host, and a failing one failed alone
             log.warning("sampling a batch of %d on the device failed (%r); sampling it on the host", len(sampled), e)
             broken = list(inputs.broken)
             kept, result, broken = self._sample_chunks(sampled, logits, False, broken)
             ids = result.token_ids if result is not None else []
             host = torch.tensor([ids, [1] * len(ids)], dtype=torch.long).view(2, len(ids))
-            return Launched(kept, host[0].to(device), host, None, broken)
-        # A row of NaN logits samples whatever its draw gives: kept inside the vocabulary, so that the next
-        # step's embedding lookup never reads out of bounds before the row is found and ended (`read`).
-        tokens = tokens.clamp_(0, vocab - 1)
+            return Launched(kept, host[0].to(device), host, None, broken,
+                            known=result.logprobs if result is not None else [])
         finite = logits.sum(dim=-1, dtype=torch.float32).isfinite()  # as `_finite_rows`
+        pinned = device.type == "cuda"
         host[0].copy_(tokens, non_blocking=True)
         host[1].copy_(finite, non_blocking=True)
+        host_logprobs = None
+        if logprobs is not None:  # copied back with the tokens: reading them later must not wait for later steps
+            values = torch.cat([logprobs.chosen.unsqueeze(1), logprobs.top_values], dim=1).float()
+            host_logprobs = (torch.empty(values.shape, dtype=torch.float32, pin_memory=pinned),
+                             torch.empty(logprobs.top_ids.shape, dtype=torch.long, pin_memory=pinned))
+            host_logprobs[0].copy_(values, non_blocking=True)
+            host_logprobs[1].copy_(logprobs.top_ids, non_blocking=True)
         copied = None
-        if device.type == "cuda":
+        if pinned:
             copied = torch.cuda.Event()
             copied.record()
-        return Launched(list(sampled), tokens, host, copied, inputs.broken)
+        return Launched(list(sampled), tokens, host, copied, inputs.broken, logprobs, host_logprobs)
 
     @staticmethod
     def _feed(inputs: StepInputs, fed: Launched) -> None:

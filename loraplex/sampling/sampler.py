@@ -113,27 +113,33 @@ class Sampler:
                 token_ids[i] = token
         return SamplerOutput(token_ids, _logprobs(scaled, token_ids, params) if table.logprobs else [None] * batch)
 
-    def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, LogprobTensors | None]:
         """Each row's token, as `__call__` picks it, as a long tensor [batch] on the logits' device that the
-        host has not waited for: the next step's inputs read it there (async scheduling). Only for rows whose
-        parameters do not `reads_outputs` (no penalty, watermark, grammar or logprobs); ValueError otherwise."""
+        host has not waited for (the next step's inputs read it there: async scheduling), and the logprobs of
+        the rows that want them, as tensors. Only for rows whose parameters do not `reads_outputs` (no
+        penalty, watermark or grammar); ValueError otherwise."""
         batch, vocab = logits.shape
         if len(rows) != batch:
             raise ValueError(f"sampler inputs disagree on batch size: logits {batch}, rows {len(rows)}")
         params = [r.params for r in rows]
         if any(p.reads_outputs for p in params):
-            raise ValueError("a row's sampling reads its earlier tokens or reports logprobs: use __call__")
+            raise ValueError("a row's sampling reads its earlier tokens: use __call__")
         table = self._table_for(params, vocab, logits.device)
         if table.plain_greedy:
-            return argmax_tensor(logits)
+            return argmax_tensor(logits).clamp_(0, vocab - 1), None
         scaled = logits.float() if table.temperature is None else logits.float() / table.temperature
         if not table.greedy:
-            return self._draw(scaled, rows, table)
-        token_ids = argmax_tensor(scaled)  # greedy rows are divided by 1, which is exact (as in __call__)
-        if table.sampled:
-            drawn = self._draw(_rows(scaled, table.sampled), [rows[i] for i in table.sampled], table)
-            token_ids.index_copy_(0, vector(table.sampled, torch.long, logits.device), drawn)
-        return token_ids
+            token_ids = self._draw(scaled, rows, table)
+        else:
+            token_ids = argmax_tensor(scaled)  # greedy rows are divided by 1, which is exact (as in __call__)
+            if table.sampled:
+                drawn = self._draw(_rows(scaled, table.sampled), [rows[i] for i in table.sampled], table)
+                token_ids.index_copy_(0, vector(table.sampled, torch.long, logits.device), drawn)
+        # A row of NaN logits draws whatever its draw gives: kept inside the vocabulary, so that the logprobs'
+        # gather and the next step's embedding lookup never read out of bounds before the row is found and
+        # ended (the caller checks that the logits were finite).
+        token_ids = token_ids.clamp_(0, vocab - 1)
+        return token_ids, logprob_tensors(scaled, token_ids, params) if table.logprobs else None
 
     @staticmethod
     def _draw(logits: torch.Tensor, rows: Sequence[SampleRow], table: _BatchTable) -> torch.Tensor:
@@ -246,30 +252,53 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, x, right=True).squeeze(1)  # [n]
 
 
+@dataclass
+class LogprobTensors:
+    """The logprobs of a batch's rows that want them, on the device: `rows` (indices into the batch), the
+    chosen tokens' logprobs `chosen` [m], and the `top` [m, k] most likely (`top_ids`, `top_values`), with k
+    the most any of those rows asks for."""
+
+    rows: list[int]
+    chosen: torch.Tensor  # [m] float
+    top_values: torch.Tensor  # [m, k] float
+    top_ids: torch.Tensor  # [m, k] long
+
+    def build(self, token_ids: list[int], params: Sequence[SamplingParams], chosen: list[float],
+              top_ids: list[list[int]], top_values: list[list[float]]) -> list[TokenLogprob | None]:
+        """Each row's TokenLogprob (None where not wanted) from these tensors as lists, read on the host."""
+        out: list[TokenLogprob | None] = [None] * len(params)
+        for j, i in enumerate(self.rows):
+            k = params[i].logprobs or 0
+            out[i] = TokenLogprob(token_ids[i], chosen[j], tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)))
+        return out
+
+
+def logprob_tensors(
+    scaled: torch.Tensor,  # [batch, vocab] penalized, temperature-scaled
+    token_ids: torch.Tensor,  # [batch] long, on the logits' device
+    params: Sequence[SamplingParams],
+) -> LogprobTensors | None:
+    """The logprobs of the rows whose parameters want them, as tensors (None if none does)."""
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not wanted:
+        return None
+    log_probs = _rows(scaled, wanted).log_softmax(dim=-1)  # [m, vocab]
+    chosen = _floored(log_probs.gather(1, _rows(token_ids, wanted).unsqueeze(1)).squeeze(1))  # [m]
+    k_max = min(max(params[i].logprobs or 0 for i in wanted), log_probs.shape[-1])
+    top_values, top_ids = log_probs.topk(k_max, dim=-1)  # [m, k_max], most likely first
+    return LogprobTensors(wanted, chosen, _floored(top_values), top_ids)
+
+
 def _logprobs(
     scaled: torch.Tensor,  # [batch, vocab] penalized, temperature-scaled
     token_ids: list[int],  # [batch]
     params: Sequence[SamplingParams],
 ) -> list[TokenLogprob | None]:
-    out: list[TokenLogprob | None] = [None] * len(params)
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if not wanted:
-        return out
-    picked = [token_ids[i] for i in wanted]
-    scaled = _rows(scaled, wanted)
-    log_probs = scaled.log_softmax(dim=-1)  # [n, vocab]
-    chosen_ids = vector(picked, torch.long, scaled.device).unsqueeze(1)  # [n, 1]
-    chosen = _floored(log_probs.gather(1, chosen_ids).squeeze(1)).tolist()  # [n]
-    k_max = min(max(params[i].logprobs or 0 for i in wanted), log_probs.shape[-1])
-    top_values, top_ids = log_probs.topk(k_max, dim=-1)  # [n, k_max], most likely first
-    top_values = _floored(top_values)
+    t = logprob_tensors(scaled, vector(token_ids, torch.long, scaled.device), params)
+    if t is None:
+        return [None] * len(params)
     # One transfer per tensor: per-row .tolist() would sync with the device once per row.
-    top_ids_rows, top_values_rows = top_ids.tolist(), top_values.tolist()
-    for j, i in enumerate(wanted):
-        k = params[i].logprobs or 0
-        top = tuple(zip(top_ids_rows[j][:k], top_values_rows[j][:k], strict=True))
-        out[i] = TokenLogprob(picked[j], chosen[j], top)
-    return out
+    return t.build(token_ids, params, t.chosen.tolist(), t.top_ids.tolist(), t.top_values.tolist())
 
 
 def _floored(logprobs: torch.Tensor) -> torch.Tensor:

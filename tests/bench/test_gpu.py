@@ -25,7 +25,8 @@ def test_every_part_runs_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.Mon
     for row in ("loraplex base", "loraplex one adapter", "loraplex distinct", "hf generate base", "hf+peft distinct",
                 "ratio distinct / base", "ratio distinct / hf+peft", "batch-1 ms per token, adapter",
                 "loraplex base, eager", "ratio base: graphs / eager", "batch-1 ms per token, base, eager",
-                "loraplex base, int4", "ratio base: int4 / bf16",
+                "loraplex base, int4", "ratio base: int4 / bf16", "loraplex base, sync sched",
+                "ratio base: async / sync sched",
                 "CUDA graphs: off (decode runs eager on cpu", "adapter load, rank 16 on all projections"):
         assert row in out, row
     # The adapters change the model, and loraplex's mixed batch equals PEFT's request by request.

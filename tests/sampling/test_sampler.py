@@ -545,30 +545,47 @@ def test_parameters_that_overflow_the_logits_still_draw_a_likely_token() -> None
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kinds", ["greedy", "sampled", "mixed"])
 def test_tokens_on_the_device_are_the_tokens_call_picks(kinds: str, dtype: torch.dtype) -> None:
-    """`Sampler.tokens` (async scheduling) gives every row the token `__call__` gives it, over batches of
-    greedy rows, sampled rows whose candidates settle them (top-k / top-p, through the wider tiers) and ones
-    drawn in vocabulary order (typical-p, no filter), at several steps."""
-    greedy = [SamplingParams(temperature=0)]
+    """`Sampler.tokens` (async scheduling) gives every row the token and the logprobs `__call__` gives it, over
+    batches of greedy rows, sampled rows whose candidates settle them (top-k / top-p, through the wider tiers)
+    and ones drawn in vocabulary order (typical-p, no filter), some wanting logprobs, at several steps."""
+    greedy = [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=2)]
     sampled = [SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=1.0, top_p=0.99),
-               SamplingParams(temperature=0.6, typical_p=0.5), SamplingParams(temperature=1.3),
-               SamplingParams(temperature=0.9, top_k=40, top_p=0.9)]
+               SamplingParams(temperature=0.6, typical_p=0.5, logprobs=0), SamplingParams(temperature=1.3),
+               SamplingParams(temperature=0.9, top_k=40, top_p=0.9, logprobs=5)]
     choices = {"greedy": greedy, "sampled": sampled, "mixed": greedy + sampled}[kinds]
     rng = random.Random(kinds)
-    for trial in range(6):
+    for trial in range(8):
         batch = rng.randrange(1, 24)
         params = [rng.choice(choices) for _ in range(batch)]
         logits = _logits(batch, seed=trial, scale=rng.choice([0.5, 3.0])).to(dtype)
         batch_rows = rows(params, seeds=[rng.randrange(1 << 40) for _ in range(batch)],
                           outputs=[[7] * rng.randrange(5) for _ in range(batch)])
-        sampler = Sampler()
-        tokens = sampler.tokens(logits, batch_rows)
+        tokens, logprobs = Sampler().tokens(logits, batch_rows)
+        expected = Sampler()(logits, batch_rows)
         assert tokens.dtype == torch.long and tokens.shape == (batch,)
-        assert tokens.tolist() == Sampler()(logits, batch_rows).token_ids, (kinds, trial)
+        assert tokens.tolist() == expected.token_ids, (kinds, trial)
+        if logprobs is None:
+            assert expected.logprobs == [None] * batch
+            continue
+        got = logprobs.build(tokens.tolist(), params, logprobs.chosen.tolist(), logprobs.top_ids.tolist(),
+                             logprobs.top_values.tolist())
+        assert got == expected.logprobs, (kinds, trial)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0, logprobs=1), SamplingParams(repetition_penalty=1.2),
+@pytest.mark.parametrize("params", [SamplingParams(repetition_penalty=1.2), SamplingParams(frequency_penalty=0.5),
                                     SamplingParams(temperature=0.7, watermark=True),
                                     SamplingParams(temperature=0, json_schema='{"type": "object"}')])
 def test_tokens_refuses_rows_that_read_their_outputs(params: SamplingParams) -> None:
     with pytest.raises(ValueError, match="reads its earlier tokens"):
         Sampler().tokens(_logits(2), rows([SamplingParams(temperature=0), params]))
+
+
+def test_tokens_of_non_finite_logits_stay_in_the_vocabulary() -> None:
+    """A NaN row's token (found and failed by the engine later) is still a valid index: the next step's
+    embedding lookup and the logprobs' gather read it before anyone checks."""
+    logits = _logits(3)
+    logits[1] = float("nan")
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0, logprobs=1),
+                   SamplingParams(temperature=0.7, typical_p=0.5)):
+        tokens, _ = Sampler().tokens(logits, rows([params] * 3))
+        assert bool(((tokens >= 0) & (tokens < VOCAB)).all()), params
