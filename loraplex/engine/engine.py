@@ -278,7 +278,14 @@ class Engine:
         With `async_output` a step's tokens become outputs (text, stop strings, the output objects) while
         the next step's forward runs, so each output comes one step later; a step with nothing to run
         returns the last ones. A request whose stop string shows up then has been scheduled for one more
-        token: that token is dropped and the request ends as it would have without the overlap."""
+        token: that token is dropped and the request ends as it would have without the overlap.
+
+        With `async_scheduling` a step is queued (`_launch`) before the last step's tokens are read: each
+        request that sampled in it holds an UNREAD placeholder token, which the scheduler counts and the
+        queued step's inputs take on the device; the tokens are read, and their outputs made, after the next
+        step is queued (`_land`). A request ended by a token it sampled (EOS, a stop token) has then been
+        queued once more; that row is dropped. While a request reads its earlier tokens to sample (penalties,
+        the watermark, a grammar) or scores its prompt, steps wait for the last one's tokens as without it."""
         timer = self.timer
         timer.start()
         self.last_step_rows = 0  # an empty step samples nothing: the metric must not repeat the last count
