@@ -284,8 +284,8 @@ class Engine:
         request that sampled in it holds an UNREAD placeholder token, which the scheduler counts and the
         queued step's inputs take on the device; the tokens are read, and their outputs made, after the next
         step is queued (`_land`). A request ended by a token it sampled (EOS, a stop token) has then been
-        queued once more; that row is dropped. While a request reads its earlier tokens to sample (penalties,
-        the watermark, a grammar) or scores its prompt, steps wait for the last one's tokens as without it."""
+        queued once more; that row is dropped. While a request reads its earlier tokens on the host to sample
+        (the watermark, a grammar) or scores its prompt, steps wait for the last one's tokens as without it."""
         timer = self.timer
         timer.start()
         self.last_step_rows = 0  # an empty step samples nothing: the metric must not repeat the last count

@@ -33,7 +33,7 @@ from loraplex.model.cuda_graphs import DecodeGraphs, GraphStep
 from loraplex.model.decode_rows import DecodeInputs, DecodeRows
 from loraplex.model.decoder import CausalLM
 from loraplex.sampling import LOGPROB_FLOOR, Sampler, SamplerOutput
-from loraplex.sampling.penalties import vector
+from loraplex.sampling.penalties import Unread, vector
 from loraplex.sampling.sampler import LogprobTensors
 from loraplex.sampling.structured import token_mask
 
@@ -182,12 +182,11 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput, fed: Launched | None, timer: NullTimer = NO_TIMER) -> Launched:
         """Queue one step and its sampling without waiting for them (async scheduling). A chunk whose input
         is its sequence's UNREAD token (`Sequence.unread`) takes the token `fed` sampled for it, on the
-        device. Every sampling row must not `reads_outputs`, and no chunk verifies drafts or scores prompt
-        tokens. Non-finite logits are found when the tokens are read (`Launched.read`); a sampling failure
+        device (and its penalties count it). Every sampling row must not `reads_outputs`, and no chunk
+        verifies drafts or scores prompt tokens. Non-finite logits are found when the tokens are read (`Launched.read`); a sampling failure
         samples the step on the host instead (as `execute`), and a failure of the whole step raises."""
         inputs = self.prepare(sched)
-        if fed is not None:
-            self._feed(inputs, fed)
+        unread = self._feed(inputs, fed) if fed is not None else None
         timer.lap("inputs")
         logits = self.forward(inputs) if inputs.input_ids.numel() else None
         timer.lap("forward")
@@ -197,7 +196,7 @@ class ModelRunner:
         if logits is None or not sampled:
             return Launched([], torch.empty(0, dtype=torch.long, device=device), host[:, :0], None, inputs.broken)
         try:
-            tokens, logprobs = self.sampler.tokens(logits, [c.seq for c in sampled])
+            tokens, logprobs = self.sampler.tokens(logits, [c.seq for c in sampled], unread)
         except Exception as e:  # as `execute`, the rows then sampled on the host, and a failing one failed alone
             log.warning("sampling a batch of %d on the device failed (%r); sampling it on the host", len(sampled), e)
             broken = list(inputs.broken)
@@ -224,19 +223,20 @@ class ModelRunner:
         return Launched(list(sampled), tokens, host, copied, inputs.broken, logprobs, host_logprobs)
 
     @staticmethod
-    def _feed(inputs: StepInputs, fed: Launched) -> None:
-        """Write into `inputs.input_ids` the tokens `fed` sampled for the chunks whose input is still UNREAD."""
+    def _feed(inputs: StepInputs, fed: Launched) -> Unread:
+        """Write into `inputs.input_ids` the tokens `fed` sampled for the chunks whose input is still UNREAD;
+        returns those chunks' sampling rows and the tokens (for the penalties, which count them)."""
         sampled, input_ids = inputs.sampled, inputs.input_ids
         if (len(sampled) == len(fed.sampled) == input_ids.shape[0]
                 and all(map(operator.is_, (c.seq for c in sampled), (c.seq for c in fed.sampled)))):
             # The common step: the same requests decoding in the same order (each has the UNREAD token `fed`
             # sampled for it), one input row each.
             input_ids.copy_(fed.tokens)
-            return
+            return list(range(len(sampled))), fed.tokens
         rows = [(j, fed.row_of(c.seq)) for j, c in enumerate(sampled) if c.seq.unread]
-        if not rows:
-            return
         device = fed.tokens.device
+        if not rows:
+            return [], fed.tokens[:0]
         tokens = fed.tokens.index_select(0, vector([i for _, i in rows], torch.long, device))
         # A chunk that takes an UNREAD token is a decode of that one token, which samples: its input's row
         # is its sample row.
@@ -244,6 +244,7 @@ class ModelRunner:
         if len(rows) != len(sampled):
             targets = targets.index_select(0, vector([j for j, _ in rows], torch.long, device))
         input_ids.index_copy_(0, targets, tokens)
+        return [j for j, _ in rows], tokens
 
     @contextlib.contextmanager
     def _beside(self, work: Callable[[], None] | None) -> Iterator[None]:
