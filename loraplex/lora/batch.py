@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loraplex.device import to_device
+
 EMPTY_SLOT = -1
 """Slot of a token that uses no adapter; such tokens get no LoRA delta and cost nothing."""
 
@@ -54,7 +56,7 @@ class LoRABatch:
         active = np.unique(slots)
 
         def as_tensor(values: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(values.astype(np.int64, copy=False)).to(device)
+            return to_device(torch.from_numpy(values.astype(np.int64, copy=False)), device)
 
         return cls(
             token_slots=as_tensor(slots_np),

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from loraplex.device import to_device
 from loraplex.engine.request import SamplingParams, TokenLogprob
 from loraplex.sampling.filters import (
     Candidates,
@@ -150,7 +151,7 @@ class Sampler:
     def _draw(logits: torch.Tensor, rows: Sequence[SampleRow], table: _BatchTable) -> torch.Tensor:
         """A seeded draw for each (sampled) row of temperature-scaled `logits` [n, vocab] from its filtered
         softmax: the tokens, long [n] on the logits' device."""
-        u = uniforms([r.seed for r in rows], [len(r.output_token_ids) for r in rows]).to(logits.device)  # [n]
+        u = to_device(uniforms([r.seed for r in rows], [len(r.output_token_ids) for r in rows]), logits.device)  # [n]
         ranked, in_order = table.ranked, table.in_order
         picked = drawn = None
         if ranked:

@@ -306,3 +306,24 @@ def test_async_scheduling_on_cuda_gives_the_outputs_of_waiting_steps(tmp_path: P
         assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
     assert sum(launches) > 20  # steps fed by the queued step's tokens
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_small_uploads_do_not_wait_for_queued_kernels() -> None:
+    """`to_device` (the sampler's and LoRA batch's per-step index tensors) returns while a long kernel is still
+    queued before its copy, and the values arrive."""
+    import time
+
+    from loraplex.device import to_device
+
+    values = torch.arange(1000)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued (clock cycles)
+    start = time.perf_counter()
+    out = to_device(values, "cuda")
+    returned = time.perf_counter() - start
+    values.zero_()  # the caller may reuse its tensor at once
+    start = time.perf_counter()
+    torch.cuda.synchronize()
+    still_running = time.perf_counter() - start
+    assert returned < 0.1 and still_running > 0.3, (returned, still_running)
+    assert torch.equal(out.cpu(), torch.arange(1000))
