@@ -283,9 +283,9 @@ class Engine:
         With `async_scheduling` a step is queued (`_launch`) before the last step's tokens are read: each
         request that sampled in it holds an UNREAD placeholder token, which the scheduler counts and the
         queued step's inputs take on the device; the tokens are read, and their outputs made, after the next
-        step is queued (`_land`). A request ended by a token it sampled (EOS, a stop token) has then been
-        queued once more; that row is dropped. While a request reads its earlier tokens on the host to sample
-        (the watermark, a grammar) or scores its prompt, steps wait for the last one's tokens as without it."""
+        step's forward is queued (`_land`), and that step's sampling is queued after, with them read. A request
+        ended by a token it sampled (EOS, a stop token) has then been queued once more; that row is dropped.
+        While a request has a grammar or scores its prompt, steps wait for the last one's tokens as without it."""
         timer = self.timer
         timer.start()
         self.last_step_rows = 0  # an empty step samples nothing: the metric must not repeat the last count
@@ -352,30 +352,37 @@ class Engine:
                    for c in sched.chunks if c.seq.unread)
 
     def _launch(self, sched: SchedulerOutput, pending: list[tuple[Sequence, int, int]]) -> list[RequestOutput]:
-        """Async scheduling: queue `sched` (its inputs take the queued step's tokens on the device), then read
-        the queued step's tokens and make the outputs while this one runs. Each sampling request gets an
-        UNREAD placeholder token until then, so the next schedule counts it."""
+        """Async scheduling: queue `sched` (its inputs take the queued step's tokens on the device), read the
+        queued step's tokens and make their outputs while its forward runs, then queue its sampling. Each
+        sampling request gets an UNREAD placeholder token until its token is read, so the next schedule
+        counts it."""
         timer = self.timer
         if self.lora is not None:
             self.lora.ready()
-        previous = self._inflight
-        launched = self.runner.launch(sched, previous, timer)
+        previous, self._inflight = self._inflight, None  # (read below, inside the launch, or never again)
+        outputs: list[RequestOutput] = []
+
+        def between() -> None:
+            outputs.extend(self._emit(pending))  # a last step that ran without the overlap left these
+            if previous is not None:
+                outputs.extend(self._land(previous))
+            else:
+                self._settle()
+
+        launched = self.runner.launch(sched, previous, timer, between)
         broken = {seq: e for seq, e in launched.broken}
         for chunk in sched.chunks:
-            if chunk.seq not in broken:
+            # A request the reading ended is out of the step: its row is dropped when the tokens are read.
+            if chunk.seq not in broken and chunk.seq.status is not SequenceStatus.FINISHED:
                 chunk.seq.num_computed_tokens += chunk.num_new_tokens
         for chunk in launched.sampled:
-            chunk.seq.output_token_ids.append(UNREAD)
-            chunk.seq.unread += 1
+            if chunk.seq.status is not SequenceStatus.FINISHED:
+                chunk.seq.output_token_ids.append(UNREAD)
+                chunk.seq.unread += 1
         self._inflight = launched
         self.last_step_rows = len(launched.sampled)
         timer.lap("sample")
-        outputs = [self._fail(seq, e) for seq, e in broken.items()]
-        outputs += self._emit(pending)  # a last step that ran without the overlap left these
-        if previous is not None:
-            outputs += self._land(previous)
-        else:
-            self._settle()
+        outputs += [self._fail(seq, e) for seq, e in broken.items()]
         timer.lap("postprocess")
         timer.stop(sched)
         return outputs

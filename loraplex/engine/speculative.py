@@ -62,7 +62,6 @@ class DraftRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     grammar: None = None
-    unread: int = 0
 
 
 class NgramIndex:

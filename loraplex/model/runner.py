@@ -33,7 +33,7 @@ from loraplex.model.cuda_graphs import DecodeGraphs, GraphStep
 from loraplex.model.decode_rows import DecodeInputs, DecodeRows
 from loraplex.model.decoder import CausalLM
 from loraplex.sampling import LOGPROB_FLOOR, Sampler, SamplerOutput
-from loraplex.sampling.penalties import Unread, vector
+from loraplex.sampling.penalties import vector
 from loraplex.sampling.sampler import LogprobTensors
 from loraplex.sampling.structured import token_mask
 
@@ -179,24 +179,31 @@ class ModelRunner:
         return kept_chunks, SamplerOutput(token_ids, logprobs) if kept_chunks else None, broken
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, fed: Launched | None, timer: NullTimer = NO_TIMER) -> Launched:
+    def launch(self, sched: SchedulerOutput, fed: Launched | None, timer: NullTimer = NO_TIMER,
+               between: Callable[[], None] | None = None) -> Launched:
         """Queue one step and its sampling without waiting for them (async scheduling). A chunk whose input
         is its sequence's UNREAD token (`Sequence.unread`) takes the token `fed` sampled for it, on the
-        device (and its penalties count it). Every sampling row must not `reads_outputs`, and no chunk
-        verifies drafts or scores prompt tokens. Non-finite logits are found when the tokens are read (`Launched.read`); a sampling failure
-        samples the step on the host instead (as `execute`), and a failure of the whole step raises."""
+        device. `between` (the engine reading `fed`'s tokens) runs once the forward is queued and before
+        the sampling, so on a GPU it runs beside the forward, and the sampling sees every token read. No
+        row may `reads_outputs`, and no chunk verifies drafts or scores prompt tokens. Non-finite logits are
+        found when the tokens are read (`Launched.read`); a sampling failure samples the step on the host
+        instead (as `execute`), and a failure of the whole step raises."""
         inputs = self.prepare(sched)
-        unread = self._feed(inputs, fed) if fed is not None else None
+        if fed is not None:
+            self._feed(inputs, fed)
         timer.lap("inputs")
         logits = self.forward(inputs) if inputs.input_ids.numel() else None
         timer.lap("forward")
+        if between is not None:
+            between()
+            timer.lap("postprocess")
         sampled = inputs.sampled
         device = self.device
         host = torch.empty((2, len(sampled)), dtype=torch.long, pin_memory=device.type == "cuda")
         if logits is None or not sampled:
             return Launched([], torch.empty(0, dtype=torch.long, device=device), host[:, :0], None, inputs.broken)
         try:
-            tokens, logprobs = self.sampler.tokens(logits, [c.seq for c in sampled], unread)
+            tokens, logprobs = self.sampler.tokens(logits, [c.seq for c in sampled])
         except Exception as e:  # as `execute`, the rows then sampled on the host, and a failing one failed alone
             log.warning("sampling a batch of %d on the device failed (%r); sampling it on the host", len(sampled), e)
             broken = list(inputs.broken)
@@ -223,20 +230,19 @@ class ModelRunner:
         return Launched(list(sampled), tokens, host, copied, inputs.broken, logprobs, host_logprobs)
 
     @staticmethod
-    def _feed(inputs: StepInputs, fed: Launched) -> Unread:
-        """Write into `inputs.input_ids` the tokens `fed` sampled for the chunks whose input is still UNREAD;
-        returns those chunks' sampling rows and the tokens (for the penalties, which count them)."""
+    def _feed(inputs: StepInputs, fed: Launched) -> None:
+        """Write into `inputs.input_ids` the tokens `fed` sampled for the chunks whose input is still UNREAD."""
         sampled, input_ids = inputs.sampled, inputs.input_ids
         if (len(sampled) == len(fed.sampled) == input_ids.shape[0]
                 and all(map(operator.is_, (c.seq for c in sampled), (c.seq for c in fed.sampled)))):
             # The common step: the same requests decoding in the same order (each has the UNREAD token `fed`
             # sampled for it), one input row each.
             input_ids.copy_(fed.tokens)
-            return list(range(len(sampled))), fed.tokens
+            return
         rows = [(j, fed.row_of(c.seq)) for j, c in enumerate(sampled) if c.seq.unread]
-        device = fed.tokens.device
         if not rows:
-            return [], fed.tokens[:0]
+            return
+        device = fed.tokens.device
         tokens = fed.tokens.index_select(0, vector([i for _, i in rows], torch.long, device))
         # A chunk that takes an UNREAD token is a decode of that one token, which samples: its input's row
         # is its sample row.
@@ -244,7 +250,6 @@ class ModelRunner:
         if len(rows) != len(sampled):
             targets = targets.index_select(0, vector([j for j, _ in rows], torch.long, device))
         input_ids.index_copy_(0, targets, tokens)
-        return [j for j, _ in rows], tokens
 
     @contextlib.contextmanager
     def _beside(self, work: Callable[[], None] | None) -> Iterator[None]:

@@ -93,34 +93,6 @@ def _penalize(logits: torch.Tensor, table: PenaltyTable, support: torch.Tensor, 
     return logits
 
 
-Unread = tuple[list[int], torch.Tensor]
-"""Async scheduling: the batch rows whose last output token is UNREAD, and those tokens ([rows] long, on the
-logits' device)."""
-
-
-def _penalize_unread(logits: torch.Tensor, penalized: torch.Tensor, table: PenaltyTable, counts: torch.Tensor | None,
-                     unread: Unread) -> torch.Tensor:
-    """`penalized` (`_penalize` of `logits` without the UNREAD tokens) with each UNREAD token counted: its
-    logit is the repetition-penalized one, less the frequency and presence penalties of one occurrence more
-    than `counts` holds, computed as `_penalize` computes a seen token's (so the same float bits)."""
-    rows, tokens = unread
-    if not rows:
-        return penalized
-    vocab = logits.shape[1]
-    r = vector(rows, torch.long, logits.device)
-    where = r * vocab + tokens  # [m] flat (row, token) indices: one token per row, no repeats
-    values = logits.reshape(-1).index_select(0, where)
-    penalty = table.repetition.index_select(0, r)
-    values = torch.where(values < 0, values * penalty, values / penalty).clamp(-PENALIZED_LIMIT, PENALIZED_LIMIT)
-    if counts is not None:
-        seen_counts = counts.view(-1).index_select(0, where) + 1.0  # [m]
-        values = values - (table.frequency.index_select(0, r) * seen_counts
-                           + table.presence.index_select(0, r) * (seen_counts > 0).float())
-    out = penalized.clone() if penalized is logits else penalized  # the caller's tensor is never written to
-    out.view(-1).index_copy_(0, where, values)
-    return out
-
-
 def apply_watermark(logits: torch.Tensor, params: Sequence[SamplingParams],
                     prompt_token_ids: Sequence[Sequence[int]], output_token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """The watermark bias on the rows that ask for it (a new tensor if any does)."""
@@ -163,19 +135,16 @@ class TokenHistory:
         self._support: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
 
-    def penalize(self, logits: torch.Tensor, rows: Sequence[SampleRow], table: PenaltyTable | None = None,
-                 unread: Unread | None = None) -> torch.Tensor:
-        """`apply_penalties` for these rows; `table`: their `PenaltyTable` on the logits' device, if kept.
-        `unread` (async scheduling): the rows whose last output token is UNREAD, and those tokens on the
-        logits' device; their penalties count them as `apply_penalties` would count them read."""
+    def penalize(self, logits: torch.Tensor, rows: Sequence[SampleRow], table: PenaltyTable | None = None
+                 ) -> torch.Tensor:
+        """`apply_penalties` for these rows; `table`: their `PenaltyTable` on the logits' device, if kept."""
         params = [r.params for r in rows]
         t = table or PenaltyTable(params, logits.device)
         if not t.any:
             self._rows, self._included, self._seen, self._support, self._counts = [], [], None, None, None
         else:
             support, counts = self._update(rows, logits.shape[1], logits.device, t.counts)
-            penalized = _penalize(logits, t, support, counts)
-            logits = penalized if unread is None else _penalize_unread(logits, penalized, t, counts, unread)
+            logits = _penalize(logits, t, support, counts)
         if not t.watermark:
             return logits
         return apply_watermark(logits, params, [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows])
@@ -191,22 +160,21 @@ class TokenHistory:
                     and old_seen.device == device and (old_counts is not None or not want_counts))
         count_rows: list[int] = []
         count_ids: list[int] = []
-        # The output tokens read so far: UNREAD placeholders (async scheduling) are counted by `_penalize_unread`.
-        lengths = [len(r.output_token_ids) - r.unread for r in rows]
+        lengths = [len(r.output_token_ids) for r in rows]
         one_each = False  # one token per row: no pair can repeat, and the counts add the same pairs
         if (reusable and len(rows) == len(old_rows) and all(map(operator.is_, rows, old_rows))
                 and lengths == [n + 1 for n in old_included]):
             # The common decode step: the same rows, one new token each.
             source = list(range(len(rows)))
             seen_rows = list(source)
-            seen_ids = [r.output_token_ids[n - 1] for r, n in zip(rows, lengths, strict=True)]
+            seen_ids = [r.output_token_ids[-1] for r in rows]
             one_each = True
             if want_counts:
                 count_rows, count_ids = seen_rows, seen_ids
         else:
-            source, seen_rows, seen_ids = self._changes(rows, lengths, old_rows, old_included, reusable)
+            source, seen_rows, seen_ids = self._changes(rows, old_rows, old_included, reusable)
             if want_counts:
-                count_rows, count_ids = self._outputs(rows, lengths, source, old_included)
+                count_rows, count_ids = self._outputs(rows, source, old_included)
         identity = reusable and len(rows) == len(old_rows) and source == list(range(len(old_rows)))
         shape = (len(rows), vocab)
         seen = _carry(old_seen, source, identity, shape, torch.bool, device)
@@ -228,17 +196,16 @@ class TokenHistory:
         return support, counts
 
     @staticmethod
-    def _changes(rows: Sequence[SampleRow], lengths: list[int], old_rows: list[SampleRow], old_included: list[int],
+    def _changes(rows: Sequence[SampleRow], old_rows: list[SampleRow], old_included: list[int],
                  reusable: bool) -> tuple[list[int], list[int], list[int]]:
-        """Per new row its old row (or -1: rebuilt), and the (row, token) pairs to add to `seen`, of each row's
-        first `lengths` output tokens."""
+        """Per new row its old row (or -1: rebuilt), and the (row, token) pairs to add to `seen`."""
         where = {id(r): i for i, r in enumerate(old_rows)} if reusable else {}
         source: list[int] = []
         seen_rows: list[int] = []
         seen_ids: list[int] = []
-        for j, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        for j, row in enumerate(rows):
             i = where.get(id(row), -1)
-            output = row.output_token_ids[:n]
+            output = row.output_token_ids
             if i >= 0 and (old_rows[i] is not row or len(output) < old_included[i]):
                 i = -1
             source.append(i)
@@ -248,14 +215,12 @@ class TokenHistory:
         return source, seen_rows, seen_ids
 
     @staticmethod
-    def _outputs(rows: Sequence[SampleRow], lengths: list[int], source: list[int], old_included: list[int]
-                 ) -> tuple[list[int], list[int]]:
-        """The (row, token) pairs to add to `counts`: a carried row's new output tokens, a rebuilt row's all (of
-        its first `lengths`)."""
+    def _outputs(rows: Sequence[SampleRow], source: list[int], old_included: list[int]) -> tuple[list[int], list[int]]:
+        """The (row, token) pairs to add to `counts`: a carried row's new output tokens, a rebuilt row's all."""
         count_rows: list[int] = []
         count_ids: list[int] = []
-        for j, (row, i, n) in enumerate(zip(rows, source, lengths, strict=True)):
-            new = row.output_token_ids[old_included[i]:n] if i >= 0 else row.output_token_ids[:n]
+        for j, (row, i) in enumerate(zip(rows, source, strict=True)):
+            new = row.output_token_ids[old_included[i]:] if i >= 0 else row.output_token_ids
             count_rows += [j] * len(new)
             count_ids += new
         return count_rows, count_ids

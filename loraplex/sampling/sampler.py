@@ -19,7 +19,7 @@ from loraplex.sampling.filters import (
     temperature_column,
     uses_candidates,
 )
-from loraplex.sampling.penalties import PenaltyTable, TokenHistory, Unread, vector
+from loraplex.sampling.penalties import PenaltyTable, TokenHistory, vector
 from loraplex.sampling.structured import TokenMask
 
 LOGPROB_FLOOR = -9999.0
@@ -44,8 +44,6 @@ class SampleRow(Protocol):
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     """Append-only while the row lives; its length is the step whose token is drawn."""
-    unread: int
-    """How many of its last output tokens are UNREAD placeholders (async scheduling; `Sampler.tokens`)."""
 
 
 class Sampler:
@@ -116,13 +114,11 @@ class Sampler:
                 token_ids[i] = token
         return SamplerOutput(token_ids, _logprobs(scaled, token_ids, params) if table.logprobs else [None] * batch)
 
-    def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow], unread: Unread | None = None
-               ) -> tuple[torch.Tensor, LogprobTensors | None]:
+    def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, LogprobTensors | None]:
         """Each row's token, as `__call__` picks it, as a long tensor [batch] on the logits' device that the
         host has not waited for (the next step's inputs read it there: async scheduling), and the logprobs of
-        the rows that want them, as tensors. Only for rows whose parameters do not `reads_outputs` (no
-        watermark or grammar); ValueError otherwise. `unread`: the rows whose last output token is an UNREAD
-        placeholder, and those tokens on the device, which the penalties count (`TokenHistory.penalize`)."""
+        the rows that want them, as tensors. Only for rows whose parameters do not `reads_outputs` (a grammar
+        walks each token on the host); ValueError otherwise."""
         batch, vocab = logits.shape
         if len(rows) != batch:
             raise ValueError(f"sampler inputs disagree on batch size: logits {batch}, rows {len(rows)}")
@@ -132,7 +128,7 @@ class Sampler:
         table = self._table_for(params, vocab, logits.device)
         if table.plain_greedy:
             return argmax_tensor(logits).clamp_(0, vocab - 1), None
-        penalized = self._history.penalize(logits.float(), rows, table.penalties, unread)
+        penalized = self._history.penalize(logits.float(), rows, table.penalties)
         scaled = penalized if table.temperature is None else penalized / table.temperature
         if not table.greedy:
             token_ids = self._draw(scaled, rows, table)

@@ -3,8 +3,8 @@ inputs take those tokens on the device, and the host reads them (and makes their
 
 Every request must get exactly the outputs it gets without it, one step later, whatever joins, finishes
 (EOS or a stop token found only after the request was queued again, length, a stop string), streams or
-not, gets preempted, parked, aborted or fails, wants logprobs or penalties (counted on the device), or
-makes its steps wait (the watermark, a grammar). Workloads and helpers are `test_async_output`'s (the tiny model of `loraplex.bench.overhead`).
+not, gets preempted, parked, aborted or fails, wants logprobs, penalties or the watermark, or makes its steps
+wait (prompt logprobs). Workloads and helpers are `test_async_output`'s (the tiny model of `loraplex.bench.overhead`).
 """
 
 from __future__ import annotations
@@ -118,11 +118,11 @@ def test_a_stop_token_read_a_step_late_drops_the_extra_token(overhead_llm: LLM) 
 
 
 def test_steps_that_read_outputs_wait_for_the_last_tokens(overhead_llm: LLM) -> None:
-    """A request with the watermark (which hashes its last token on the host) joining overlapping ones: the
-    steps it is in are not queued ahead, and every request still gets its own tokens."""
+    """A request that scores its prompt (prompt logprobs) joining overlapping ones: the steps while it runs are
+    not queued ahead, and every request still gets its own tokens."""
     engine = overhead_llm.engine
     plain = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
-    penalized = replace(plain, temperature=0.8, watermark=True, seed=3)
+    penalized = replace(plain, temperature=0.8, prompt_logprobs=True, seed=3)
     expected = [o.token_ids for o in overhead_llm.generate([[1, 2, 3], [4, 5, 6]], [plain, penalized])]
     engine.async_scheduling = True
     try:

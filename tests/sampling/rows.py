@@ -14,7 +14,6 @@ class Row:
     seed: int = 0
     prompt_token_ids: list[int] = field(default_factory=lambda: [1])
     output_token_ids: list[int] = field(default_factory=list)
-    unread: int = 0
 
 
 def rows(params: Sequence[SamplingParams], seeds: Sequence[int] | None = None,

@@ -572,54 +572,12 @@ def test_tokens_on_the_device_are_the_tokens_call_picks(kinds: str, dtype: torch
         assert got == expected.logprobs, (kinds, trial)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, watermark=True),
-                                    SamplingParams(temperature=0, json_schema='{"type": "object"}')])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, json_schema='{"type": "object"}'),
+                                    SamplingParams(temperature=0.8, top_k=5, json_schema='{"type": "array"}')])
 def test_tokens_refuses_rows_that_read_their_outputs(params: SamplingParams) -> None:
     with pytest.raises(ValueError, match="reads its earlier tokens"):
         Sampler().tokens(_logits(2), rows([SamplingParams(temperature=0), params]))
 
-
-def test_penalties_count_an_unread_token_as_if_it_were_read() -> None:
-    """Decoding with async scheduling: at each step a row's last output token is an UNREAD placeholder whose
-    value is on the device. `tokens` with it given as `unread` picks the tokens, with the logprobs, that
-    `__call__` picks with the token read, step after step (the penalty history carried between steps), for
-    repetition, frequency and presence penalties, a token seen before or new, rows joining and leaving."""
-    pool = [SamplingParams(temperature=0, repetition_penalty=1.4),
-            SamplingParams(temperature=0.8, top_k=30, frequency_penalty=0.7, logprobs=2),
-            SamplingParams(temperature=1.1, presence_penalty=1.2, repetition_penalty=0.8),
-            SamplingParams(temperature=0),  # no penalty, beside penalized rows
-            SamplingParams(temperature=0.9, typical_p=0.7, frequency_penalty=-0.5, presence_penalty=0.4)]
-    rng = random.Random(3)
-    live: list[tuple[Row, Row]] = []  # (the row as async scheduling has it, the same row read)
-    async_sampler, sync_sampler = Sampler(), Sampler()
-    for step in range(30):
-        if len(live) < 6 and rng.random() < 0.5:
-            params = rng.choice(pool)
-            prompt = [rng.randrange(16) for _ in range(rng.randrange(1, 6))]  # a small vocabulary: repeats
-            seed = rng.randrange(1 << 30)
-            live.append((Row(params, seed, list(prompt)), Row(params, seed, list(prompt))))
-        if live and rng.random() < 0.15:
-            live.pop(rng.randrange(len(live)))
-        if not live:
-            continue
-        logits = _logits(len(live), vocab=16, seed=step, scale=2.0)
-        unread_rows = [j for j, (a, _) in enumerate(live) if a.unread]
-        # The placeholders' values, as the last step sampled them (the read rows hold them).
-        values = torch.tensor([live[j][1].output_token_ids[-1] for j in unread_rows], dtype=torch.long)
-        tokens, logprobs = async_sampler.tokens(logits, [a for a, _ in live], (unread_rows, values))
-        expected = sync_sampler(logits, [b for _, b in live])
-        assert tokens.tolist() == expected.token_ids, step
-        got = [None] * len(live) if logprobs is None else logprobs.build(
-            tokens.tolist(), [a.params for a, _ in live], logprobs.chosen.tolist(), logprobs.top_ids.tolist(),
-            logprobs.top_values.tolist())
-        assert got == expected.logprobs, step
-        for (a, b), token in zip(live, expected.token_ids, strict=True):
-            if a.unread:  # the last step's token is read now: in place of its placeholder
-                a.output_token_ids[-1] = b.output_token_ids[-1]
-            a.output_token_ids.append(-1)
-            a.unread = 1
-            b.output_token_ids.append(token)
-    assert sum(len(b.output_token_ids) for _, b in live) > 10
 
 
 def test_tokens_of_non_finite_logits_stay_in_the_vocabulary() -> None:
