@@ -160,10 +160,9 @@ class SchedulerConfig:
     those tokens where they were sampled, on the device, and the host reads a step's tokens (and makes their
     outputs) while the next one runs. `on`, `off`, or `auto` (on for CUDA, off on a CPU, whose kernels run
     as the host calls them: docs/benchmarks.md). Outputs come one step later; a request that ended at a
-    token has then run one step more, whose token is dropped. Steps with a request whose sampling needs its
-    state after its last token before the next forward (a grammar) or that wants its prompt's logprobs wait
-    for the last step's tokens (penalties, the watermark and token logprobs do not); speculative decoding
-    turns it off."""
+    token has then run one step more, whose token is dropped. Steps while a request wants its prompt's
+    logprobs wait for the last step's tokens (penalties, the watermark, grammars and token logprobs do not:
+    a step's sampling is queued after the last tokens are read); speculative decoding turns it off."""
     speculative_tokens: int = 0
     """Speculative decoding: draft tokens a decoding request may propose per step, verified in that step
     (0: off). Output is token for token what decoding without it gives (loraplex/engine/speculative.py)."""

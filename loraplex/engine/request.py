@@ -96,7 +96,6 @@ class SamplingParams:
             check_json_schema(self.json_schema)
         # Not a field: read by the sampler for every row at every step, so computed once.
         object.__setattr__(self, "plain_greedy", self.greedy and self.logprobs is None and not self.penalized)
-        object.__setattr__(self, "reads_outputs", self.json_schema is not None)
 
     @property
     def greedy(self) -> bool:
@@ -109,11 +108,6 @@ class SamplingParams:
                 or self.watermark)
 
     plain_greedy: bool = field(init=False, repr=False, compare=False, default=False)
-    reads_outputs: bool = field(init=False, repr=False, compare=False, default=False)
-    """Whether picking a token needs the request's state after its last token on the host before the step
-    that computes that token's successor is queued (a grammar's mask): its steps wait for the last step's
-    tokens (`async_scheduling` does not overlap them). Penalties and the watermark read the tokens only
-    when sampling, which async scheduling does after reading the last step's tokens."""
     """Greedy with no penalty and no logprobs: the token is the argmax of the raw logits."""
 
 

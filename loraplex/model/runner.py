@@ -21,7 +21,7 @@ import torch
 from loraplex.adapters.ref import shown_id
 from loraplex.engine.request import TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
-from loraplex.engine.sequence import Sequence
+from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.engine.speculative import DraftRow
 from loraplex.engine.step_timer import NO_TIMER, NullTimer
 from loraplex.kv.block_pool import KVCache
@@ -184,10 +184,11 @@ class ModelRunner:
         """Queue one step and its sampling without waiting for them (async scheduling). A chunk whose input
         is its sequence's UNREAD token (`Sequence.unread`) takes the token `fed` sampled for it, on the
         device. `between` (the engine reading `fed`'s tokens) runs once the forward is queued and before
-        the sampling, so on a GPU it runs beside the forward, and the sampling sees every token read. No
-        row may `reads_outputs`, and no chunk verifies drafts or scores prompt tokens. Non-finite logits are
-        found when the tokens are read (`Launched.read`); a sampling failure samples the step on the host
-        instead (as `execute`), and a failure of the whole step raises."""
+        the sampling, so on a GPU it runs beside the forward, and the sampling sees every token read (and
+        each grammar advanced by it). No chunk may verify drafts or score prompt tokens; a request `between`
+        ended is sampled (its row is dropped when the tokens are read) without its grammar. Non-finite
+        logits are found when the tokens are read (`Launched.read`); a sampling failure samples the step on
+        the host instead (as `execute`), and a failure of the whole step raises."""
         inputs = self.prepare(sched)
         if fed is not None:
             self._feed(inputs, fed)
@@ -203,7 +204,9 @@ class ModelRunner:
         if logits is None or not sampled:
             return Launched([], torch.empty(0, dtype=torch.long, device=device), host[:, :0], None, inputs.broken)
         try:
-            tokens, logprobs = self.sampler.tokens(logits, [c.seq for c in sampled])
+            rows = [c.seq for c in sampled]
+            grammars = [None if seq.status is SequenceStatus.FINISHED else seq.grammar for seq in rows]
+            tokens, logprobs = self.sampler.tokens(logits, rows, token_mask(grammars, logits.shape[-1], device))
         except Exception as e:  # as `execute`, the rows then sampled on the host, and a failing one failed alone
             log.warning("sampling a batch of %d on the device failed (%r); sampling it on the host", len(sampled), e)
             broken = list(inputs.broken)

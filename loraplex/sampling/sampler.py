@@ -114,28 +114,27 @@ class Sampler:
                 token_ids[i] = token
         return SamplerOutput(token_ids, _logprobs(scaled, token_ids, params) if table.logprobs else [None] * batch)
 
-    def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, LogprobTensors | None]:
+    def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow], mask: TokenMask | None = None
+               ) -> tuple[torch.Tensor, LogprobTensors | None]:
         """Each row's token, as `__call__` picks it, as a long tensor [batch] on the logits' device that the
         host has not waited for (the next step's inputs read it there: async scheduling), and the logprobs of
-        the rows that want them, as tensors. Only for rows whose parameters do not `reads_outputs` (a grammar
-        walks each token on the host); ValueError otherwise."""
+        the rows that want them, as tensors."""
         batch, vocab = logits.shape
         if len(rows) != batch:
             raise ValueError(f"sampler inputs disagree on batch size: logits {batch}, rows {len(rows)}")
         params = [r.params for r in rows]
-        if any(p.reads_outputs for p in params):
-            raise ValueError("a row's sampling reads its earlier tokens on the host: use __call__")
         table = self._table_for(params, vocab, logits.device)
         if table.plain_greedy:
-            return argmax_tensor(logits).clamp_(0, vocab - 1), None
+            return argmax_tensor(logits if mask is None else mask.apply(logits)).clamp_(0, vocab - 1), None
         penalized = self._history.penalize(logits.float(), rows, table.penalties)
         scaled = penalized if table.temperature is None else penalized / table.temperature
+        choice = scaled if mask is None else mask.apply(scaled)
         if not table.greedy:
-            token_ids = self._draw(scaled, rows, table)
+            token_ids = self._draw(choice, rows, table)
         else:
-            token_ids = argmax_tensor(scaled)  # greedy rows are divided by 1, which is exact (as in __call__)
+            token_ids = argmax_tensor(choice)  # greedy rows are divided by 1, which is exact (as in __call__)
             if table.sampled:
-                drawn = self._draw(_rows(scaled, table.sampled), [rows[i] for i in table.sampled], table)
+                drawn = self._draw(_rows(choice, table.sampled), [rows[i] for i in table.sampled], table)
                 token_ids.index_copy_(0, vector(table.sampled, torch.long, logits.device), drawn)
         # A row of NaN logits draws whatever its draw gives: kept inside the vocabulary, so that the logprobs'
         # gather and the next step's embedding lookup never read out of bounds before the row is found and

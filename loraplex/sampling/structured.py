@@ -22,6 +22,8 @@ import llguidance.hf
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from loraplex.device import to_device
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
     from transformers import PreTrainedTokenizerBase
@@ -171,11 +173,11 @@ def token_mask(matchers: Sequence[GrammarMatcher | None], vocab_size: int,
     # The executor computes the rows' masks in parallel, without the GIL, straight into the tensor.
     _executor().unsafe_compute_mask_ptr([(m._matcher, j) for j, (_, m) in enumerate(constrained)],
                                         bitmask.data_ptr(), words * 4, len(rows))
-    bitmask = bitmask.to(device)
+    bitmask = to_device(bitmask, device)
     shifts = torch.arange(_BITS, dtype=torch.int32, device=device)  # [32]
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [n, words, 32]
     allowed = bits.view(len(rows), words * _BITS)[:, :vocab_size].bool()  # [n, vocab]
-    return TokenMask(torch.tensor(rows, dtype=torch.long, device=device), allowed)
+    return TokenMask(to_device(torch.tensor(rows, dtype=torch.long), device), allowed)
 
 
 @functools.cache

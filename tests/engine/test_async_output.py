@@ -56,8 +56,8 @@ def _workload(seed: int, adapters: list[Path], texts: dict[str, str] | None,
     """Requests with their arrival step; with `texts` (a run's outputs without stop strings), half of
     them stop at a piece of their own text, so the stop strings are certain to be met; with `tokens` (the
     same run's token ids), a fifth of them also stop at one of their own tokens (`stop_token_ids`). A
-    `reads` share of the requests want logprobs, penalties, the watermark or prompt logprobs (whose steps
-    wait for the last step's tokens under async scheduling)."""
+    `reads` share of the requests want logprobs, penalties, the watermark, a JSON schema or prompt logprobs
+    (whose steps wait for the last step's tokens under async scheduling)."""
     rng, stop_rng = random.Random(seed), random.Random(~seed)  # the stops do not change the other draws
     requests = []
     for i in range(12):
@@ -71,7 +71,8 @@ def _workload(seed: int, adapters: list[Path], texts: dict[str, str] | None,
             repetition_penalty=1.3 if reading and rng.random() < 0.5 else 1.0,
             frequency_penalty=0.4 if reading and rng.random() < 0.3 else 0.0,
             watermark=reading and sampled and rng.random() < 0.2,
-            prompt_logprobs=reading and rng.random() < 0.15)
+            prompt_logprobs=reading and rng.random() < 0.15,
+            json_schema='{"type": "object"}' if reading and rng.random() < 0.2 else None)
         text = (texts or {}).get(request_id, "")
         if text and stop_rng.random() < 0.6:
             start = stop_rng.randrange(len(text))

@@ -3,8 +3,8 @@ inputs take those tokens on the device, and the host reads them (and makes their
 
 Every request must get exactly the outputs it gets without it, one step later, whatever joins, finishes
 (EOS or a stop token found only after the request was queued again, length, a stop string), streams or
-not, gets preempted, parked, aborted or fails, wants logprobs, penalties or the watermark, or makes its steps
-wait (prompt logprobs). Workloads and helpers are `test_async_output`'s (the tiny model of `loraplex.bench.overhead`).
+not, gets preempted, parked, aborted or fails, wants logprobs, penalties, the watermark or a JSON schema, or
+makes its steps wait (prompt logprobs). Workloads and helpers are `test_async_output`'s (the tiny model of `loraplex.bench.overhead`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from loraplex.sampling import filters as filters_module
 from loraplex.sampling import sampler as sampler_module
 from loraplex.sampling.penalties import TokenHistory
 from loraplex.sampling.sampler import draw, uniforms
+from loraplex.sampling.structured import TokenMask
 from tests.sampling.rows import Row, rows
 
 VOCAB = 512
@@ -572,12 +573,31 @@ def test_tokens_on_the_device_are_the_tokens_call_picks(kinds: str, dtype: torch
         assert got == expected.logprobs, (kinds, trial)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0, json_schema='{"type": "object"}'),
-                                    SamplingParams(temperature=0.8, top_k=5, json_schema='{"type": "array"}')])
-def test_tokens_refuses_rows_that_read_their_outputs(params: SamplingParams) -> None:
-    with pytest.raises(ValueError, match="reads its earlier tokens"):
-        Sampler().tokens(_logits(2), rows([SamplingParams(temperature=0), params]))
-
+@pytest.mark.parametrize("kinds", ["greedy", "plain greedy", "mixed"])
+def test_tokens_under_a_grammar_mask_are_the_tokens_call_picks(kinds: str) -> None:
+    """With a grammar's mask on some rows, `tokens` picks what `__call__` picks (the mask before the greedy pick
+    and the draws), and the logprobs stay the model's."""
+    rng = random.Random(kinds)
+    params = {"greedy": [SamplingParams(temperature=0, logprobs=1)], "plain greedy": [SamplingParams(temperature=0)],
+              "mixed": [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=10, logprobs=2),
+                        SamplingParams(temperature=1.0, repetition_penalty=1.3)]}[kinds]
+    for trial in range(6):
+        batch = rng.randrange(2, 12)
+        batch_rows = rows([rng.choice(params) for _ in range(batch)], seeds=list(range(batch)),
+                          outputs=[[3] * rng.randrange(3) for _ in range(batch)])
+        logits = _logits(batch, seed=trial)
+        constrained = sorted(rng.sample(range(batch), rng.randrange(1, batch)))
+        allowed = torch.rand(len(constrained), VOCAB, generator=torch.Generator().manual_seed(trial)) < 0.1
+        allowed[:, 0] = True  # at least one token each
+        mask = TokenMask(torch.tensor(constrained), allowed)
+        tokens, logprobs = Sampler().tokens(logits, batch_rows, mask)
+        expected = Sampler()(logits, batch_rows, mask)
+        assert tokens.tolist() == expected.token_ids, (kinds, trial)
+        for j, i in enumerate(constrained):
+            assert allowed[j, tokens[i]], (kinds, trial)
+        if logprobs is not None:
+            assert logprobs.build(tokens.tolist(), [r.params for r in batch_rows], logprobs.chosen.tolist(),
+                                  logprobs.top_ids.tolist(), logprobs.top_values.tolist()) == expected.logprobs
 
 
 def test_tokens_of_non_finite_logits_stay_in_the_vocabulary() -> None:
