@@ -195,3 +195,37 @@ def test_auto_is_on_for_cuda_only_and_never_with_speculative_decoding() -> None:
         SchedulerConfig(async_scheduling="on", speculative_tokens=2)
     with pytest.raises(ValueError, match="async_scheduling must be one of"):
         SchedulerConfig(async_scheduling="yes")
+
+
+def test_a_device_sampling_failure_falls_back_to_the_host_sampler(overhead_llm: LLM,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Sampler.tokens` raising (a bug, or a row's state) costs the overlap of that step, not the requests: the
+    step is sampled on the host as without async scheduling, and every request gets its tokens and logprobs."""
+    engine = overhead_llm.engine
+    params = [SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1),
+              SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, seed=4, ignore_eos=True)]
+    prompts = [[9, 8, 7], [1, 2, 3, 4]]
+    expected = overhead_llm.generate(prompts, params)
+    calls = 0
+    tokens = engine.runner.sampler.tokens
+
+    def flaky(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            raise RuntimeError("injected failure")
+        return tokens(*args)
+
+    monkeypatch.setattr(engine.runner.sampler, "tokens", flaky)
+    engine.async_scheduling = True
+    try:
+        got = overhead_llm.generate(prompts, params)
+    finally:
+        engine.async_scheduling = False
+    assert calls >= 6
+    for g, e in zip(got, expected, strict=True):
+        assert g.token_ids == e.token_ids and g.error is None
+        assert [lp.token_id for lp in g.logprobs or []] == [lp.token_id for lp in e.logprobs or []]
+        assert [lp.logprob for lp in g.logprobs or []] == pytest.approx([lp.logprob for lp in e.logprobs or []],
+                                                                        abs=1e-4)
+    _assert_idle(engine)
