@@ -91,56 +91,51 @@ class Sampler:
         rows: Sequence[SampleRow],
         mask: TokenMask | None = None,
     ) -> SamplerOutput:
-        batch, vocab = logits.shape
-        if len(rows) != batch:
-            raise ValueError(f"sampler inputs disagree on batch size: logits {batch}, rows {len(rows)}")
-        params = [r.params for r in rows]
-        table = self._table_for(params, vocab, logits.device)
-        if table.plain_greedy:
-            return SamplerOutput(argmax(logits if mask is None else mask.apply(logits)), [None] * batch)
-
-        # Every step below is out of place, so the caller's tensor is never written to.
-        logits = self._history.penalize(logits.float(), rows, table.penalties)
-        scaled = logits if table.temperature is None else logits / table.temperature  # [batch, vocab]
-        choice = scaled if mask is None else mask.apply(scaled)  # [batch, vocab]
-        token_ids = [0] * batch
-        # Greedy rows are divided by 1, which is exact, so their argmax is the argmax of the penalized logits.
-        if table.greedy:
-            for i, token in zip(table.greedy, argmax(_rows(choice, table.greedy)), strict=True):
-                token_ids[i] = token
-        if table.sampled:
-            drawn = self._draw(_rows(choice, table.sampled), [rows[i] for i in table.sampled], table)
-            for i, token in zip(table.sampled, drawn.tolist(), strict=True):
-                token_ids[i] = token
-        return SamplerOutput(token_ids, _logprobs(scaled, token_ids, params) if table.logprobs else [None] * batch)
+        table, scaled, tokens = self._pick(logits, rows, mask)
+        token_ids: list[int] = tokens.tolist()
+        t = logprob_tensors(scaled, tokens, table.params) if scaled is not None and table.logprobs else None
+        if t is None:
+            return SamplerOutput(token_ids, [None] * len(token_ids))
+        # One transfer per tensor: per-row .tolist() would sync with the device once per row.
+        return SamplerOutput(token_ids, t.build(token_ids, table.params, t.chosen.tolist(), t.top_ids.tolist(),
+                                                t.top_values.tolist()))
 
     def tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow], mask: TokenMask | None = None
                ) -> tuple[torch.Tensor, LogprobTensors | None]:
         """Each row's token, as `__call__` picks it, as a long tensor [batch] on the logits' device that the
         host has not waited for (the next step's inputs read it there: async scheduling), and the logprobs of
         the rows that want them, as tensors."""
+        table, scaled, tokens = self._pick(logits, rows, mask)
+        return tokens, logprob_tensors(scaled, tokens, table.params) if scaled is not None and table.logprobs else None
+
+    def _pick(self, logits: torch.Tensor, rows: Sequence[SampleRow], mask: TokenMask | None
+              ) -> tuple[_BatchTable, torch.Tensor | None, torch.Tensor]:
+        """The batch's parameter table, the penalized, temperature-scaled logits the logprobs come from (None
+        for a plain greedy batch), and each row's token, long [batch] on the logits' device."""
         batch, vocab = logits.shape
         if len(rows) != batch:
             raise ValueError(f"sampler inputs disagree on batch size: logits {batch}, rows {len(rows)}")
-        params = [r.params for r in rows]
-        table = self._table_for(params, vocab, logits.device)
+        table = self._table_for([r.params for r in rows], vocab, logits.device)
         if table.plain_greedy:
-            return argmax_tensor(logits if mask is None else mask.apply(logits)).clamp_(0, vocab - 1), None
+            return table, None, argmax(logits if mask is None else mask.apply(logits))
+        # Every step below is out of place, so the caller's tensor is never written to.
         penalized = self._history.penalize(logits.float(), rows, table.penalties)
-        scaled = penalized if table.temperature is None else penalized / table.temperature
-        choice = scaled if mask is None else mask.apply(scaled)
-        if not table.greedy:
-            token_ids = self._draw(choice, rows, table)
+        scaled = penalized if table.temperature is None else penalized / table.temperature  # [batch, vocab]
+        choice = scaled if mask is None else mask.apply(scaled)  # [batch, vocab]
+        # Greedy rows are divided by 1, which is exact, so their argmax is the argmax of the penalized logits.
+        greedy = argmax(_rows(choice, table.greedy)) if table.greedy else None
+        drawn = self._draw(_rows(choice, table.sampled), [rows[i] for i in table.sampled], table) if table.sampled else None
+        if drawn is None or greedy is None:
+            tokens = greedy if drawn is None else drawn
+            assert tokens is not None
         else:
-            token_ids = argmax_tensor(choice)  # greedy rows are divided by 1, which is exact (as in __call__)
-            if table.sampled:
-                drawn = self._draw(_rows(choice, table.sampled), [rows[i] for i in table.sampled], table)
-                token_ids.index_copy_(0, vector(table.sampled, torch.long, logits.device), drawn)
+            tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
+            tokens.index_copy_(0, vector(table.greedy, torch.long, logits.device), greedy)
+            tokens.index_copy_(0, vector(table.sampled, torch.long, logits.device), drawn)
         # A row of NaN logits draws whatever its draw gives: kept inside the vocabulary, so that the logprobs'
-        # gather and the next step's embedding lookup never read out of bounds before the row is found and
-        # ended (the caller checks that the logits were finite).
-        token_ids = token_ids.clamp_(0, vocab - 1)
-        return token_ids, logprob_tensors(scaled, token_ids, params) if table.logprobs else None
+        # gather and (async scheduling) the next step's embedding lookup never read out of bounds before the
+        # row is found and ended (the caller checks that the logits were finite).
+        return table, scaled, tokens.clamp_(0, vocab - 1)
 
     @staticmethod
     def _draw(logits: torch.Tensor, rows: Sequence[SampleRow], table: _BatchTable) -> torch.Tensor:
@@ -200,16 +195,9 @@ def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x if len(rows) == x.shape[0] else x.index_select(0, vector(rows, torch.long, x.device))
 
 
-def argmax(logits: torch.Tensor) -> list[int]:
-    """Each row's first most likely token. On a CPU numpy's argmax is 2.5-9 times faster than torch's
-    max / argmax (which vectorise the value but not the index); elsewhere torch's."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return logits.numpy().argmax(axis=1).tolist()  # type: ignore[no-any-return]
-    return logits.max(dim=-1).indices.tolist()  # type: ignore[no-any-return]
-
-
-def argmax_tensor(logits: torch.Tensor) -> torch.Tensor:
-    """`argmax` as a long tensor [rows] on the logits' device, not read by the host."""
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first most likely token, long [rows] on the logits' device. On a CPU numpy's argmax is
+    2.5-9 times faster than torch's max / argmax (which vectorise the value but not the index)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return torch.from_numpy(logits.numpy().argmax(axis=1).astype(np.int64))
     return logits.max(dim=-1).indices
@@ -288,18 +276,6 @@ def logprob_tensors(
     k_max = min(max(params[i].logprobs or 0 for i in wanted), log_probs.shape[-1])
     top_values, top_ids = log_probs.topk(k_max, dim=-1)  # [m, k_max], most likely first
     return LogprobTensors(wanted, chosen, _floored(top_values), top_ids)
-
-
-def _logprobs(
-    scaled: torch.Tensor,  # [batch, vocab] penalized, temperature-scaled
-    token_ids: list[int],  # [batch]
-    params: Sequence[SamplingParams],
-) -> list[TokenLogprob | None]:
-    t = logprob_tensors(scaled, vector(token_ids, torch.long, scaled.device), params)
-    if t is None:
-        return [None] * len(params)
-    # One transfer per tensor: per-row .tolist() would sync with the device once per row.
-    return t.build(token_ids, params, t.chosen.tolist(), t.top_ids.tolist(), t.top_values.tolist())
 
 
 def _floored(logprobs: torch.Tensor) -> torch.Tensor:

@@ -490,8 +490,8 @@ def test_argmax_is_the_first_maximum(dtype: torch.dtype) -> None:
     logits = _logits(64, vocab=300, seed=20).to(dtype)
     logits[:, 7] = logits[:, 250] = 50.0  # a tie: the first one wins, as torch.argmax and HF's greedy pick
     logits[0, 3] = 60.0
-    assert sampler_module.argmax(logits) == [3] + [7] * 63
-    assert sampler_module.argmax(logits[:, 100:]) == (logits[:, 100:].float().argmax(dim=-1)).tolist()
+    assert sampler_module.argmax(logits).tolist() == [3] + [7] * 63
+    assert sampler_module.argmax(logits[:, 100:]).tolist() == (logits[:, 100:].float().argmax(dim=-1)).tolist()
 
 
 def test_a_row_draws_the_same_token_from_its_candidates_as_from_the_full_sort() -> None:
