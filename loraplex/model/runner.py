@@ -190,6 +190,8 @@ class ModelRunner:
         logits are found when the tokens are read (`Launched.read`); a sampling failure samples the step on
         the host instead (as `execute`), and a failure of the whole step raises."""
         inputs = self.prepare(sched)
+        if inputs.scored:  # their logprobs are read on the host (`_score_prompts`): such a step cannot be queued ahead
+            raise ValueError("a step that scores prompt tokens cannot be queued ahead; run it with execute")
         if fed is not None:
             self._feed(inputs, fed)
         timer.lap("inputs")

@@ -37,6 +37,8 @@ class _Spy:
         self.runner = overhead_llm.engine.runner
         self.launched = 0
         self.fed = 0
+        self.requests: set[str] = set()
+        """The requests of every queued step."""
 
     def __enter__(self) -> _Spy:
         launch, forward = self.runner.launch, self.runner.forward
@@ -44,6 +46,7 @@ class _Spy:
         def counting(sched: Any, fed: Launched | None, *args: Any) -> Launched:
             self.launched += 1
             self.fed += fed is not None and any(c.seq.unread for c in sched.chunks)
+            self.requests.update(c.seq.request_id for c in sched.chunks)
             return launch(sched, fed, *args)
 
         def checked(inputs: Any) -> Any:
@@ -123,7 +126,8 @@ def test_steps_that_read_outputs_wait_for_the_last_tokens(overhead_llm: LLM) -> 
     engine = overhead_llm.engine
     plain = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
     penalized = replace(plain, temperature=0.8, prompt_logprobs=True, seed=3)
-    expected = [o.token_ids for o in overhead_llm.generate([[1, 2, 3], [4, 5, 6]], [plain, penalized])]
+    want = overhead_llm.generate([[1, 2, 3], [4, 5, 6]], [plain, penalized])
+    expected = [o.token_ids for o in want]
     engine.async_scheduling = True
     try:
         with _Spy(overhead_llm) as spy:
@@ -139,7 +143,9 @@ def test_steps_that_read_outputs_wait_for_the_last_tokens(overhead_llm: LLM) -> 
     finally:
         engine.async_scheduling = False
     assert [outputs["plain"].token_ids, outputs["penalized"].token_ids] == expected
-    assert 0 < spy.launched < 10 + 10  # some steps overlapped, the penalized request's did not
+    assert outputs["penalized"].prompt_logprobs == pytest.approx(want[1].prompt_logprobs, abs=1e-5)
+    # Steps overlapped before it came and after it ended, and none with it in them.
+    assert spy.launched > 0 and spy.requests == {"plain"}
     _assert_idle(engine)
 
 
