@@ -13,7 +13,7 @@ from loraplex.model.attention import ATTENTION_BACKENDS, resolve_attention_backe
 from loraplex.model.quant import QUANTIZE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ASYNC_OUTPUT = ("auto", "on", "off")
+ASYNC_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,8 @@ class SchedulerConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         for name in ("async_output", "async_scheduling"):
-            if getattr(self, name) not in ASYNC_OUTPUT:
-                raise ValueError(f"{name} must be one of {', '.join(ASYNC_OUTPUT)}, got {getattr(self, name)!r}")
+            if getattr(self, name) not in ASYNC_MODES:
+                raise ValueError(f"{name} must be one of {', '.join(ASYNC_MODES)}, got {getattr(self, name)!r}")
         if self.async_scheduling == "on" and self.speculative_tokens > 0:
             raise ValueError("async_scheduling on does not go with speculative decoding (speculative_tokens > 0): "
                              "drafts are proposed from the tokens the host has read")

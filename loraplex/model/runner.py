@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from loraplex.adapters.ref import shown_id
+from loraplex.device import to_device
 from loraplex.engine.request import TokenLogprob
 from loraplex.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loraplex.engine.sequence import Sequence, SequenceStatus
@@ -215,7 +216,7 @@ class ModelRunner:
             kept, result, broken = self._sample_chunks(sampled, logits, False, broken)
             ids = result.token_ids if result is not None else []
             host = torch.tensor([ids, [1] * len(ids)], dtype=torch.long).view(2, len(ids))
-            return Launched(kept, host[0].to(device), host, None, broken,
+            return Launched(kept, to_device(host[0], device), host, None, broken,
                             known=result.logprobs if result is not None else [])
         finite = logits.sum(dim=-1, dtype=torch.float32).isfinite()  # as `_finite_rows`
         pinned = device.type == "cuda"
