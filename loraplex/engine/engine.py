@@ -406,10 +406,7 @@ class Engine:
             n = len(out) - seq.unread + 1  # this token is the n-th output
             seq.unread -= 1
             if not ok:
-                # Its placeholder was the input of a step since: that position's KV is no token's.
-                seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.prompt_token_ids) + n - 1)
-                del out[n - 1:]
-                seq.unread = 0
+                del out[n - 1:]  # its placeholder is no token (the step that read it is not counted yet)
                 outputs.append(self._fail(seq, non_finite_logits(seq)))
                 continue
             out[n - 1] = token
@@ -419,8 +416,6 @@ class Engine:
                     self._finish(seq)  # drops what it sampled after this token
                     self._seqs.pop(seq.request_id, None)
             except Exception as e:
-                del out[n:]  # (its next token is no token of it now)
-                seq.unread = 0
                 outputs.append(self._fail(seq, e))
                 continue
             pending.append((seq, token, n))
@@ -551,9 +546,8 @@ class Engine:
                     detok.add_token(token)
                     if detok.stop_matched is not None:
                         seq.finish_reason = FinishReason.STOP_SEQUENCE  # over the length or the grammar's end
-                        del seq.output_token_ids[n:]  # tokens verified after it, or UNREAD ones
+                        del seq.output_token_ids[n:]  # tokens verified after it in the same step
                         del seq.logprobs[n:]
-                        seq.unread = 0
                         if seq.status is not SequenceStatus.FINISHED:
                             self._late.append(seq)
                         ended = True
@@ -601,9 +595,8 @@ class Engine:
     @staticmethod
     def _failed_output(seq: Sequence, error: Exception) -> RequestOutput:
         # Built from plain fields only: the detokenizer (or whatever else broke) is not asked again.
-        read = len(seq.output_token_ids) - seq.unread  # UNREAD placeholders are no tokens
         return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-                             token_ids=seq.output_token_ids[:read], finished=True, finish_reason=seq.finish_reason,
+                             token_ids=list(seq.output_token_ids), finished=True, finish_reason=seq.finish_reason,
                              seed=seq.seed, prompt=seq.prompt, error=error)
 
     def _finish(self, seq: Sequence) -> None:

@@ -78,7 +78,8 @@ class Sequence:
     """Speculative decoding by Medusa heads: the drafts its heads proposed after its last step."""
     unread: int = 0
     """Async scheduling: the last `unread` of `output_token_ids` are placeholders (UNREAD) for tokens a
-    queued step sampled on the device and the host has not read yet."""
+    queued step sampled on the device and the host has not read yet. At most 1: a step's tokens are read
+    before the next one's sampling is queued."""
 
     @property
     def computes_prompt_logprobs(self) -> bool:

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Spy:
-    """Counts the steps `ModelRunner.launch` queued, and checks that no UNREAD placeholder reaches a model."""
+    """Counts the steps `ModelRunner.launch` queued, and checks that no UNREAD placeholder reaches a model and
+    no request holds more than one."""
 
     def __init__(self, overhead_llm: LLM) -> None:
         self.runner = overhead_llm.engine.runner
@@ -47,6 +48,7 @@ class _Spy:
             self.launched += 1
             self.fed += fed is not None and any(c.seq.unread for c in sched.chunks)
             self.requests.update(c.seq.request_id for c in sched.chunks)
+            assert all(c.seq.unread <= 1 for c in sched.chunks), "a request holds two unread tokens"
             return launch(sched, fed, *args)
 
         def checked(inputs: Any) -> Any:
